@@ -1,0 +1,234 @@
+"""Sparse weight formats.
+
+A conv weight (O, I, KH, KW) is seen as a matrix of O rows (output channels) and I*KH*KW
+columns, a linear weight (O, I) as itself. CSR and BSR store that matrix; both know how to
+lay themselves out as a *blocked ELL* table (``ell()``), the one layout the operators in
+``fscnn_tvm.ops`` consume. A new format only has to produce that table, so the operators and
+their callers never change when one is added (SparseTIR's "formats compose" idea).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INDEX_DTYPE = np.int32
+
+
+def as_weight(weight, name: str = "weight") -> np.ndarray:
+    """Return ``weight`` (numpy array or torch tensor) as a finite float32 numpy array."""
+    if hasattr(weight, "detach"):  # torch.Tensor, without importing torch here
+        weight = weight.detach().cpu().numpy()
+    try:
+        arr = np.asarray(weight)
+    except Exception as err:  # ragged lists and the like
+        raise ValueError(f"{name}: cannot be read as an array ({err})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name}: dtype {arr.dtype} cannot be cast to float32")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name}: complex dtype {arr.dtype} cannot be cast to float32")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or inf); prune or fix them first")
+    return arr
+
+
+def _as_matrix(weight) -> tuple[np.ndarray, tuple[int, ...]]:
+    arr = as_weight(weight)
+    if arr.ndim not in (2, 4):
+        raise ValueError(
+            f"weight: rank {arr.ndim} (shape {arr.shape}); expected 4 (conv, O x I x KH x KW) "
+            "or 2 (linear, out x in)")
+    if 0 in arr.shape:
+        raise ValueError(f"weight: shape {arr.shape} has an empty dimension")
+    return arr.reshape(arr.shape[0], -1), arr.shape
+
+
+def _check_block(block) -> tuple[int, int]:
+    try:
+        bo, bi = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block: expected a pair (rows, cols) of positive ints, got {block!r}") from None
+    if bo <= 0 or bi <= 0:
+        raise ValueError(f"block: both sides must be positive, got {(bo, bi)}")
+    return bo, bi
+
+
+@dataclass(frozen=True)
+class Ell:
+    """Blocked ELL table: every block row holds ``width`` blocks of ``bo x bi`` values.
+
+    ``data[kb, w, io, ii]`` multiplies column ``cols[kb, w, ii]``. Rows shorter than ``width``
+    are padded with zero blocks pointing at column 0, so padding reads valid memory and adds 0.
+    """
+    data: np.ndarray  # (KB, W, bo, bi) float32
+    cols: np.ndarray  # (KB, W, bi) int32
+    rows: int  # the unpadded number of output rows (channels)
+
+
+class SparseMatrix:
+    """What every format shares: shape bookkeeping, statistics, dense round trip."""
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return int(np.prod(self.shape[1:]))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.size
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.size * 4
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={self.shape}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes})")
+
+
+class CSR(SparseMatrix):
+    """Compressed sparse rows: ``data[indptr[r]:indptr[r+1]]`` are row r's values at
+    columns ``indices[...]``; columns index (in_channel, kh, kw) in C order for conv weights."""
+
+    def __init__(self, data, indices, indptr, shape):
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.indices = np.ascontiguousarray(indices, dtype=INDEX_DTYPE)
+        self.indptr = np.ascontiguousarray(indptr, dtype=INDEX_DTYPE)
+        self.shape = tuple(int(s) for s in shape)
+        if self.indptr.shape != (self.rows + 1,) or self.indptr[-1] != len(self.data) \
+                or len(self.indices) != len(self.data) or np.any(np.diff(self.indptr) < 0):
+            raise ValueError(f"CSR: inconsistent arrays for shape {self.shape}")
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= self.cols):
+            raise ValueError(f"CSR: column index out of range [0, {self.cols})")
+
+    @property
+    def nnz(self) -> int:
+        return len(self.data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros((self.rows, self.cols), np.float32)
+        row_of = np.repeat(np.arange(self.rows), np.diff(self.indptr))
+        dense[row_of, self.indices] = self.data
+        return dense.reshape(self.shape)
+
+    def ell(self) -> Ell:
+        lengths = np.diff(self.indptr)
+        width = max(1, int(lengths.max()))
+        data = np.zeros((self.rows, width), np.float32)
+        cols = np.zeros((self.rows, width), INDEX_DTYPE)
+        slot = np.arange(self.nnz) - np.repeat(self.indptr[:-1], lengths)
+        row_of = np.repeat(np.arange(self.rows), lengths)
+        data[row_of, slot] = self.data
+        cols[row_of, slot] = self.indices
+        return Ell(data[:, :, None, None], cols[:, :, None], self.rows)
+
+
+class BSR(SparseMatrix):
+    """Block sparse rows: ``data[j]`` is a ``bo x bi`` block at block row r (indptr) and
+    block column ``indices[j]``. Row and column counts the block does not divide are padded
+    with zeros inside the last block; ``to_dense`` crops them off again."""
+
+    def __init__(self, data, indices, indptr, shape, block):
+        self.block = _check_block(block)
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.indices = np.ascontiguousarray(indices, dtype=INDEX_DTYPE)
+        self.indptr = np.ascontiguousarray(indptr, dtype=INDEX_DTYPE)
+        self.shape = tuple(int(s) for s in shape)
+        bo, bi = self.block
+        n_brows, n_bcols = -(-self.rows // bo), -(-self.cols // bi)
+        if self.indptr.shape != (n_brows + 1,) or self.indptr[-1] != len(self.data) \
+                or self.data.shape[1:] != (bo, bi) or len(self.indices) != len(self.data):
+            raise ValueError(f"BSR: inconsistent arrays for shape {self.shape} block {self.block}")
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n_bcols):
+            raise ValueError(f"BSR: block column index out of range [0, {n_bcols})")
+
+    @property
+    def nnz(self) -> int:
+        """Nonzero *values* (zeros stored inside kept blocks do not count)."""
+        return int(np.count_nonzero(self.data))
+
+    @property
+    def nnz_blocks(self) -> int:
+        return len(self.data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+    def _padded(self) -> np.ndarray:
+        bo, bi = self.block
+        n_brows = len(self.indptr) - 1
+        n_bcols = -(-self.cols // bi)
+        blocks = np.zeros((n_brows, n_bcols, bo, bi), np.float32)
+        brow_of = np.repeat(np.arange(n_brows), np.diff(self.indptr))
+        blocks[brow_of, self.indices] = self.data
+        return blocks.transpose(0, 2, 1, 3).reshape(n_brows * bo, n_bcols * bi)
+
+    def to_dense(self) -> np.ndarray:
+        return np.ascontiguousarray(self._padded()[:self.rows, :self.cols]).reshape(self.shape)
+
+    def ell(self) -> Ell:
+        bo, bi = self.block
+        lengths = np.diff(self.indptr)
+        n_brows = len(lengths)
+        width = max(1, int(lengths.max()))
+        data = np.zeros((n_brows, width, bo, bi), np.float32)
+        cols = np.zeros((n_brows, width, bi), INDEX_DTYPE)
+        slot = np.arange(self.nnz_blocks) - np.repeat(self.indptr[:-1], lengths)
+        brow_of = np.repeat(np.arange(n_brows), lengths)
+        data[brow_of, slot] = self.data
+        col = self.indices[:, None] * bi + np.arange(bi)[None, :]
+        # Columns past the matrix edge hold zero weights; point them at column 0 to stay in bounds.
+        cols[brow_of, slot] = np.where(col < self.cols, col, 0)
+        return Ell(data, cols, self.rows)
+
+
+def to_csr(weight) -> CSR:
+    """CSR of a dense OIHW conv weight or (out, in) linear weight (numpy or torch)."""
+    mat, shape = _as_matrix(weight)
+    rows, cols = np.nonzero(mat)
+    indptr = np.zeros(mat.shape[0] + 1, INDEX_DTYPE)
+    np.cumsum(np.bincount(rows, minlength=mat.shape[0]), out=indptr[1:])
+    return CSR(mat[rows, cols], cols, indptr, shape)
+
+
+def to_bsr(weight, block=(4, 1)) -> BSR:
+    """BSR with ``block=(bo, bi)``: bo output channels x bi columns. A block is kept when any
+    of its values is nonzero."""
+    bo, bi = _check_block(block)
+    mat, shape = _as_matrix(weight)
+    rows, cols = mat.shape
+    n_brows, n_bcols = -(-rows // bo), -(-cols // bi)
+    padded = np.zeros((n_brows * bo, n_bcols * bi), np.float32)
+    padded[:rows, :cols] = mat
+    blocks = padded.reshape(n_brows, bo, n_bcols, bi).transpose(0, 2, 1, 3)
+    keep = blocks.any(axis=(2, 3))
+    brow, bcol = np.nonzero(keep)
+    indptr = np.zeros(n_brows + 1, INDEX_DTYPE)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    return BSR(blocks[brow, bcol], bcol, indptr, shape, (bo, bi))
+
+
+def to_format(weight, fmt: str = "csr", block=None) -> SparseMatrix:
+    """``to_csr`` or ``to_bsr`` by name; ``block`` is only meaningful for BSR."""
+    if fmt == "csr":
+        if block is not None and tuple(block) != (1, 1):
+            raise ValueError(f"block={block!r} given with fmt='csr'; use fmt='bsr' for blocks")
+        return to_csr(weight)
+    if fmt == "bsr":
+        return to_bsr(weight, block if block is not None else (4, 1))
+    raise ValueError(f"fmt: unknown sparse format {fmt!r}; expected 'csr' or 'bsr'")

@@ -1,0 +1,400 @@
+"""Sparse conv2d / linear as TVM TE compute over the blocked-ELL table of a sparse format.
+
+Direct sparse convolution (Park et al., 2017): nonzero w[k, c, r, s] adds w times a shifted
+window of input channel c to output channel k. The input is first laid out once as
+``x_flat[n, ((c*Q + q)*Hq + i)*Wq + j]``: padded and split into Q = sh*sw stride phases, so that
+every nonzero reads its window as ``x_flat[n, off + oh*Wq + ow]``, contiguous along ``ow``
+whatever the stride. The per-nonzero ``off`` is computed here from the format's column index
+(c, r, s) and the layer geometry, so the inner loop does no index decoding.
+
+A linear layer is the same compute with a 1x1 output and ``off`` = the input column.
+
+Compute (what) and schedule (how) are separate functions; ``build`` joins them.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import tvm
+from tvm import te
+
+from . import formats as F
+from .target import resolve_target, vector_lanes
+
+ACTIVATIONS = (None, "relu")
+
+
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    vals = tuple(int(v) for v in value)
+    if len(vals) != 2:
+        raise ValueError(f"{name}: expected an int or a pair, got {value!r}")
+    return vals
+
+
+def _padding4(padding):
+    """PyTorch-style padding (int or (pad_h, pad_w)) or (top, left, bottom, right)."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding: string padding {padding!r} is not supported; give ints")
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 4
+    vals = tuple(int(v) for v in padding)
+    if len(vals) == 2:
+        return vals[0], vals[1], vals[0], vals[1]
+    if len(vals) == 4:
+        return vals
+    raise ValueError(f"padding: expected an int, (pad_h, pad_w) or (top, left, bottom, right), got {padding!r}")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a conv layer's shapes that the kernel is specialised on."""
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kh: int
+    kw: int
+    stride: tuple
+    pad: tuple  # top, left, bottom, right
+    dilation: tuple
+
+    @classmethod
+    def create(cls, x_shape, w_shape, stride=1, padding=0, dilation=1):
+        if len(x_shape) != 4:
+            raise ValueError(f"x: expected NCHW (rank 4), got shape {tuple(x_shape)}")
+        if len(w_shape) != 4:
+            raise ValueError(f"weight: expected OIHW (rank 4), got shape {tuple(w_shape)}")
+        n, c, h, w = (int(s) for s in x_shape)
+        k, wc, kh, kw = (int(s) for s in w_shape)
+        if wc != c:
+            raise ValueError(f"weight has {wc} input channels but x has {c} (shapes {tuple(w_shape)}, {tuple(x_shape)})")
+        geo = cls(n, c, h, w, k, kh, kw, _pair(stride, "stride"), _padding4(padding), _pair(dilation, "dilation"))
+        if min(geo.stride) < 1 or min(geo.dilation) < 1 or min(geo.pad) < 0:
+            raise ValueError(f"stride and dilation must be >= 1 and padding >= 0: {geo.stride}, {geo.dilation}, {geo.pad}")
+        if min(n, c, h, w) < 1:
+            raise ValueError(f"x: shape {tuple(x_shape)} has an empty dimension")
+        if geo.out_height < 1 or geo.out_width < 1:
+            raise ValueError(f"output would be empty: input {h}x{w}, kernel {kh}x{kw}, "
+                             f"padding {geo.pad}, dilation {geo.dilation}")
+        return geo
+
+    @property
+    def out_height(self):
+        return (self.height + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def out_width(self):
+        return (self.width + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def phases(self):
+        return self.stride[0] * self.stride[1]
+
+    @property
+    def phase_height(self):
+        return self.out_height + (self.kh - 1) * self.dilation[0] // self.stride[0]
+
+    @property
+    def phase_width(self):
+        return self.out_width + (self.kw - 1) * self.dilation[1] // self.stride[1]
+
+    @property
+    def flat_size(self):
+        return self.in_channels * self.phases * self.phase_height * self.phase_width
+
+    @property
+    def out_shape(self):
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    def offsets(self, cols: np.ndarray) -> np.ndarray:
+        """Map weight columns (c, r, s) to their window start in ``x_flat``."""
+        c, rs = np.divmod(cols.astype(np.int64), self.kh * self.kw)
+        r, s = np.divmod(rs, self.kw)
+        rr, ss = r * self.dilation[0], s * self.dilation[1]
+        sh, sw = self.stride
+        q = (rr % sh) * sw + ss % sw
+        off = ((c * self.phases + q) * self.phase_height + rr // sh) * self.phase_width + ss // sw
+        return off.astype(F.INDEX_DTYPE)
+
+
+# ----------------------------------------------------------------------------- compute
+
+def conv2d_layout_compute(x_nchw: te.Tensor, geo: ConvGeometry, tail: int) -> te.Tensor:
+    """Pad and phase-split the input into ``x_flat`` (N, C*Q*Hq*Wq + tail); the zero tail lets
+    the kernel compute whole vectors past the last output column without reading out of bounds."""
+    sh, sw = geo.stride
+    pt, pl = geo.pad[0], geo.pad[1]
+    hq, wq, q_n = geo.phase_height, geo.phase_width, geo.phases
+
+    def value(n, f):
+        c = f // (q_n * hq * wq)
+        q = f // (hq * wq) % q_n
+        row = f // wq % hq * sh + q // sw - pt
+        col = f % wq * sw + q % sw - pl
+        inside = tvm.tirx.all(f < geo.flat_size, row >= 0, row < geo.height, col >= 0, col < geo.width)
+        return te.if_then_else(inside, x_nchw[n, c, row, col], tvm.tirx.const(0.0, "float32"))
+
+    return te.compute((geo.batch, geo.flat_size + tail), value, name="x_flat")
+
+
+def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride):
+    """acc[n, kb, io, oh, ow] = sum_{w, ii} w_data[kb, w, io, ii] * x_flat[n, w_offset[kb, w, ii] + oh*row_stride + ow]."""
+    n_b = x_flat.shape[0]
+    n_kb, width, bo, bi = w_data.shape
+    red_w = te.reduce_axis((0, width), name="w")
+    red_i = te.reduce_axis((0, bi), name="ii")
+    return te.compute(
+        (n_b, n_kb, bo, out_hw[0], out_hw[1]),
+        lambda n, kb, io, oh, ow: te.sum(
+            w_data[kb, red_w, io, red_i] * x_flat[n, w_offset[kb, red_w, red_i] + oh * row_stride + ow],
+            axis=[red_w, red_i]),
+        name="acc")
+
+
+def epilogue_compute(acc, out_shape, bias, activation):
+    """Crop padded channels and columns, add bias, apply the activation."""
+    bo = acc.shape[2]
+
+    def value(n, k, *hw):
+        v = acc[n, k // bo, k % bo, hw[0], hw[1]] if hw else acc[n, k // bo, k % bo, 0, 0]
+        if bias is not None:
+            v = v + bias[k]
+        if activation == "relu":
+            v = te.max(v, tvm.tirx.const(0.0, "float32"))
+        return v
+
+    return te.compute(out_shape, value, name="out")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """The shape facts a compiled sparse kernel is specialised on (not the values)."""
+    kind: str  # "conv2d" or "linear"
+    geo: ConvGeometry | None
+    batch: int
+    in_features: int
+    out_features: int
+    ell_shape: tuple  # (KB, W, bo, bi)
+    has_bias: bool
+    activation: str | None
+    lanes: int  # vector width the padded output row is rounded to
+
+    @property
+    def out_shape(self):
+        return self.geo.out_shape if self.kind == "conv2d" else (self.batch, self.out_features)
+
+    @property
+    def padded_width(self):
+        """Output columns computed per row: the row rounded up to whole vectors."""
+        return -(-self.geo.out_width // self.lanes) * self.lanes if self.kind == "conv2d" else 1
+
+
+def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
+    """TE tensors (inputs..., output) of the whole sparse layer."""
+    n_kb, width, bo, bi = spec.ell_shape
+    w_data = te.placeholder(spec.ell_shape, "float32", name="w_data")
+    w_offset = te.placeholder((n_kb, width, bi), "int32", name="w_offset")
+    bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
+    if spec.kind == "conv2d":
+        geo = spec.geo
+        x = te.placeholder((geo.batch, geo.in_channels, geo.height, geo.width), "float32", name="x_nchw")
+        tail = spec.padded_width - geo.out_width
+        x_flat = conv2d_layout_compute(x, geo, tail)
+        acc = sparse_accumulate_compute(x_flat, w_data, w_offset, (geo.out_height, spec.padded_width),
+                                        geo.phase_width)
+    else:
+        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+        acc = sparse_accumulate_compute(x, w_data, w_offset, (1, 1), 0)
+    out = epilogue_compute(acc, spec.out_shape, bias, spec.activation)
+    return [x, w_data, w_offset] + ([bias] if bias is not None else []) + [out]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
+    """Register-blocked schedule. Conv: per (batch, block row) in parallel, a tile of ``bo``
+    channels x whole vectors of output pixels stays in registers across all nonzeros (the
+    nonzero loop sits outside the vector loops, so each weight is broadcast once per tile and
+    each input vector loaded once per tile); bias and activation are applied on the way out.
+    Linear: block rows in parallel, the ``bo`` rows of a block vectorised."""
+    sch = tvm.s_tir.Schedule(func)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    _, _, bo, _ = spec.ell_shape
+    n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
+    if spec.kind == "conv2d":
+        vectors = max(1, _largest_divisor(spec.padded_width // spec.lanes, max(1, 8 // bo)))
+        ow_o, ow_u, ow_v = sch.split(ow, [None, vectors, spec.lanes])
+        sch.reorder(n, kb, oh, ow_o, red_w, red_i, io, ow_u, ow_v)
+        sch.parallel(sch.fuse(n, kb))
+        sch.vectorize(ow_v)
+        sch.reverse_compute_at(out, ow_o)
+        sch.set_scope(acc, 0, "local")
+        init = sch.decompose_reduction(acc, red_w)
+        for block in (acc, init):
+            *_, b_io, b_u, _ = sch.get_loops(block)
+            sch.unroll(b_io)
+            sch.unroll(b_u)
+        o_k, o_w = sch.get_loops(out)[-3], sch.get_loops(out)[-1]
+        sch.unroll(o_k)
+        _, o_wv = sch.split(o_w, [None, spec.lanes])
+        sch.vectorize(o_wv)
+        _schedule_layout(sch, spec)
+    else:
+        sch.reorder(kb, n, oh, ow, red_w, red_i, io)
+        sch.parallel(kb)
+        if bo > 1:
+            sch.vectorize(io)
+        sch.reverse_compute_at(out, n)
+        sch.set_scope(acc, 0, "local")
+        sch.decompose_reduction(acc, red_w)
+    return sch
+
+
+def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
+    """Split the flat axis along (channel-phase plane, row, column) so the index decode
+    simplifies away, one plane per parallel task, columns vectorised."""
+    geo = spec.geo
+    layout = sch.get_sblock("x_flat")
+    n, f = sch.get_loops(layout)
+    planes = geo.in_channels * geo.phases + 1  # +1 plane covers the zero tail
+    plane, row, col = sch.split(f, [planes, geo.phase_height, geo.phase_width])
+    sch.parallel(sch.fuse(n, plane))
+    sch.vectorize(col)
+
+
+# ----------------------------------------------------------------------------- build and run
+
+def choose_lanes(out_width: int, native: int) -> int:
+    """Vector width for the output rows: native or half, whichever pads the row least."""
+    options = [v for v in (native, native // 2) if v >= 1]
+    return min(options, key=lambda v: (-(-out_width // v) * v, -v))
+
+
+def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
+              stride=1, padding=0, dilation=1) -> KernelSpec:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
+    native = vector_lanes(target)
+    if kind == "conv2d":
+        geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
+        return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
+                          has_bias, activation, choose_lanes(geo.out_width, native))
+    if len(x_shape) != 2:
+        raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight_shape)}")
+    if x_shape[1] != weight_shape[1]:
+        raise ValueError(f"weight has {weight_shape[1]} input features but x has {x_shape[1]}")
+    if x_shape[0] < 1:
+        raise ValueError(f"x: batch must be >= 1, got shape {tuple(x_shape)}")
+    return KernelSpec("linear", None, int(x_shape[0]), int(weight_shape[1]), int(weight_shape[0]),
+                      tuple(ell_shape), has_bias, activation, native)
+
+
+def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
+    return te.create_prim_func(sparse_compute(spec))
+
+
+@lru_cache(maxsize=256)
+def _compiled(spec: KernelSpec, target_json: str):
+    target = tvm.target.Target(target_json)
+    sch = default_schedule(prim_func(spec), spec)
+    return tvm.compile(sch.mod, target=target).jit()["main"]
+
+
+class SparseLayer:
+    """A sparse conv2d or linear layer built for one input shape: weights held in the kernel's
+    layout on the device, callable on numpy arrays."""
+
+    def __init__(self, kind, weight, x_shape, bias=None, fmt="csr", block=None, activation=None,
+                 target=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups != 1:
+            raise NotImplementedError(
+                f"groups={groups}: sparse kernels support groups=1 only; grouped and depthwise "
+                "convs stay dense (the importer keeps them as dense layers)")
+        self.target = resolve_target(target)
+        self.sparse = weight if isinstance(weight, F.SparseMatrix) else F.to_format(weight, fmt, block)
+        self.bias = None if bias is None else F.as_weight(bias, "bias").reshape(-1)
+        if self.bias is not None and len(self.bias) != self.sparse.rows:
+            raise ValueError(f"bias: {len(self.bias)} values for {self.sparse.rows} output channels")
+        ell = self.sparse.ell()
+        self.spec = make_spec(kind, tuple(x_shape), self.sparse.shape, ell.data.shape, self.bias is not None,
+                              activation, self.target, stride, padding, dilation)
+        offsets = self.spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols
+        self.arrays = [ell.data, offsets] + ([self.bias] if self.bias is not None else [])
+        dev = tvm.cpu()
+        self._params = [tvm.runtime.tensor(a, dev) for a in self.arrays]
+        self._func = _compiled(self.spec, str(self.target))
+
+    def __call__(self, x) -> np.ndarray:
+        x = F.as_weight(x, "x")
+        expected = (self.spec.geo.batch, self.spec.geo.in_channels, self.spec.geo.height, self.spec.geo.width) \
+            if self.spec.kind == "conv2d" else (self.spec.batch, self.spec.in_features)
+        if x.shape != expected:
+            raise ValueError(f"x: shape {x.shape}, but this layer was built for {expected}")
+        dev = tvm.cpu()
+        out = tvm.runtime.empty(self.spec.out_shape, "float32", dev)
+        self._func(tvm.runtime.tensor(x, dev), *self._params, out)
+        return out.numpy()
+
+    def runner(self, x):
+        """A no-argument callable that runs the kernel on ``x`` with preallocated arrays, for
+        timing the kernel alone; it returns the output as a TVM tensor."""
+        dev = tvm.cpu()
+        args = [tvm.runtime.tensor(F.as_weight(x, "x"), dev), *self._params,
+                tvm.runtime.empty(self.spec.out_shape, "float32", dev)]
+
+        def run():
+            self._func(*args)
+            return args[-1]
+        return run
+
+
+def _layer_key(kind, weight, x_shape, bias, fmt, block, activation, target, conv_args):
+    w = F.as_weight(weight)
+    b = None if bias is None else F.as_weight(bias, "bias")
+    digest = hashlib.sha1(w.tobytes()).hexdigest() + ("" if b is None else hashlib.sha1(b.tobytes()).hexdigest())
+    return (kind, w.shape, digest, tuple(x_shape), fmt, None if block is None else tuple(block), activation,
+            str(resolve_target(target)), conv_args)
+
+
+_LAYERS: dict = {}
+
+
+def _cached_layer(kind, x, weight, bias, fmt, block, activation, target, **conv_args) -> tuple[SparseLayer, np.ndarray]:
+    x = F.as_weight(x, "x")
+    key = _layer_key(kind, weight, x.shape, bias, fmt, block, activation, target, tuple(sorted(conv_args.items())))
+    if key not in _LAYERS:
+        if len(_LAYERS) >= 64:  # bounded: drop the oldest
+            _LAYERS.pop(next(iter(_LAYERS)))
+        _LAYERS[key] = SparseLayer(kind, weight, x.shape, bias, fmt, block, activation, target, **conv_args)
+    return _LAYERS[key], x
+
+
+def sparse_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, fmt="csr", block=None,
+                  activation=None, target=None) -> np.ndarray:
+    """conv2d (NCHW, OIHW weight) computed by the sparse kernel; equals
+    ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
+    (shapes, weight pattern, target) and caches."""
+    if groups != 1:
+        raise NotImplementedError(f"groups={groups}: sparse conv2d supports groups=1 only; "
+                                  "run grouped/depthwise convs dense")
+    layer, x = _cached_layer("conv2d", x, weight, bias, fmt, block, activation, target,
+                             stride=stride, padding=padding, dilation=dilation)
+    return layer(x)
+
+
+def sparse_linear(x, weight, bias=None, fmt="csr", block=None, activation=None, target=None) -> np.ndarray:
+    """``x @ weight.T + bias`` (then the activation) computed by the sparse kernel."""
+    layer, x = _cached_layer("linear", x, weight, bias, fmt, block, activation, target)
+    return layer(x)
