@@ -14,6 +14,8 @@ import re
 
 import tvm
 
+from ._threads import cores
+
 ENV_VAR = "FSCNN_TVM_TARGET"
 
 
@@ -36,10 +38,7 @@ def cpu_info() -> dict:
 
 
 def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return cores()
 
 
 def isa(flags: set) -> str:
