@@ -210,8 +210,9 @@ def _init(model: nn.Module, calib_shape: tuple[int, ...]) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):  # torchvision's scheme; keeps activations O(1) without BN
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
+        elif isinstance(m, nn.Linear):  # LeCun normal, not torchvision's N(0, 0.01): that
+            # shrinks the logits until the random biases dominate them
+            nn.init.normal_(m.weight, 0, m.in_features ** -0.5)
         elif isinstance(m, nn.BatchNorm2d):
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.2, 0.2)

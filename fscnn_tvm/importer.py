@@ -1,0 +1,398 @@
+"""PyTorch model -> Relax -> pruned conv/linear layers rewritten to the sparse kernels.
+
+``torch.export`` then TVM's Relax frontend give one dataflow block of Relax calls. We walk it
+once, recognise each layer *chain* (conv2d or linear, then optionally bias add, eval-mode
+BatchNorm and ReLU, each intermediate used only by the next step), fold BatchNorm into the
+weight and bias (scaling keeps zeros zero), and emit the chain either as one ``call_tir`` of
+the sparse kernel (bias and ReLU fused) or as dense Relax ops. One small matcher per layer
+kind, as in TVM's own frontends.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import formats as F
+from . import ops
+from .bench import table
+
+FUSED_ACTIVATIONS = {"relax.nn.relu": "relu"}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    weight_shape: tuple
+    sparsity: float
+    fmt: str
+    rewritten: bool
+    reason: str = ""
+    fused: list = field(default_factory=list)
+
+
+@dataclass
+class ImportedModel:
+    mod: object  # tvm.IRModule
+    report: list
+    input_shapes: list
+    num_outputs: int
+    target: object
+
+    def __str__(self):
+        rows = [{"layer": r.name, "kind": r.kind, "shape": "x".join(map(str, r.weight_shape)),
+                 "sparsity": r.sparsity, "format": r.fmt if r.rewritten else "dense",
+                 "sparse": "yes" if r.rewritten else "no", "fused": "+".join(r.fused),
+                 "reason": r.reason} for r in self.report]
+        sparse = sum(r.rewritten for r in self.report)
+        return (table(rows, ["layer", "kind", "shape", "sparsity", "format", "sparse", "fused", "reason"])
+                + f"\n{sparse} of {len(self.report)} conv/linear layers run sparse")
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_torch(model, example_inputs):
+    """``torch.export`` with errors that say what failed."""
+    import torch
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError("example_inputs: expected a tensor or a tuple of tensors")
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as err:
+        shapes = [tuple(t.shape) for t in example_inputs]
+        raise ValueError(f"the model does not run on example inputs of shape {shapes}: "
+                         f"{type(err).__name__}: {err}") from None
+    try:
+        return torch.export.export(model, example_inputs)
+    except Exception as err:
+        raise ValueError(f"torch.export could not capture the model ({type(err).__name__}): "
+                         f"{str(err).splitlines()[0] if str(err) else ''}. Make forward() traceable "
+                         "(no data-dependent Python control flow) or export it yourself and pass "
+                         "the ExportedProgram") from None
+
+
+def load_program(path):
+    """A saved ``torch.export`` program (.pt2)."""
+    import torch
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"program: {path} does not exist")
+    try:
+        return torch.export.load(path)
+    except Exception as err:
+        raise ValueError(f"program: {path} is not a torch.export program saved with torch.export.save "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _layer_names(program) -> list[str]:
+    """Module paths of conv/linear weights in graph order, to name report rows."""
+    params = program.graph_signature.inputs_to_parameters
+    names = []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and any(k in str(node.target) for k in ("conv2d", "linear")):
+            w = node.args[1] if len(node.args) > 1 else None
+            label = params.get(getattr(w, "name", ""), getattr(w, "name", str(node.name)))
+            names.append(label.removesuffix(".weight"))
+    return names
+
+
+# ----------------------------------------------------------------------------- matching
+
+def _const(expr):
+    import tvm
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _op_name(expr):
+    from tvm import relax
+    return expr.op.name if isinstance(expr, relax.Call) and hasattr(expr.op, "name") else None
+
+
+@dataclass
+class Chain:
+    """A conv/linear layer and the ops folded into it."""
+    kind: str
+    head: object  # the conv2d / matmul call
+    x: object  # its data input
+    weight: np.ndarray | None  # OIHW or (out, in); None when not a constant
+    bias: np.ndarray | None = None
+    activation: str | None = None
+    fused: list = field(default_factory=list)
+    last_var: object = None  # the var the whole chain's result is bound to
+    skip: set = field(default_factory=set)  # bindings absorbed into the chain
+
+
+class _Graph:
+    def __init__(self, bindings, outputs):
+        from tvm import relax
+        self.defs = {b.var: b.value for b in bindings}
+        self.uses: dict = {}
+        for value in [b.value for b in bindings] + [outputs]:
+            relax.analysis.post_order_visit(value, self._count)
+        self.users = {}
+        for b in bindings:
+            for v in self._vars(b.value):
+                self.users.setdefault(v, []).append(b.var)
+
+    def _count(self, node):
+        from tvm import relax
+        if isinstance(node, relax.Var):
+            self.uses[node] = self.uses.get(node, 0) + 1
+
+    @staticmethod
+    def _vars(value):
+        from tvm import relax
+        found = []
+        relax.analysis.post_order_visit(value, lambda n: found.append(n) if isinstance(n, relax.Var) else None)
+        return found
+
+    def only_user(self, var):
+        """The binding var that is ``var``'s single use, if any."""
+        users = self.users.get(var, [])
+        return users[0] if self.uses.get(var, 0) == 1 and len(users) == 1 else None
+
+    def const_of(self, expr):
+        """A constant, seen through a reshape of a constant."""
+        value = _const(expr)
+        if value is None and expr in self.defs and _op_name(self.defs[expr]) == "relax.reshape":
+            value = _const(self.defs[expr].args[0])
+        return value
+
+
+def _match_head(var, value, graph: _Graph) -> Chain | None:
+    name = _op_name(value)
+    if name == "relax.nn.conv2d":
+        return Chain("conv2d", value, value.args[0], _const(value.args[1]), last_var=var)
+    if name == "relax.matmul":
+        rhs = value.args[1]
+        w_t = rhs in graph.defs and _op_name(graph.defs[rhs]) == "relax.permute_dims" \
+            and _const(graph.defs[rhs].args[0])
+        if w_t is not None and w_t is not False and w_t.ndim == 2 and len(value.args[0].ty.shape) == 2:
+            chain = Chain("linear", value, value.args[0], w_t, last_var=var)
+            chain.skip.add(rhs) if graph.uses.get(rhs, 0) == 1 else None
+            return chain
+        if len(getattr(value.args[0].ty, "shape", [])) == 2:
+            return Chain("linear", value, value.args[0], None, last_var=var)
+    return None
+
+
+def _extend(chain: Chain, graph: _Graph):
+    """Absorb bias add, BatchNorm and ReLU that follow the head, in that order when present."""
+    out_ch = chain.weight.shape[0]
+    while True:
+        user = graph.only_user(chain.last_var)
+        if user is None:
+            return
+        value = graph.defs[user]
+        name = _op_name(value)
+        if name == "relax.add" and chain.activation is None:
+            other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
+            b = graph.const_of(other)
+            if b is None or b.size != out_ch or (chain.kind == "conv2d" and b.ndim == 4 and b.shape[2:] != (1, 1)):
+                return
+            chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
+            chain.fused.append("bias")
+        elif name == "relax.nn.batch_norm" and chain.kind == "conv2d" and chain.activation is None \
+                and int(value.attrs.axis) == 1:
+            params = [_const(a) for a in value.args[1:5]]
+            getter = graph.only_user(user)
+            if any(p is None for p in params) or getter is None or int(getattr(graph.defs[getter], "index", -1)) != 0:
+                return
+            gamma, beta, mean, var = params
+            scale = gamma / np.sqrt(var + float(value.attrs.epsilon))
+            chain.weight = chain.weight * scale[:, None, None, None].astype(np.float32)
+            chain.bias = ((0 if chain.bias is None else chain.bias) - mean) * scale + beta
+            chain.fused.append("bn")
+            chain.skip.add(user)
+            user = getter
+        elif name in FUSED_ACTIVATIONS and chain.activation is None:
+            chain.activation = FUSED_ACTIVATIONS[name]
+            chain.fused.append(chain.activation)
+        else:
+            return
+        chain.skip.add(chain.last_var)
+        chain.last_var = user
+
+
+# ----------------------------------------------------------------------------- decisions
+
+def choose_format(weight: np.ndarray, fmt: str, block) -> tuple[str, tuple | None]:
+    """``auto``: BSR when whole blocks are mostly full (the block-pruned case), else CSR."""
+    if fmt != "auto":
+        return fmt, (tuple(block) if block is not None else ((4, 1) if fmt == "bsr" else None))
+    candidates = [tuple(block)] if block is not None else [(8, 1), (4, 1)]
+    nnz = np.count_nonzero(weight)
+    for cand in candidates:
+        bsr = F.to_bsr(weight, cand)
+        if nnz and nnz / (bsr.nnz_blocks * cand[0] * cand[1]) >= 0.7:
+            return "bsr", cand
+    return "csr", None
+
+
+def _dense_reason(chain: Chain, threshold: float) -> str | None:
+    attrs = chain.head.attrs
+    if chain.weight is None:
+        return "weight is a graph input, not a constant"
+    if chain.kind == "conv2d":
+        if int(attrs.groups) != 1:
+            return f"groups={int(attrs.groups)} (grouped/depthwise): no sparse kernel"
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+            return f"layout {attrs.data_layout}/{attrs.kernel_layout}: only NCHW/OIHW"
+        if chain.weight.dtype != np.float32 or chain.x.ty.dtype != "float32":
+            return "not float32"
+    sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size
+    if sparsity < threshold:
+        return f"sparsity {sparsity:.2f} < threshold {threshold:.2f}"
+    return None
+
+
+# ----------------------------------------------------------------------------- emission
+
+def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict):
+    from tvm import relax
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    conv_args = {}
+    if chain.kind == "conv2d":
+        a = chain.head.attrs
+        pad = [int(p) for p in a.padding]  # Relax: top, left, bottom, right
+        conv_args = {"stride": tuple(int(s) for s in a.strides), "padding": tuple(pad),
+                     "dilation": tuple(int(d) for d in a.dilation)}
+    sparse = F.to_format(chain.weight, fmt, block)
+    ell = sparse.ell()
+    bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
+    spec = ops.make_spec(chain.kind, x_shape, sparse.shape, ell.data.shape, bias is not None,
+                         chain.activation, target, **conv_args)
+    if spec not in funcs:
+        sch = ops.default_schedule(ops.prim_func(spec), spec)
+        # Opaque: Relax's FuseOps must not merge the scheduled kernel with its neighbours.
+        name = f"sparse_{chain.kind}_{len(funcs)}"
+        func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("global_symbol", name)
+        funcs[spec] = bb.add_func(func, name)
+    offsets = spec.geo.offsets(ell.cols) if chain.kind == "conv2d" else ell.cols
+    args = [chain.x, relax.const(ell.data), relax.const(offsets)] + ([relax.const(bias)] if bias is not None else [])
+    return bb.emit(relax.call_tir(funcs[spec], args, relax.TensorType(spec.out_shape, "float32")))
+
+
+def _emit_dense(bb, chain: Chain):
+    """The chain as dense Relax ops, BatchNorm already folded into weight and bias."""
+    from tvm import relax
+    if chain.kind == "conv2d":
+        a = chain.head.attrs
+        y = bb.emit(relax.op.nn.conv2d(chain.x, relax.const(chain.weight.astype(np.float32)), strides=a.strides,
+                                       padding=a.padding, dilation=a.dilation, groups=a.groups))
+        bias_shape = (1, -1, 1, 1)
+    else:
+        y = bb.emit(relax.op.matmul(chain.x, relax.const(np.ascontiguousarray(chain.weight.T))))
+        bias_shape = (1, -1)
+    if chain.bias is not None:
+        y = bb.emit(relax.op.add(y, relax.const(np.asarray(chain.bias, np.float32).reshape(bias_shape))))
+    if chain.activation == "relu":
+        y = bb.emit(relax.op.nn.relu(y))
+    return y
+
+
+def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
+                 target=None) -> ImportedModel:
+    """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
+    ExportedProgram, and rewrite each pruned conv/linear layer to the sparse kernels."""
+    import torch
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .target import resolve_target
+    if isinstance(sparsity_threshold, bool) or not isinstance(sparsity_threshold, (int, float)) \
+            or not 0.0 <= sparsity_threshold <= 1.0:
+        raise ValueError(f"sparsity_threshold: must be a number in [0, 1], got {sparsity_threshold!r}")
+    if fmt not in ("auto", "csr", "bsr"):
+        raise ValueError(f"fmt: expected 'auto', 'csr' or 'bsr', got {fmt!r}")
+    target = resolve_target(target)
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        program = export_torch(model, example_inputs)
+    try:
+        mod = from_exported_program(program, keep_params_as_input=False)
+    except Exception as err:
+        raise ValueError(f"TVM's Relax frontend could not translate the program "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    main = mod["main"]
+    bindings = [b for blk in main.body.blocks for b in blk.bindings]
+    graph = _Graph(bindings, main.body.body)
+    names = _layer_names(program)
+
+    chains, absorbed = {}, set()
+    for b in bindings:
+        if b.var in absorbed:
+            continue
+        chain = _match_head(b.var, b.value, graph)
+        if chain is None:
+            continue
+        if chain.weight is not None:
+            _extend(chain, graph)
+        chains[chain.last_var] = chain
+        absorbed |= chain.skip
+        absorbed.discard(chain.last_var)
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(p.name, p.ty) for p in main.params]
+    report, funcs = [], {}
+    with bb.function("main", params):
+        with bb.dataflow():
+            remap = dict(zip(main.params, params))
+            for b in bindings:
+                if b.var in absorbed:
+                    continue
+                if b.var in chains:
+                    chain = chains[b.var]
+                    chain.x = _substitute(chain.x, remap)
+                    chain.head = _substitute(chain.head, remap)
+                    remap[b.var] = _emit_chain(bb, chain, len(report), names, sparsity_threshold, fmt, block,
+                                               target, funcs, report)
+                else:
+                    remap[b.var] = bb.emit(_substitute(b.value, remap))
+            out = bb.emit_output(_substitute(main.body.body, remap))
+        bb.emit_func_output(out)
+    num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
+    shapes = [tuple(int(s) for s in p.ty.shape) for p in main.params]
+    return ImportedModel(bb.get(), report, shapes, num_outputs, target)
+
+
+def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, report):
+    name = names[index] if index < len(names) else f"{chain.kind}{index}"
+    shape = tuple(chain.weight.shape) if chain.weight is not None else \
+        tuple(int(s) for s in chain.head.args[1].ty.shape)
+    sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size if chain.weight is not None else 0.0
+    reason = _dense_reason(chain, threshold)
+    if reason is None:
+        layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
+        out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs)
+        label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
+    else:
+        out = _emit_dense(bb, chain) if chain.weight is not None else bb.emit(chain.head)
+        label = "dense"
+    report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
+                              list(chain.fused)))
+    return out
+
+
+def _substitute(expr, remap):
+    """``expr`` with its free vars replaced by their re-emitted versions."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rebind(relax.PyExprMutator):
+        def visit_var_(self, var):
+            return remap.get(var, var)
+
+        def visit_dataflow_var_(self, var):
+            return remap.get(var, var)
+
+    return Rebind().visit_expr(expr)

@@ -1,0 +1,487 @@
+"""fscnn_tvm.sparse_conv2d / sparse_linear against torch.nn.functional conv2d / linear."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import fscnn_tvm
+from fscnn_tvm import ops, sparse_conv2d, sparse_linear
+from fscnn_tvm.formats import to_csr
+from fscnn_tvm.target import cpu_info, isa
+
+PRIMES = [2, 3, 5, 7, 11, 13, 17]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def pad4(padding):
+    """(top, left, bottom, right) from an int, (pad_h, pad_w) or a 4-tuple."""
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if len(padding) == 2:
+        return padding[0], padding[1], padding[0], padding[1]
+    return tuple(padding)
+
+
+def out_size(size, pad_a, pad_b, k, stride, dilation):
+    return (size + pad_a + pad_b - dilation * (k - 1) - 1) // stride + 1
+
+
+def torch_conv(x, w, b=None, stride=1, padding=0, dilation=1, activation=None):
+    """The reference, in float64 so its own rounding does not eat the tolerance."""
+    top, left, bottom, right = pad4(padding)
+    xt = TF.pad(torch.as_tensor(np.asarray(x), dtype=torch.float64), (left, right, top, bottom))
+    wt = torch.as_tensor(np.asarray(w), dtype=torch.float64)
+    bt = None if b is None else torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    y = TF.conv2d(xt, wt, bt, stride=pair(stride), padding=0, dilation=pair(dilation))
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.numpy()
+
+
+def torch_linear(x, w, b=None, activation=None):
+    bt = None if b is None else torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    y = TF.linear(torch.as_tensor(np.asarray(x), dtype=torch.float64),
+                  torch.as_tensor(np.asarray(w), dtype=torch.float64), bt)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.numpy()
+
+
+def assert_matches(out, ref):
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == np.float32
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()) if ref.size else 0.0)
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+def sparse_weight(rng, shape, sparsity):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < sparsity] = 0.0
+    return w
+
+
+# ----------------------------------------------------------------------------- properties
+
+channels = st.integers(1, 17) | st.sampled_from(PRIMES)
+two_ints = lambda lo, hi: st.tuples(st.integers(lo, hi), st.integers(lo, hi))  # noqa: E731
+fmt_block = st.one_of(
+    st.just(("csr", None)),
+    st.just(("csr", (1, 1))),
+    st.tuples(st.just("bsr"), st.none() | two_ints(1, 8)),
+)
+
+
+@settings(max_examples=120, deadline=None, database=None)
+@given(
+    n=st.integers(1, 4), c=channels, k=channels,
+    h=st.integers(1, 20), w=st.integers(1, 20),
+    kh=st.integers(1, 7), kw=st.integers(1, 7),
+    stride=st.integers(1, 3) | two_ints(1, 3),
+    padding=st.integers(0, 3) | two_ints(0, 3) | st.tuples(*[st.integers(0, 3)] * 4),
+    dilation=st.integers(1, 2) | two_ints(1, 2),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
+    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
+                         activation, seed):
+    fmt, block = fb
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = sparse_weight(rng, (k, c, kh, kw), sparsity)
+    bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = pair(stride), pair(dilation), pad4(padding)
+    oh, ow = out_size(h, pt, pb, kh, sh, dh), out_size(w, pl, pr, kw, sw, dw)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, fmt=fmt, block=block, activation=activation)
+    if oh < 1 or ow < 1:
+        with pytest.raises(ValueError, match="output would be empty"):
+            sparse_conv2d(x, weight, bias, **kwargs)
+        return
+    out = sparse_conv2d(x, weight, bias, **kwargs)
+    assert_matches(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(
+    n=st.integers(1, 4), fin=st.integers(1, 300) | st.sampled_from(PRIMES),
+    fout=st.integers(1, 300) | st.sampled_from(PRIMES),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
+    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_linear_property(n, fin, fout, sparsity, fb, has_bias, activation, seed):
+    fmt, block = fb
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, fin)).astype(np.float32)
+    weight = sparse_weight(rng, (fout, fin), sparsity)
+    bias = rng.standard_normal(fout).astype(np.float32) if has_bias else None
+    out = sparse_linear(x, weight, bias, fmt=fmt, block=block, activation=activation)
+    assert_matches(out, torch_linear(x, weight, bias, activation))
+
+
+# ----------------------------------------------------------------------------- named cases
+
+FORMATS = [("csr", None), ("bsr", (4, 1)), ("bsr", (3, 2)), ("bsr", (1, 1))]
+fmt_ids = ["csr", "bsr4x1", "bsr3x2", "bsr1x1"]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_all_zero_weight(rng, fmt, block, activation):
+    x = rng.standard_normal((2, 5, 8, 9)).astype(np.float32)
+    w = np.zeros((6, 5, 3, 3), np.float32)
+    b = np.array([-2, -1, 0, 1, 2, 3], np.float32)
+    out = sparse_conv2d(x, w, b, padding=1, fmt=fmt, block=block, activation=activation)
+    expected = np.broadcast_to((np.maximum(b, 0) if activation else b)[None, :, None, None], (2, 6, 8, 9))
+    np.testing.assert_array_equal(out, expected)
+    out = sparse_conv2d(x, w, None, padding=1, fmt=fmt, block=block)
+    np.testing.assert_array_equal(out, np.zeros((2, 6, 8, 9), np.float32))
+    lin = sparse_linear(x.reshape(2, -1)[:, :30], np.zeros((7, 30), np.float32), fmt=fmt, block=block)
+    np.testing.assert_array_equal(lin, np.zeros((2, 7), np.float32))
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+def test_zero_output_channels(rng, fmt, block):
+    x = rng.standard_normal((1, 4, 7, 6)).astype(np.float32)
+    w = sparse_weight(rng, (9, 4, 3, 3), 0.3)
+    w[[0, 3, 4, 8]] = 0.0  # first, last and a run in the middle
+    b = rng.standard_normal(9).astype(np.float32)
+    out = sparse_conv2d(x, w, b, fmt=fmt, block=block)
+    ref = torch_conv(x, w, b)
+    assert_matches(out, ref)
+    for ch in (0, 3, 4, 8):
+        np.testing.assert_array_equal(out[0, ch], np.full((5, 4), b[ch], np.float32))
+    assert np.abs(out[0, 1] - b[1]).max() > 1e-3  # a live channel is not just its bias
+    wl = sparse_weight(rng, (9, 20), 0.3)
+    wl[[0, 3, 4, 8]] = 0.0
+    xl = rng.standard_normal((3, 20)).astype(np.float32)
+    assert_matches(sparse_linear(xl, wl, b, fmt=fmt, block=block), torch_linear(xl, wl, b))
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+def test_single_nonzero(rng, fmt, block):
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    w = np.zeros((5, 3, 3, 2), np.float32)
+    w[2, 1, 2, 1] = 1.5
+    out = sparse_conv2d(x, w, fmt=fmt, block=block)
+    expected = np.zeros((2, 5, 4, 6), np.float32)
+    expected[:, 2] = 1.5 * x[:, 1, 2:6, 1:7]  # output (i, j) reads x[i + 2, j + 1]
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=0)
+    wl = np.zeros((4, 11), np.float32)
+    wl[3, 10] = -2.0
+    xl = rng.standard_normal((2, 11)).astype(np.float32)
+    lin = sparse_linear(xl, wl, fmt=fmt, block=block)
+    np.testing.assert_allclose(lin, np.stack([np.zeros(2)] * 3 + [-2.0 * xl[:, 10]], 1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+@pytest.mark.parametrize("torch_inputs", [False, True])
+def test_fully_dense_weight(rng, fmt, block, torch_inputs):
+    x = rng.standard_normal((2, 6, 9, 10)).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, (7, 6, 3, 3)).astype(np.float32) * rng.choice([-1, 1], (7, 6, 3, 3))
+    b = rng.standard_normal(7).astype(np.float32)
+    args = (torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)) if torch_inputs else (x, w, b)
+    out = sparse_conv2d(*args, padding=1, fmt=fmt, block=block)
+    assert_matches(out, torch_conv(x, w, b, padding=1))
+    wl = rng.standard_normal((13, 54)).astype(np.float32)
+    xl = x.reshape(2, -1)[:, :54]
+    assert_matches(sparse_linear(xl, wl, b[:1].repeat(13), fmt=fmt, block=block),
+                   torch_linear(xl, wl, b[:1].repeat(13)))
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("fmt,block", FORMATS[:3], ids=fmt_ids[:3])
+def test_bias_and_relu(rng, has_bias, activation, fmt, block):
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    w = sparse_weight(rng, (5, 4, 3, 3), 0.5)
+    b = (rng.standard_normal(5) * 3).astype(np.float32) if has_bias else None
+    out = sparse_conv2d(x, w, b, padding=(1, 0), fmt=fmt, block=block, activation=activation)
+    ref = torch_conv(x, w, b, padding=(1, 0), activation=activation)
+    assert_matches(out, ref)
+    if activation == "relu":
+        assert (out >= 0).all() and (out == 0).any()
+    else:
+        assert (out < 0).any()
+    xl = rng.standard_normal((3, 17)).astype(np.float32)
+    wl = sparse_weight(rng, (5, 17), 0.5)
+    assert_matches(sparse_linear(xl, wl, b, fmt=fmt, block=block, activation=activation),
+                   torch_linear(xl, wl, b, activation))
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+def test_batch_greater_than_one(rng, fmt, block):
+    x = rng.standard_normal((4, 3, 8, 5)).astype(np.float32)
+    w = sparse_weight(rng, (6, 3, 3, 3), 0.6)
+    out = sparse_conv2d(x, w, padding=1, fmt=fmt, block=block)
+    assert_matches(out, torch_conv(x, w, padding=1))
+    for i in range(4):  # each batch item alone gives the same answer
+        np.testing.assert_allclose(sparse_conv2d(x[i:i + 1], w, padding=1, fmt=fmt, block=block), out[i:i + 1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+def test_1x1_conv(rng, fmt, block):
+    x = rng.standard_normal((2, 16, 7, 7)).astype(np.float32)
+    w = sparse_weight(rng, (24, 16, 1, 1), 0.8)
+    b = rng.standard_normal(24).astype(np.float32)
+    out = sparse_conv2d(x, w, b, fmt=fmt, block=block)
+    ref = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), x) + b[None, :, None, None]
+    assert_matches(out, ref)
+    assert_matches(out, torch_conv(x, w, b))
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
+@pytest.mark.parametrize("padding", [0, 1, (0, 1, 1, 0)])
+def test_stride_2(rng, fmt, block, padding):
+    x = rng.standard_normal((2, 5, 13, 16)).astype(np.float32)
+    w = sparse_weight(rng, (8, 5, 3, 3), 0.7)
+    out = sparse_conv2d(x, w, stride=2, padding=padding, fmt=fmt, block=block, activation="relu")
+    ref = torch_conv(x, w, stride=2, padding=padding, activation="relu")
+    assert_matches(out, ref)
+
+
+def test_asymmetric_padding_order(rng):
+    # (top, left, bottom, right): a one-hot centre tap makes the output a shifted copy of x,
+    # so swapping any two sides shows up as a shifted or wrongly sized output.
+    x = rng.standard_normal((1, 1, 5, 6)).astype(np.float32)
+    w = np.zeros((1, 1, 3, 3), np.float32)
+    w[0, 0, 1, 1] = 1.0
+    out = sparse_conv2d(x, w, padding=(1, 0, 2, 3))
+    assert out.shape == (1, 1, 5 + 1 + 2 - 2, 6 + 0 + 3 - 2)
+    padded = np.zeros((1, 1, 8, 9), np.float32)
+    padded[:, :, 1:6, 0:6] = x
+    np.testing.assert_array_equal(out, padded[:, :, 1:7, 1:8])
+
+
+def test_dilation_and_nonsquare_kernel(rng):
+    x = rng.standard_normal((1, 3, 11, 9)).astype(np.float32)
+    w = sparse_weight(rng, (4, 3, 2, 5), 0.5)
+    for stride in [1, (1, 2), (3, 1)]:
+        out = sparse_conv2d(x, w, stride=stride, padding=(2, 1), dilation=(2, 1))
+        assert_matches(out, torch_conv(x, w, stride=stride, padding=(2, 1), dilation=(2, 1)))
+
+
+def host_avx2():
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64") and isa(cpu_info()["flags"]) in ("avx2", "avx512")
+
+
+@pytest.mark.parametrize("target", [
+    {"kind": "llvm"},  # no mcpu: 4 lanes
+    "llvm -num-cores 1",
+    pytest.param("llvm -mcpu=haswell", marks=pytest.mark.skipif(not host_avx2(), reason="needs AVX2")),
+    None,
+])
+def test_explicit_targets(rng, target):
+    x = rng.standard_normal((1, 3, 9, 21)).astype(np.float32)
+    w = sparse_weight(rng, (5, 3, 3, 3), 0.5)
+    out = sparse_conv2d(x, w, padding=1, fmt="bsr", block=(2, 1), target=target)
+    assert_matches(out, torch_conv(x, w, padding=1))
+    xl = rng.standard_normal((2, 40)).astype(np.float32)
+    wl = sparse_weight(rng, (9, 40), 0.5)
+    assert_matches(sparse_linear(xl, wl, fmt="bsr", block=(4, 1), target=target), torch_linear(xl, wl))
+
+
+# ----------------------------------------------------------------------------- SparseLayer
+
+def test_sparse_layer_direct(rng):
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = sparse_weight(rng, (4, 3, 3, 3), 0.5)
+    b = rng.standard_normal(4).astype(np.float32)
+    layer = fscnn_tvm.SparseLayer("conv2d", to_csr(w), x.shape, bias=b, stride=1, padding=1)
+    ref = torch_conv(x, w, b, padding=1)
+    assert_matches(layer(x), ref)
+    assert_matches(layer.runner(x)().numpy(), ref)
+    with pytest.raises(ValueError, match="built for"):
+        layer(x[:1])
+    with pytest.raises(ValueError, match="bias: 3 values for 4 output channels"):
+        fscnn_tvm.SparseLayer("conv2d", w, x.shape, bias=b[:3])
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        fscnn_tvm.SparseLayer("conv2d", w, x.shape, groups=2)
+
+
+# ----------------------------------------------------------------------------- errors
+
+X = np.ones((1, 4, 8, 8), np.float32)
+W = np.ones((3, 4, 3, 3), np.float32)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 0])
+def test_groups_not_supported(groups):
+    with pytest.raises(NotImplementedError, match=f"groups={groups}"):
+        sparse_conv2d(X, W, groups=groups)
+
+
+@pytest.mark.parametrize("x,pattern", [
+    (np.ones((4, 8, 8), np.float32), r"x: expected NCHW \(rank 4\)"),
+    (np.ones((1, 1, 4, 8, 8), np.float32), r"x: expected NCHW \(rank 4\)"),
+    (np.ones((1, 3, 8, 8), np.float32), r"weight has 4 input channels but x has 3"),
+    (np.ones((1, 5, 8, 8), np.float32), r"weight has 4 input channels but x has 5"),
+    (np.ones((0, 4, 8, 8), np.float32), r"empty dimension"),
+    (np.full((1, 4, 8, 8), np.nan, np.float32), r"x: .*non-finite"),
+])
+def test_conv_bad_x(x, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sparse_conv2d(x, W)
+
+
+@pytest.mark.parametrize("weight,pattern", [
+    (np.ones((3, 4, 3), np.float32), r"rank 3"),
+    (np.ones((3, 36), np.float32), r"weight: expected OIHW"),
+])
+def test_conv_bad_weight(weight, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sparse_conv2d(X, weight)
+
+
+@pytest.mark.parametrize("x,pattern", [
+    (np.ones((2, 3, 5), np.float32), r"x: expected \(batch, in_features\)"),
+    (np.ones(5, np.float32), r"x: expected \(batch, in_features\)"),
+    (np.ones((2, 6), np.float32), r"weight has 5 input features but x has 6"),
+    (np.ones((0, 5), np.float32), r"batch must be >= 1"),
+])
+def test_linear_bad_x(x, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sparse_linear(x, np.ones((3, 5), np.float32))
+
+
+def test_linear_bad_weight_rank():
+    with pytest.raises(ValueError, match=r"weight: expected \(out_features, in_features\)"):
+        sparse_linear(np.ones((2, 5), np.float32), np.ones((3, 5, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", "1"])
+def test_string_padding(padding):
+    with pytest.raises(ValueError, match="string padding"):
+        sparse_conv2d(X, W, padding=padding)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(padding=(1, 2, 3)), r"padding: expected"),
+    (dict(padding=-1), r"padding >= 0"),
+    (dict(stride=0), r"stride and dilation must be >= 1"),
+    (dict(dilation=0), r"stride and dilation must be >= 1"),
+    (dict(stride=(1, 2, 3)), r"stride: expected an int or a pair"),
+])
+def test_bad_geometry(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sparse_conv2d(X, W, **kwargs)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "ReLU", "sigmoid", ""])
+def test_unknown_activation(activation):
+    with pytest.raises(ValueError, match="activation"):
+        sparse_conv2d(X, W, activation=activation)
+    with pytest.raises(ValueError, match="activation"):
+        sparse_linear(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), activation=activation)
+
+
+@pytest.mark.parametrize("x_hw,kernel,kwargs", [
+    ((3, 3), (5, 5), {}),
+    ((8, 8), (1, 9), {}),
+    ((4, 4), (3, 3), dict(dilation=2)),
+    ((2, 2), (4, 4), dict(padding=(0, 1))),
+])
+def test_empty_output(x_hw, kernel, kwargs):
+    x = np.ones((1, 2) + x_hw, np.float32)
+    w = np.ones((3, 2) + kernel, np.float32)
+    with pytest.raises(ValueError, match="output would be empty"):
+        sparse_conv2d(x, w, **kwargs)
+
+
+@pytest.mark.parametrize("target", ["cuda", "opencl", {"kind": "cuda"}, "", 3])
+def test_unsupported_target(target):
+    with pytest.raises(ValueError, match="target"):
+        sparse_conv2d(X, W, target=target)
+    with pytest.raises(ValueError, match="target"):
+        sparse_linear(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), target=target)
+
+
+@pytest.mark.parametrize("block", [3, (2,), (0, 1), "ab"])
+def test_bad_block_via_op(block):
+    with pytest.raises(ValueError, match="block"):
+        sparse_conv2d(X, W, fmt="bsr", block=block)
+    with pytest.raises(ValueError, match="block"):
+        sparse_linear(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), fmt="bsr", block=block)
+
+
+def test_bad_fmt_via_op():
+    with pytest.raises(ValueError, match="unknown sparse format"):
+        sparse_conv2d(X, W, fmt="coo")
+    with pytest.raises(ValueError, match="fmt='csr'"):
+        sparse_conv2d(X, W, fmt="csr", block=(2, 2))
+
+
+# ----------------------------------------------------------------------------- layer cache
+
+def test_cache_same_arguments(rng):
+    x = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    w = sparse_weight(rng, (5, 3, 3, 3), 0.5)
+    b = rng.standard_normal(5).astype(np.float32)
+    first = sparse_conv2d(x, w, b, padding=1, fmt="bsr", block=(2, 2))
+    n_layers = len(ops._LAYERS)
+    second = sparse_conv2d(x, w, b, padding=1, fmt="bsr", block=(2, 2))
+    np.testing.assert_array_equal(first, second)
+    assert len(ops._LAYERS) == n_layers  # reused, not rebuilt
+    assert_matches(first, torch_conv(x, w, b, padding=1))
+    # A new input through the cached layer is computed afresh.
+    x2 = rng.standard_normal(x.shape).astype(np.float32)
+    third = sparse_conv2d(x2, w, b, padding=1, fmt="bsr", block=(2, 2))
+    assert_matches(third, torch_conv(x2, w, b, padding=1))
+    assert np.abs(third - first).max() > 1e-2
+
+
+@pytest.mark.parametrize("fmt,block", FORMATS[:3], ids=fmt_ids[:3])
+def test_cache_different_weights_same_shape(rng, fmt, block):
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    w1 = sparse_weight(rng, (5, 4, 3, 3), 0.5)
+    w2 = np.where(w1 != 0, rng.standard_normal(w1.shape), 0).astype(np.float32)  # same pattern: same kernel
+    w3 = sparse_weight(rng, (5, 4, 3, 3), 0.5)  # another pattern
+    outs = []
+    for w in (w1, w2, w3):
+        out = sparse_conv2d(x, w, padding=1, fmt=fmt, block=block)
+        assert_matches(out, torch_conv(x, w, padding=1))
+        outs.append(out)
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2
+    assert np.abs(outs[0] - outs[2]).max() > 1e-2
+    # Same for bias only differing, and linear.
+    b1, b2 = np.zeros(5, np.float32), np.ones(5, np.float32)
+    np.testing.assert_allclose(sparse_conv2d(x, w1, b2, padding=1, fmt=fmt, block=block)
+                               - sparse_conv2d(x, w1, b1, padding=1, fmt=fmt, block=block), 1.0, atol=1e-5)
+    xl = rng.standard_normal((2, 12)).astype(np.float32)
+    wl1 = sparse_weight(rng, (6, 12), 0.5)
+    wl2 = sparse_weight(rng, (6, 12), 0.5)
+    assert_matches(sparse_linear(xl, wl1, fmt=fmt, block=block), torch_linear(xl, wl1))
+    assert_matches(sparse_linear(xl, wl2, fmt=fmt, block=block), torch_linear(xl, wl2))
+
+
+def test_cache_sees_in_place_weight_change(rng):
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = sparse_weight(rng, (3, 2, 3, 3), 0.3)
+    first = sparse_conv2d(x, w)
+    w *= 2.0  # same object, new values
+    second = sparse_conv2d(x, w)
+    np.testing.assert_allclose(second, 2.0 * first, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_keyed_on_geometry_and_activation(rng):
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    w = sparse_weight(rng, (3, 2, 3, 3), 0.3)
+    for kwargs in (dict(), dict(padding=1), dict(stride=2), dict(activation="relu"), dict(dilation=2)):
+        out = sparse_conv2d(x, w, **kwargs)
+        assert_matches(out, torch_conv(x, w, **kwargs))
