@@ -1,0 +1,171 @@
+"""Importer: PyTorch -> Relax -> sparse rewrite, compared with PyTorch end to end."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fscnn_tvm
+from fscnn_tvm.importer import choose_format
+
+
+def _prune_(module, sparsity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and getattr(m, "groups", 1) == 1:
+                m.weight[torch.rand(m.weight.shape, generator=gen) < sparsity] = 0.0
+    return module
+
+
+class Mixed(torch.nn.Module):
+    """Every case the rewrite has to get right, in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.down = torch.nn.Conv2d(16, 24, 3, stride=2, padding=0, bias=False)
+        self.grouped = torch.nn.Conv2d(24, 24, 3, padding=1, groups=4)
+        self.depthwise = torch.nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.pointwise = torch.nn.Conv2d(24, 24, 1)
+        self.dense_one = torch.nn.Conv2d(24, 24, 3, padding=1)  # left dense: below threshold
+        self.fc = torch.nn.Linear(24, 7)
+        self.input_weight = torch.nn.Parameter(torch.randn(24, 24, 1, 1))
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 2.0)
+            self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x, w_in):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = torch.relu(self.down(y))
+        y = self.grouped(y) + y  # residual add
+        y = self.depthwise(y)
+        y = torch.relu(self.pointwise(y)) + y
+        y = torch.nn.functional.conv2d(y, w_in)  # weight is a graph input
+        y = self.dense_one(y)
+        y = torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1)
+        return self.fc(y)
+
+
+def _mixed():
+    torch.manual_seed(0)
+    model = _prune_(Mixed().eval(), 0.9)
+    with torch.no_grad():
+        model.dense_one.weight.copy_(torch.randn_like(model.dense_one.weight))
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mixed_model_rewrites_where_it_should(batch):
+    model = _mixed()
+    x, w_in = torch.randn(batch, 3, 17, 15), torch.randn(24, 24, 1, 1)
+    imported = fscnn_tvm.import_torch(model, (x, w_in))
+    rows = {r.name: r for r in imported.report}
+    assert rows["stem"].rewritten and rows["stem"].fused == ["bias", "bn", "relu"]
+    assert rows["down"].rewritten and rows["down"].fused == ["relu"]
+    assert rows["pointwise"].rewritten and rows["fc"].rewritten
+    assert not rows["grouped"].rewritten and "groups=4" in rows["grouped"].reason
+    assert not rows["depthwise"].rewritten and "groups=24" in rows["depthwise"].reason
+    assert not rows["dense_one"].rewritten and "threshold" in rows["dense_one"].reason
+    inputs = [r for r in imported.report if "graph input" in r.reason]
+    assert len(inputs) == 1
+    assert "sparse" in str(imported) and "stem" in str(imported)
+    compiled = fscnn_tvm.compile(imported)
+    ref = model(x, w_in).detach().numpy()
+    out = compiled(x, w_in)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_threshold_one_keeps_everything_dense_and_still_matches():
+    model = _mixed()
+    x, w_in = torch.randn(1, 3, 9, 9), torch.randn(24, 24, 1, 1)
+    imported = fscnn_tvm.import_torch(model, (x, w_in), sparsity_threshold=1.0)
+    assert not any(r.rewritten for r in imported.report)
+    ref = model(x, w_in).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, w_in), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_several_outputs_return_a_tuple():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y, torch.relu(y)
+
+    model = _prune_(Two().eval(), 0.8)
+    x = torch.randn(3, 8)
+    out = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x,), sparsity_threshold=0.0))(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    for got, ref in zip(out, model(x)):
+        np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_format_picks_bsr_for_block_pruned_weights():
+    w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    blocks = np.random.default_rng(1).random((4, 64)) < 0.9
+    w[np.repeat(blocks, 8, axis=0)] = 0.0
+    assert choose_format(w, "auto", None) == ("bsr", (8, 1))
+    w2 = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
+    w2[np.random.default_rng(3).random(w2.shape) < 0.9] = 0.0
+    assert choose_format(w2, "auto", None) == ("csr", None)
+
+
+def test_export_and_load_in_a_fresh_process_without_torch(tmp_path):
+    model = _mixed()
+    x, w_in = torch.randn(1, 3, 11, 11), torch.randn(24, 24, 1, 1)
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x, w_in)))
+    lib = tmp_path / "mixed.so"
+    compiled.export_library(lib)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "w.npy", w_in.numpy())
+    np.save(tmp_path / "ref.npy", compiled(x, w_in))
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # torch must not be needed to run
+        "import numpy as np, fscnn_tvm\n"
+        f"d = {str(tmp_path)!r}\n"
+        "m = fscnn_tvm.load(d + '/mixed.so')\n"
+        "out = m(np.load(d + '/x.npy'), np.load(d + '/w.npy'))\n"
+        "assert np.array_equal(out, np.load(d + '/ref.npy')), 'outputs differ'\n"
+        "print('same')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "same" in proc.stdout
+
+
+def test_compiled_model_rejects_wrong_input_shape():
+    model = _prune_(torch.nn.Sequential(torch.nn.Linear(6, 5)).eval(), 0.8)
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (torch.randn(2, 6),), sparsity_threshold=0.0))
+    with pytest.raises(ValueError, match="compiled for"):
+        compiled(np.zeros((3, 6), np.float32))
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fscnn_tvm.import_torch("not a model", (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(ValueError, match="does not run on example inputs"):
+        fscnn_tvm.import_torch(model, (torch.randn(1, 5, 8, 8),))
+    for bad in (-0.1, 1.5, "0.5", None):
+        with pytest.raises(ValueError, match="sparsity_threshold"):
+            fscnn_tvm.import_torch(model, (torch.randn(1, 3, 8, 8),), sparsity_threshold=bad)
+    with pytest.raises(ValueError, match="fmt"):
+        fscnn_tvm.import_torch(model, (torch.randn(1, 3, 8, 8),), fmt="coo")
+    from fscnn_tvm.importer import load_program
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_program(tmp_path / "missing.pt2")
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"this is not a program")
+    with pytest.raises(ValueError, match="not a torch.export program"):
+        load_program(junk)
+    with pytest.raises(FileNotFoundError):
+        fscnn_tvm.load(tmp_path / "missing.so")
+    with pytest.raises(ValueError, match="not a compiled"):
+        fscnn_tvm.load(junk)
