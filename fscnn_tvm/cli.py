@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -14,6 +15,67 @@ def _layer(args):
     if args.json:
         bench.dump_json(args.json, result)
         print(f"wrote {args.json}")
+
+
+def _block(text):
+    try:
+        bo, bi = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block must look like 8x1, got {text!r}") from None
+    if bo < 1 or bi < 1:
+        raise argparse.ArgumentTypeError(f"block sides must be positive, got {text!r}")
+    return bo, bi
+
+
+def load_model(args):
+    """(model or ExportedProgram, example inputs, name) from --model/--program, pruned as asked."""
+    import torch
+
+    from . import prune, zoo
+    from .importer import load_program
+    if args.program:
+        program = load_program(args.program)
+        example = tuple(t for t in program.example_inputs[0]) if program.example_inputs else None
+        return program, example, os.path.basename(args.program)
+    model, shape = zoo.get_model(args.model)
+    if args.sparsity > 0:
+        if args.prune == "block":
+            prune.prune_blocks(model, args.sparsity, block=args.block or (8, 1))
+        else:
+            prune.prune_magnitude(model, args.sparsity, scope=args.prune)
+    x = torch.randn((args.batch, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    return model, (x,), f"{args.model}_s{round(args.sparsity * 100)}"
+
+
+def _import(args):
+    import torch
+
+    from . import bench, compile as build, import_torch
+    threads = bench.set_threads(args.threads)
+    model, example, name = load_model(args)
+    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target)
+    print(imported)
+    compiled = build(imported)
+    if example is not None:
+        module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+        with torch.no_grad():
+            ref = module(*example)
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        outs = compiled(*example)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for i, (got, want) in enumerate(zip(outs, refs)):
+            bench.check_close(f"output {i}", got, want.numpy())
+        print("output matches PyTorch (relative error <= 1e-4)")
+        if args.time:
+            with torch.no_grad():
+                t_torch = bench.measure(lambda: module(*example), budget_s=args.time)
+            t_ours = bench.measure(compiled.runner(*example), budget_s=args.time)
+            print(f"end to end, {threads} threads, median of {t_ours.runs}/{t_torch.runs} runs: "
+                  f"fscnn-tvm {t_ours.median_ms:.2f} ms, PyTorch {t_torch.median_ms:.2f} ms, "
+                  f"speedup {t_torch.median_ms / t_ours.median_ms:.2f}x (default schedules, untuned)")
+    out = args.out or f"{name}.so"
+    compiled.export_library(out)
+    print(f"wrote {out}")
 
 
 def _sparsity(text):
@@ -40,14 +102,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver3' (default: from the host's CPU flags)")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.set_defaults(func=_layer)
+
+    p = sub.add_parser("import", help="import a zoo model or a saved torch.export program, rewrite pruned "
+                                      "layers to sparse kernels, compile, check against PyTorch, export")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
+    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save")
+    _model_args(p)
+    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
+    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    p.add_argument("--time", type=float, default=1.0, help="seconds to time each engine end to end (0: skip)")
+    p.add_argument("--out", default=None, help="shared library to write (default <model>_s<sparsity>.so)")
+    p.set_defaults(func=_import)
     return parser
+
+
+def _model_args(p):
+    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="prune zoo models to this sparsity")
+    p.add_argument("--prune", choices=["layer", "global", "block"], default="layer",
+                   help="magnitude pruning per layer or global, or whole-block pruning")
+    p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    p.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver3' (default: from CPU flags)")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, NotImplementedError, FileNotFoundError) as err:
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
         print(f"fscnn-tvm: error: {err}", file=sys.stderr)
         return 2
     return 0
