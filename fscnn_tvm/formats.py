@@ -27,7 +27,7 @@ def as_weight(weight, name: str = "weight") -> np.ndarray:
         raise ValueError(f"{name}: dtype {arr.dtype} cannot be cast to float32")
     if np.iscomplexobj(arr):
         raise ValueError(f"{name}: complex dtype {arr.dtype} cannot be cast to float32")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.asarray(arr, dtype=np.float32, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or inf); prune or fix them first")
@@ -226,7 +226,7 @@ def to_bsr(weight, block=(4, 1)) -> BSR:
 def to_format(weight, fmt: str = "csr", block=None) -> SparseMatrix:
     """``to_csr`` or ``to_bsr`` by name; ``block`` is only meaningful for BSR."""
     if fmt == "csr":
-        if block is not None and tuple(block) != (1, 1):
+        if block is not None and _check_block(block) != (1, 1):
             raise ValueError(f"block={block!r} given with fmt='csr'; use fmt='bsr' for blocks")
         return to_csr(weight)
     if fmt == "bsr":

@@ -34,12 +34,22 @@ class LayerReport:
 
 
 @dataclass
+class Kernel:
+    """A sparse kernel of the module: its spec, the weight arrays of its first layer (what
+    tuning measures on), and every layer that calls it."""
+    spec: ops.KernelSpec
+    arrays: list
+    layers: list
+
+
+@dataclass
 class ImportedModel:
-    mod: object  # tvm.IRModule
+    mod: object  # tvm.IRModule; sparse kernels unscheduled (``compile`` schedules them)
     report: list
     input_shapes: list
     num_outputs: int
     target: object
+    kernels: dict = field(default_factory=dict)  # function name -> Kernel
 
     def __str__(self):
         rows = [{"layer": r.name, "kind": r.kind, "shape": "x".join(map(str, r.weight_shape)),
@@ -256,7 +266,7 @@ def _dense_reason(chain: Chain, threshold: float) -> str | None:
 
 # ----------------------------------------------------------------------------- emission
 
-def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict):
+def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dict, layer: str):
     from tvm import relax
     x_shape = tuple(int(s) for s in chain.x.ty.shape)
     conv_args = {}
@@ -270,14 +280,15 @@ def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict):
     bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
     spec = ops.make_spec(chain.kind, x_shape, sparse.shape, ell.data.shape, bias is not None,
                          chain.activation, target, **conv_args)
-    if spec not in funcs:
-        sch = ops.default_schedule(ops.prim_func(spec), spec)
-        # Opaque: Relax's FuseOps must not merge the scheduled kernel with its neighbours.
-        name = f"sparse_{chain.kind}_{len(funcs)}"
-        func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("global_symbol", name)
-        funcs[spec] = bb.add_func(func, name)
     offsets = spec.geo.offsets(ell.cols) if chain.kind == "conv2d" else ell.cols
-    args = [chain.x, relax.const(ell.data), relax.const(offsets)] + ([relax.const(bias)] if bias is not None else [])
+    weights = [ell.data, offsets] + ([bias] if bias is not None else [])
+    if spec not in funcs:
+        # Unscheduled here: ``compile`` applies a tuned or the default schedule.
+        name = f"sparse_{chain.kind}_{len(funcs)}"
+        funcs[spec] = bb.add_func(ops.prim_func(spec).with_attr("global_symbol", name), name)
+        kernels[name] = Kernel(spec, weights, [])
+    kernels[funcs[spec].name_hint].layers.append(layer)
+    args = [chain.x] + [relax.const(a) for a in weights]
     return bb.emit(relax.call_tir(funcs[spec], args, relax.TensorType(spec.out_shape, "float32")))
 
 
@@ -343,7 +354,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     bb = relax.BlockBuilder()
     params = [relax.Var(p.name, p.ty) for p in main.params]
-    report, funcs = [], {}
+    report, funcs, kernels = [], {}, {}
     with bb.function("main", params):
         with bb.dataflow():
             remap = dict(zip(main.params, params))
@@ -355,17 +366,17 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                     chain.x = _substitute(chain.x, remap)
                     chain.head = _substitute(chain.head, remap)
                     remap[b.var] = _emit_chain(bb, chain, len(report), names, sparsity_threshold, fmt, block,
-                                               target, funcs, report)
+                                               target, funcs, kernels, report)
                 else:
                     remap[b.var] = bb.emit(_substitute(b.value, remap))
             out = bb.emit_output(_substitute(main.body.body, remap))
         bb.emit_func_output(out)
     num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
     shapes = [tuple(int(s) for s in p.ty.shape) for p in main.params]
-    return ImportedModel(bb.get(), report, shapes, num_outputs, target)
+    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels)
 
 
-def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, report):
+def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report):
     name = names[index] if index < len(names) else f"{chain.kind}{index}"
     shape = tuple(chain.weight.shape) if chain.weight is not None else \
         tuple(int(s) for s in chain.head.args[1].ty.shape)
@@ -373,7 +384,7 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, r
     reason = _dense_reason(chain, threshold)
     if reason is None:
         layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
-        out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs)
+        out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:
         out = _emit_dense(bb, chain) if chain.weight is not None else bb.emit(chain.head)

@@ -221,43 +221,84 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
-    """Register-blocked schedule. Conv: per (batch, block row) in parallel, a tile of ``bo``
-    channels x whole vectors of output pixels stays in registers across all nonzeros (the
-    nonzero loop sits outside the vector loops, so each weight is broadcast once per tile and
-    each input vector loaded once per tile); bias and activation are applied on the way out.
-    Linear: block rows in parallel, the ``bo`` rows of a block vectorised."""
+class FixedDecisions:
+    """The default schedule's decisions: no sampling, a sensible point of the design space."""
+
+    def tile(self, sch, loop, n, max_innermost, default):
+        return default
+
+    def unroll_limit(self, sch, loop):
+        return None
+
+
+class SampledDecisions:
+    """Decisions sampled by meta_schedule, so the tuner can search and mutate them."""
+
+    def tile(self, sch, loop, n, max_innermost, default):
+        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost)
+
+    def unroll_limit(self, sch, loop):
+        limit = sch.sample_categorical([0, 16, 64, 512], [0.25, 0.25, 0.25, 0.25])
+        sch.annotate(loop, "pragma_auto_unroll_max_step", limit)
+        sch.annotate(loop, "pragma_unroll_explicit", 1)
+        return limit
+
+
+# Structural choices, one design space each (meta_schedule replays traces, so a choice that
+# changes which primitives run cannot be a sampled decision).
+VARIANTS = ("channels", "channels+rows")
+
+
+def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecisions(),
+                    variant: str = "channels") -> tvm.s_tir.Schedule:
+    """Register-blocked schedule. Conv: a tile of (channels x output rows x whole vectors of
+    output pixels) stays in registers across the nonzero loop, which sits outside the
+    vector loops, so each weight is broadcast once per tile and each input vector loaded once
+    per tile; bias and activation are applied on the way out; tiles run in parallel over
+    (batch, channel tiles[, row tiles]). Linear: block rows in parallel.
+    ``decide`` fixes or samples the tile sizes; ``variant`` picks the parallel loop."""
     sch = tvm.s_tir.Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     _, _, bo, _ = spec.ell_shape
     n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
+    w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
+    kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo), [None, 1]))
     if spec.kind == "conv2d":
         vectors = max(1, _largest_divisor(spec.padded_width // spec.lanes, max(1, 8 // bo)))
-        ow_o, ow_u, ow_v = sch.split(ow, [None, vectors, spec.lanes])
-        sch.reorder(n, kb, oh, ow_o, red_w, red_i, io, ow_u, ow_v)
-        sch.parallel(sch.fuse(n, kb))
+        ow_q, ow_v = sch.split(ow, [None, spec.lanes])
+        ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 8, [None, vectors]))
+        oh_o, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 4, [None, 1]))
+        sch.reorder(n, kb_o, oh_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+        par = sch.fuse(n, kb_o, oh_o) if variant == "channels+rows" else sch.fuse(n, kb_o)
         sch.vectorize(ow_v)
-        sch.reverse_compute_at(out, ow_o)
-        sch.set_scope(acc, 0, "local")
-        init = sch.decompose_reduction(acc, red_w)
-        for block in (acc, init):
-            *_, b_io, b_u, _ = sch.get_loops(block)
-            sch.unroll(b_io)
-            sch.unroll(b_u)
-        o_k, o_w = sch.get_loops(out)[-3], sch.get_loops(out)[-1]
+        tile_loop, inner = ow_o, (kb_i, oh_i, io, ow_u)
+    else:
+        sch.reorder(kb_o, n, oh, ow, w_o, red_i, w_i, kb_i, io)
+        par, tile_loop, inner = kb_o, n, (kb_i,)
+        if bo > 1:
+            sch.vectorize(io)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    # Keep unit loops: the epilogue's loops are picked by position below.
+    sch.reverse_compute_at(out, tile_loop, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    for loop in (w_i, *inner):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(acc, w_o)
+    for loop in sch.get_loops(init)[-len(inner) - 1:-1]:  # the init's copies of ``inner``
+        sch.unroll(loop)
+    if spec.kind == "conv2d":
+        *_, o_k, o_h, o_w = sch.get_loops(out)
         sch.unroll(o_k)
+        sch.unroll(o_h)
         _, o_wv = sch.split(o_w, [None, spec.lanes])
         sch.vectorize(o_wv)
         _schedule_layout(sch, spec)
-    else:
-        sch.reorder(kb, n, oh, ow, red_w, red_i, io)
-        sch.parallel(kb)
-        if bo > 1:
-            sch.vectorize(io)
-        sch.reverse_compute_at(out, n)
-        sch.set_scope(acc, 0, "local")
-        sch.decompose_reduction(acc, red_w)
     return sch
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
+    return schedule_sparse(func, spec)
 
 
 def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
@@ -266,7 +307,9 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     geo = spec.geo
     layout = sch.get_sblock("x_flat")
     n, f = sch.get_loops(layout)
-    planes = geo.in_channels * geo.phases + 1  # +1 plane covers the zero tail
+    plane_size = geo.phase_height * geo.phase_width
+    tail = spec.padded_width - geo.out_width
+    planes = geo.in_channels * geo.phases + -(-tail // plane_size)  # extra planes cover the zero tail
     plane, row, col = sch.split(f, [planes, geo.phase_height, geo.phase_width])
     sch.parallel(sch.fuse(n, plane))
     sch.vectorize(col)
@@ -364,7 +407,7 @@ def _layer_key(kind, weight, x_shape, bias, fmt, block, activation, target, conv
     w = F.as_weight(weight)
     b = None if bias is None else F.as_weight(bias, "bias")
     digest = hashlib.sha1(w.tobytes()).hexdigest() + ("" if b is None else hashlib.sha1(b.tobytes()).hexdigest())
-    return (kind, w.shape, digest, tuple(x_shape), fmt, None if block is None else tuple(block), activation,
+    return (kind, w.shape, digest, tuple(x_shape), fmt, None if block is None else F._check_block(block), activation,
             str(resolve_target(target)), conv_args)
 
 

@@ -3,6 +3,7 @@ to a shared library and load it back (loading needs TVM and numpy only, not torc
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -10,6 +11,8 @@ import tvm
 from tvm import relax
 
 from .target import resolve_target
+
+log = logging.getLogger("fscnn_tvm")
 
 
 class CompiledModel:
@@ -61,13 +64,43 @@ def _to_numpy(result):
     return outs[0] if len(outs) == 1 else outs
 
 
+def schedule_kernels(imported, target, db=None):
+    """The module with every sparse kernel scheduled: the best record in ``db`` when there
+    is one, else the default schedule. Returns (module, names of kernels left untuned)."""
+    from . import ops, tuning
+    mod = imported.mod.clone() if hasattr(imported.mod, "clone") else tvm.IRModule(dict(imported.mod.functions))
+    untuned = []
+    for name, kernel in imported.kernels.items():
+        sch = tuning.tuned_schedule(db, kernel.spec, target) if db is not None else None
+        if sch is None:
+            sch = ops.default_schedule(ops.prim_func(kernel.spec), kernel.spec)
+            untuned.append(name)
+        # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
+        func = sch.mod["main"].with_attr("global_symbol", name).with_attr("op_pattern", 8) \
+            .with_attr("tir.is_scheduled", True)
+        mod[mod.get_global_var(name)] = func
+    return mod, untuned
+
+
 def compile(imported, target=None, tuning_log=None) -> CompiledModel:  # noqa: A001 - the public name
-    """Build an ``ImportedModel`` for the target it was imported for (or ``target``)."""
-    if tuning_log is not None:
-        raise NotImplementedError("tuning_log: applying tuning records is not implemented yet "
-                                  "(the autotuning issue); compile without it to use default schedules")
+    """Build an ``ImportedModel`` for the target it was imported for (or ``target``). With
+    ``tuning_log`` (a directory written by ``fscnn_tvm.tune``) the best records are applied to
+    the sparse kernels and the dense ops; what has no record keeps its default schedule."""
     target = resolve_target(target) if target is not None else imported.target
-    return CompiledModel(tvm.compile(imported.mod, target=target), imported.input_shapes)
+    db = None
+    if tuning_log is not None:
+        from . import tuning
+        if not os.path.isdir(tuning_log):
+            raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
+        db = tuning.open_database(str(tuning_log))
+    mod, untuned = schedule_kernels(imported, target, db)
+    if db is None:
+        return CompiledModel(tvm.compile(mod, target=target), imported.input_shapes)
+    if untuned:
+        log.warning("%d of %d sparse kernels have no record in %s and use the default schedule: %s",
+                    len(untuned), len(imported.kernels), tuning_log, ", ".join(untuned))
+    from tvm.s_tir.meta_schedule.relax_integration import compile_relax
+    return CompiledModel(compile_relax(db, mod, target, params=None), imported.input_shapes)
 
 
 def load(path) -> CompiledModel:

@@ -1,0 +1,208 @@
+"""Autotuning jobs: meta_schedule over the sparse kernels' design spaces (and TVM's default
+rules for the dense ops), XGBoost cost model, JSON tuning logs that TVM's tools read.
+
+Three traps each turn a tuning run into "0 valid trials" without an error (see README):
+the stock LocalBuilder imports tensor intrinsics for ~40 s per batch and times out, so we
+pass our own build function; the stock runner feeds random index buffers that gather out of
+bounds, so each candidate is measured on its layer's real arrays, saved next to the log and
+looked up by the argument shapes; and the default design space cannot sample the sparse
+block, so each kernel brings its own (``ops.schedule_sparse`` with sampled decisions).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from . import ops
+from .target import resolve_target
+
+log = logging.getLogger("fscnn_tvm.tuning")
+ARGS_DIR = "args"
+
+
+class TuningError(RuntimeError):
+    """A tuning job that produced nothing usable."""
+
+
+# ----------------------------------------------------------------------------- workers
+# These run in meta_schedule's worker processes; they are module-level so they pickle by name.
+
+def build_module(mod, target, _params):
+    """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start)."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def args_key(args_info) -> str:
+    return hashlib.sha1(json.dumps(args_info).encode()).hexdigest()[:20]
+
+
+def _real_arguments(device, args_info, alloc_repeat, args_dir):
+    path = os.path.join(args_dir, args_key(args_info) + ".npz")
+    if not os.path.exists(path):  # a dense task: random data is fine
+        from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+        return default_alloc_argument(device, args_info, alloc_repeat)
+    saved = np.load(path)
+    rng = np.random.default_rng(0)
+    args = []
+    for i, (_, dtype, shape) in enumerate(args_info):
+        value = saved[f"a{i}"] if f"a{i}" in saved else rng.standard_normal(shape).astype(dtype)
+        args.append(tvm.runtime.tensor(value, device))
+    return [args for _ in range(alloc_repeat)]
+
+
+def alloc_local(device, args_info, alloc_repeat, args_dir):
+    return _real_arguments(device, args_info, alloc_repeat, args_dir)
+
+
+def alloc_rpc(session, device, args_info, alloc_repeat, args_dir):
+    del session  # tensors are created on the remote device through it
+    return _real_arguments(device, args_info, alloc_repeat, args_dir)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass
+class Task:
+    name: str
+    mod: tvm.IRModule
+    weight: float
+    space: object  # a SpaceGenerator or "post-order-apply"
+    layers: list
+
+
+def sparse_space(spec: ops.KernelSpec):
+    """Design spaces of one sparse kernel: one per structural variant, tiles and unrolling
+    sampled within each."""
+    variants = ops.VARIANTS if spec.kind == "conv2d" else ops.VARIANTS[:1]
+
+    def spaces(sch: tvm.s_tir.Schedule):
+        func = sch.mod["main"]
+        return [ops.schedule_sparse(func, spec, ops.SampledDecisions(), v) for v in variants]
+    return ms.space_generator.ScheduleFn(spaces)
+
+
+def workload(spec: ops.KernelSpec) -> tvm.IRModule:
+    return tvm.IRModule({"main": ops.prim_func(spec)})
+
+
+def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
+    """One task per sparse kernel (measured on its first layer's real arrays) and, with
+    ``dense``, one per fused dense conv/matmul function of the module (TVM's default rules)."""
+    os.makedirs(args_dir, exist_ok=True)
+    tasks = []
+    for name, kernel in imported.kernels.items():
+        mod = workload(kernel.spec)
+        info = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
+        # Real weights, offsets and bias; x and the output are filled at random.
+        arrays = {f"a{i + 1}": a for i, a in enumerate(kernel.arrays)}
+        np.savez(os.path.join(args_dir, args_key(info) + ".npz"), **arrays)
+        tasks.append(Task(name, mod, float(len(kernel.layers)), sparse_space(kernel.spec), kernel.layers))
+    if dense:
+        from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
+        dense_mod = tvm.IRModule({gv: f for gv, f in imported.mod.functions.items() if gv.name_hint not in imported.kernels})
+        for t in relax_tasks(dense_mod, imported.target):
+            if any(k in t.task_name for k in ("conv2d", "matmul", "dense")):
+                tasks.append(Task(t.task_name, t.dispatched[0], float(t.weight), "post-order-apply", []))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- the job
+
+def open_database(log_dir: str) -> ms.database.JSONDatabase:
+    """The job's JSON database, reading past any truncated or corrupt line with a warning."""
+    os.makedirs(log_dir, exist_ok=True)
+    for fname in ("database_workload.json", "database_tuning_record.json"):
+        _drop_bad_lines(os.path.join(log_dir, fname))
+    return ms.database.JSONDatabase(work_dir=log_dir)
+
+
+def _drop_bad_lines(path: str):
+    """A job killed mid-write can leave a partial last line; keep every complete record."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    good = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            good.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not valid JSON (truncated or corrupt); skipped", path, number)
+    if len(good) != len(lines):
+        os.replace(path, path + ".bad")
+        with open(path, "w") as f:
+            f.writelines(good)
+        log.warning("%s: kept %d good record(s); the original is saved as %s.bad", path, len(good), path)
+
+
+def _records_for(db, mod, target) -> int:
+    if not db.has_workload(mod):
+        return 0
+    return len(db.get_top_k(db.commit_workload(mod), 10**6))
+
+
+def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", target=None, rpc=None,
+         dense: bool = True, trials_per_iter: int = 16, seed: int | None = 0) -> ms.database.JSONDatabase:
+    """Tune ``imported``'s sparse kernels (and its dense conv/matmul ops with ``dense``) with
+    the XGBoost cost model, ``trials`` measured candidates in all. Records go to
+    ``log_dir`` as they are measured, so a killed job keeps them; a job on an existing log
+    tunes only the trials still missing. ``rpc=("host:port", key)`` measures on devices
+    registered with a TVM RPC tracker."""
+    if int(trials) < 1:
+        raise ValueError(f"trials: must be >= 1, got {trials}")
+    target = resolve_target(target) if target is not None else imported.target
+    db = open_database(log_dir)
+    args_dir = os.path.join(log_dir, ARGS_DIR)
+    tasks = extract_tasks(imported, args_dir, dense)
+    done = sum(_records_for(db, t.mod, target) for t in tasks)
+    remaining = int(trials) - done
+    if remaining <= 0:
+        log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, done, len(tasks))
+        return db
+    contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space, search_strategy="evolutionary",
+                               task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads=2)
+                for i, t in enumerate(tasks)]
+    runner = _runner(rpc, args_dir)
+    start = time.time()
+    ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
+                  max_trials_global=remaining, num_trials_per_iter=min(trials_per_iter, remaining),
+                  builder=ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120),
+                  runner=runner, database=db, cost_model="xgb")
+    measured = sum(_records_for(db, t.mod, target) for t in tasks) - done
+    if measured <= 0:
+        raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s; see the meta_schedule "
+                          f"logs under {log_dir}/logs for why candidates failed to build or run")
+    return db
+
+
+def _runner(rpc, args_dir):
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=partial(alloc_local, args_dir=args_dir))
+    address, key = rpc
+    host, port = address.rsplit(":", 1)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120)
+    return ms.runner.RPCRunner(config, f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
+
+
+# ----------------------------------------------------------------------------- applying
+
+def tuned_schedule(db, spec: ops.KernelSpec, target):
+    """The best recorded schedule of a sparse kernel, or None."""
+    mod = workload(spec)
+    if not db.has_workload(mod):
+        return None
+    return db.query_schedule(mod, target=target, workload_name="main")
