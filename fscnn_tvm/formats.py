@@ -47,8 +47,11 @@ def _as_matrix(weight) -> tuple[np.ndarray, tuple[int, ...]]:
 
 def _check_block(block) -> tuple[int, int]:
     try:
+        if isinstance(block, (str, bytes)) or len(block) != 2 or \
+                not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in block):
+            raise TypeError
         bo, bi = (int(b) for b in block)
-    except (TypeError, ValueError):
+    except TypeError:
         raise ValueError(f"block: expected a pair (rows, cols) of positive ints, got {block!r}") from None
     if bo <= 0 or bi <= 0:
         raise ValueError(f"block: both sides must be positive, got {(bo, bi)}")

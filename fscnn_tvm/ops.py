@@ -367,9 +367,10 @@ class SparseLayer:
                 "convs stay dense (the importer keeps them as dense layers)")
         self.target = resolve_target(target)
         self.sparse = weight if isinstance(weight, F.SparseMatrix) else F.to_format(weight, fmt, block)
-        self.bias = None if bias is None else F.as_weight(bias, "bias").reshape(-1)
-        if self.bias is not None and len(self.bias) != self.sparse.rows:
-            raise ValueError(f"bias: {len(self.bias)} values for {self.sparse.rows} output channels")
+        self.bias = None if bias is None else F.as_weight(bias, "bias")
+        if self.bias is not None and self.bias.shape != (self.sparse.rows,):
+            raise ValueError(f"bias: shape {self.bias.shape}, expected ({self.sparse.rows},) for "
+                             f"{self.sparse.rows} output channels")
         ell = self.sparse.ell()
         self.spec = make_spec(kind, tuple(x_shape), self.sparse.shape, ell.data.shape, self.bias is not None,
                               activation, self.target, stride, padding, dilation)

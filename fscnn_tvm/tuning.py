@@ -20,6 +20,7 @@ from functools import partial
 
 import numpy as np
 import tvm
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from . import ops
@@ -27,6 +28,8 @@ from .target import resolve_target
 
 log = logging.getLogger("fscnn_tvm.tuning")
 ARGS_DIR = "args"
+# Enough repeats for a stable median on a noisy 2-core machine, without 100 ms per candidate.
+EVALUATOR = ms.runner.EvaluatorConfig(number=5, repeat=5, min_repeat_ms=10, enable_cpu_cache_flush=False)
 
 
 class TuningError(RuntimeError):
@@ -149,53 +152,117 @@ def _drop_bad_lines(path: str):
         log.warning("%s: kept %d good record(s); the original is saved as %s.bad", path, len(good), path)
 
 
-def _records_for(db, mod, target) -> int:
+def _records_for(db, mod) -> int:
     if not db.has_workload(mod):
         return 0
     return len(db.get_top_k(db.commit_workload(mod), 10**6))
 
 
+@derived_object
+class Progress(ms.measure_callback.PyMeasureCallback):
+    """One line per measured batch: trials done, best time per task, ETA; failed candidates
+    are logged (first line of the error) and skipped."""
+
+    def __init__(self, names, total, out=None):
+        super().__init__()
+        self.names, self.total, self.out = names, total, out
+        self.done, self.failed, self.best, self.start = 0, 0, {}, time.time()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        name = self.names[task_id]
+        for b, r in zip(builder_results, runner_results):
+            self.done += 1
+            error = b.error_msg or r.error_msg
+            if error:
+                self.failed += 1
+                log.warning("%s: candidate failed, skipped: %s", name, str(error).strip().splitlines()[-1][:200])
+            elif r.run_secs:
+                ms_time = float(np.median([float(t) for t in r.run_secs])) * 1e3
+                self.best[name] = min(self.best.get(name, float("inf")), ms_time)
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * max(0, self.total - self.done)
+        width = 24
+        filled = int(width * min(self.done, self.total) / self.total)
+        best = f"{self.best[name]:.3f} ms" if name in self.best else "n/a"
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} trials, "
+                f"{self.failed} failed, {name} best {best}, elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+        if self.out is not None:
+            print(line, file=self.out, flush=True)
+        else:
+            log.info(line)
+
+
 def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", target=None, rpc=None,
-         dense: bool = True, trials_per_iter: int = 16, seed: int | None = 0) -> ms.database.JSONDatabase:
+         dense: bool = True, trials_per_iter: int = 16, seed: int | None = 0, progress=None) -> "TuneResult":
     """Tune ``imported``'s sparse kernels (and its dense conv/matmul ops with ``dense``) with
-    the XGBoost cost model, ``trials`` measured candidates in all. Records go to
-    ``log_dir`` as they are measured, so a killed job keeps them; a job on an existing log
-    tunes only the trials still missing. ``rpc=("host:port", key)`` measures on devices
-    registered with a TVM RPC tracker."""
-    if int(trials) < 1:
-        raise ValueError(f"trials: must be >= 1, got {trials}")
+    the XGBoost cost model, ``trials`` measured candidates in all, spread over the tasks by
+    meta_schedule's gradient task scheduler (by each task's share of the run time). Records
+    go to ``log_dir`` as they are measured, so a killed job keeps them; a job on an existing
+    log tunes only the trials still missing. ``rpc=("host:port", key)`` measures on devices
+    registered with a TVM RPC tracker. ``progress``: a stream for the progress lines."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials: must be a positive int, got {trials!r}")
     target = resolve_target(target) if target is not None else imported.target
     db = open_database(log_dir)
     args_dir = os.path.join(log_dir, ARGS_DIR)
     tasks = extract_tasks(imported, args_dir, dense)
-    done = sum(_records_for(db, t.mod, target) for t in tasks)
-    remaining = int(trials) - done
+    if not tasks:
+        raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
+    before = {t.name: _records_for(db, t.mod) for t in tasks}
+    remaining = trials - sum(before.values())
+    result = TuneResult(log_dir, tasks, before, dict(before))
     if remaining <= 0:
-        log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, done, len(tasks))
-        return db
-    contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space, search_strategy="evolutionary",
-                               task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads=2)
+        log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, sum(before.values()), len(tasks))
+        return result
+    contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space,
+                               search_strategy=ms.search_strategy.EvolutionarySearch(
+                                   population_size=128, genetic_num_iters=2, init_min_unmeasured=32),
+                               task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads="physical")
                 for i, t in enumerate(tasks)]
-    runner = _runner(rpc, args_dir)
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + \
+        [Progress([t.name for t in tasks], remaining, progress)]
     start = time.time()
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
                   max_trials_global=remaining, num_trials_per_iter=min(trials_per_iter, remaining),
                   builder=ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120),
-                  runner=runner, database=db, cost_model="xgb")
-    measured = sum(_records_for(db, t.mod, target) for t in tasks) - done
-    if measured <= 0:
-        raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s; see the meta_schedule "
-                          f"logs under {log_dir}/logs for why candidates failed to build or run")
-    return db
+                  runner=_runner(rpc, args_dir), database=db, cost_model="xgb", measure_callbacks=callbacks)
+    result.records = {t.name: _records_for(db, t.mod) for t in tasks}
+    if sum(result.records.values()) <= sum(before.values()):
+        raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
+                          "failed to build or run (see the warnings above)")
+    return result
+
+
+@dataclass
+class TuneResult:
+    log_dir: str
+    tasks: list
+    records_before: dict
+    records: dict
+
+    def summary(self, target) -> list[dict]:
+        """One row per task: records and the best measured time."""
+        db = open_database(self.log_dir)
+        rows = []
+        for t in self.tasks:
+            best = db.get_top_k(db.commit_workload(t.mod), 1) if db.has_workload(t.mod) else []
+            secs = [float(x) for x in best[0].run_secs] if best and best[0].run_secs else []
+            rows.append({"task": t.name, "layers": ", ".join(t.layers) or "(dense)",
+                         "new_trials": self.records[t.name] - self.records_before[t.name],
+                         "records": self.records[t.name],
+                         "best_ms": float(np.median(secs)) * 1e3 if secs else float("nan")})
+        return rows
 
 
 def _runner(rpc, args_dir):
     if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=partial(alloc_local, args_dir=args_dir))
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=EVALUATOR,
+                                 f_alloc_argument=partial(alloc_local, args_dir=args_dir))
     address, key = rpc
     host, port = address.rsplit(":", 1)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120)
-    return ms.runner.RPCRunner(config, f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
+    return ms.runner.RPCRunner(config, evaluator_config=EVALUATOR,
+                               f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
 
 
 # ----------------------------------------------------------------------------- applying

@@ -69,7 +69,7 @@ def test_bsr_round_trip(shape, block, torch_input):
 
 
 def test_bsr_non_dividing_block_on_7x10():
-    # (3, 2) divides neither 7 rows nor... it divides 10 cols; (3, 4) divides neither.
+    # 3 does not divide the 7 rows; 4 and 3 do not divide the 10 columns.
     w = random_weight((7, 10), sparsity=0.3, seed=3)
     for block in [(3, 2), (3, 4), (2, 3)]:
         sp = to_bsr(w, block)
@@ -238,7 +238,7 @@ def test_csr_ell_padding_is_zero():
 
 def test_bsr_ell_padding_is_zero():
     w = random_weight((7, 10), sparsity=0.0, seed=6)
-    w[3:6] = 0  # block row 1 of (3, 4) blocks keeps only row 3..5 -> nothing
+    w[3:6] = 0  # block row 1 (rows 3..5) is empty: all its slots are padding
     sp = to_bsr(w, (3, 4))
     ell = sp.ell()
     lengths = np.diff(sp.indptr)
