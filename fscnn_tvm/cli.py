@@ -55,7 +55,7 @@ def _import(args):
     model, example, name = load_model(args)
     imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target)
     print(imported)
-    compiled = build(imported)
+    compiled = build(imported, tuning_log=args.tuning_log)
     if example is not None:
         module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
         with torch.no_grad():
@@ -76,6 +76,22 @@ def _import(args):
     out = args.out or f"{name}.so"
     compiled.export_library(out)
     print(f"wrote {out}")
+
+
+def _tune(args):
+    from . import bench, import_torch, tuning
+    bench.set_threads(args.threads)
+    model, example, name = load_model(args)
+    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target)
+    print(imported)
+    log_dir = args.log or os.path.join("tuning_logs", name)
+    rpc = (args.rpc, args.rpc_key) if args.rpc else None
+    print(f"tuning {len(imported.kernels)} sparse kernel(s){' and the dense conv/matmul ops' if args.dense else ''}, "
+          f"{args.trials} trials, log {log_dir}")
+    result = tuning.tune(imported, trials=args.trials, log_dir=log_dir, rpc=rpc, dense=args.dense,
+                         progress=sys.stdout)
+    print(bench.table(result.summary(imported.target), ["task", "layers", "new_trials", "records", "best_ms"]))
+    print(f"log: {log_dir} (use with: fscnn-tvm import ... --tuning-log {log_dir})")
 
 
 def _sparsity(text):
@@ -113,7 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
     p.add_argument("--time", type=float, default=1.0, help="seconds to time each engine end to end (0: skip)")
     p.add_argument("--out", default=None, help="shared library to write (default <model>_s<sparsity>.so)")
+    p.add_argument("--tuning-log", default=None, help="apply the records of this tuning log directory")
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("tune", help="autotune a model's sparse kernels (and dense ops) with meta_schedule")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
+    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save")
+    _model_args(p)
+    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
+    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    p.add_argument("--trials", type=int, default=64, help="measured candidates in all (resumes an existing log)")
+    p.add_argument("--log", default=None, help="log directory (default tuning_logs/<model>_s<sparsity>)")
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="tune the sparse kernels only")
+    p.add_argument("--rpc", default=None, help="tracker host:port to measure on RPC devices")
+    p.add_argument("--rpc-key", default="fscnn", help="device key registered with the tracker")
+    p.set_defaults(func=_tune)
     return parser
 
 
@@ -131,7 +162,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError, RuntimeError) as err:
         print(f"fscnn-tvm: error: {err}", file=sys.stderr)
         return 2
     return 0

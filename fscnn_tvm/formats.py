@@ -45,6 +45,10 @@ def _as_matrix(weight) -> tuple[np.ndarray, tuple[int, ...]]:
     return arr.reshape(arr.shape[0], -1), arr.shape
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def _check_block(block) -> tuple[int, int]:
     try:
         if isinstance(block, (str, bytes)) or len(block) != 2 or \
@@ -128,9 +132,9 @@ class CSR(SparseMatrix):
         dense[row_of, self.indices] = self.data
         return dense.reshape(self.shape)
 
-    def ell(self) -> Ell:
+    def ell(self, width_multiple: int = 1) -> Ell:
         lengths = np.diff(self.indptr)
-        width = max(1, int(lengths.max()))
+        width = _round_up(max(1, int(lengths.max())), width_multiple)
         data = np.zeros((self.rows, width), np.float32)
         cols = np.zeros((self.rows, width), INDEX_DTYPE)
         slot = np.arange(self.nnz) - np.repeat(self.indptr[:-1], lengths)
@@ -184,11 +188,11 @@ class BSR(SparseMatrix):
     def to_dense(self) -> np.ndarray:
         return np.ascontiguousarray(self._padded()[:self.rows, :self.cols]).reshape(self.shape)
 
-    def ell(self) -> Ell:
+    def ell(self, width_multiple: int = 1) -> Ell:
         bo, bi = self.block
         lengths = np.diff(self.indptr)
         n_brows = len(lengths)
-        width = max(1, int(lengths.max()))
+        width = _round_up(max(1, int(lengths.max())), width_multiple)
         data = np.zeros((n_brows, width, bo, bi), np.float32)
         cols = np.zeros((n_brows, width, bi), INDEX_DTYPE)
         slot = np.arange(self.nnz_blocks) - np.repeat(self.indptr[:-1], lengths)

@@ -276,7 +276,7 @@ def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dic
         conv_args = {"stride": tuple(int(s) for s in a.strides), "padding": tuple(pad),
                      "dilation": tuple(int(d) for d in a.dilation)}
     sparse = F.to_format(chain.weight, fmt, block)
-    ell = sparse.ell()
+    ell = sparse.ell(ops.ELL_WIDTH_MULTIPLE)
     bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
     spec = ops.make_spec(chain.kind, x_shape, sparse.shape, ell.data.shape, bias is not None,
                          chain.activation, target, **conv_args)

@@ -25,6 +25,9 @@ from . import formats as F
 from .target import resolve_target, vector_lanes
 
 ACTIVATIONS = (None, "relu")
+# Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
+# nonzero loop and let layers of one shape and similar density share a compiled kernel.
+ELL_WIDTH_MULTIPLE = 4
 
 
 def _pair(value, name):
@@ -371,7 +374,7 @@ class SparseLayer:
         if self.bias is not None and self.bias.shape != (self.sparse.rows,):
             raise ValueError(f"bias: shape {self.bias.shape}, expected ({self.sparse.rows},) for "
                              f"{self.sparse.rows} output channels")
-        ell = self.sparse.ell()
+        ell = self.sparse.ell(ELL_WIDTH_MULTIPLE)
         self.spec = make_spec(kind, tuple(x_shape), self.sparse.shape, ell.data.shape, self.bias is not None,
                               activation, self.target, stride, padding, dilation)
         offsets = self.spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols

@@ -113,9 +113,16 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
         tasks.append(Task(name, mod, float(len(kernel.layers)), sparse_space(kernel.spec), kernel.layers))
     if dense:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
-        dense_mod = tvm.IRModule({gv: f for gv, f in imported.mod.functions.items() if gv.name_hint not in imported.kernels})
-        for t in relax_tasks(dense_mod, imported.target):
-            if any(k in t.task_name for k in ("conv2d", "matmul", "dense")):
+        from tvm import relax
+
+        from .runtime import schedule_kernels
+        mod, _ = schedule_kernels(imported, imported.target)
+        # The same fusion compile_relax applies, so the tuned workloads match at compile time.
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                        relax.transform.FuseTIR()])(mod)
+        for t in relax_tasks(mod, imported.target):
+            if not t.task_name.startswith("sparse_") and any(k in t.task_name for k in ("conv2d", "matmul")):
                 tasks.append(Task(t.task_name, t.dispatched[0], float(t.weight), "post-order-apply", []))
     return tasks
 
@@ -219,11 +226,13 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
                                    population_size=128, genetic_num_iters=2, init_min_unmeasured=32),
                                task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads="physical")
                 for i, t in enumerate(tasks)]
+    # Small budgets over many tasks: smaller batches, so every task gets measured at all.
+    per_iter = max(4, min(trials_per_iter, remaining // len(tasks)))
     callbacks = ms.measure_callback.MeasureCallback.create("default") + \
         [Progress([t.name for t in tasks], remaining, progress)]
     start = time.time()
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
-                  max_trials_global=remaining, num_trials_per_iter=min(trials_per_iter, remaining),
+                  max_trials_global=remaining, num_trials_per_iter=min(per_iter, remaining),
                   builder=ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120),
                   runner=_runner(rpc, args_dir), database=db, cost_model="xgb", measure_callbacks=callbacks)
     result.records = {t.name: _records_for(db, t.mod) for t in tasks}

@@ -1,0 +1,189 @@
+"""Tuning jobs with small budgets: tuned kernels stay correct, logs resume, survive a kill and
+corruption, and candidates can be measured through a TVM RPC tracker on loopback."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fscnn_tvm
+from fscnn_tvm import prune, tuning
+
+RECORDS = "database_tuning_record.json"
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 5 * 5, 10)).eval()
+    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
+    return model, torch.randn(1, 8, 10, 10)
+
+
+def _check(compiled, model, x):
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(compiled(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), fmt=fmt, block=(4, 1) if fmt == "bsr" else None)
+    assert len(imported.kernels) == 3 and all(r.rewritten for r in imported.report)
+    log_dir = str(tmp_path / "log")
+    result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    assert all(n > 0 for n in result.records.values()), result.records  # every kernel was measured
+    rows = result.summary(imported.target)
+    assert all(np.isfinite(r["best_ms"]) and r["best_ms"] > 0 for r in rows)
+    with open(os.path.join(log_dir, RECORDS)) as f:  # TVM's own JSON database format
+        assert sum(1 for line in f if line.strip()) == sum(result.records.values())
+    _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
+    # The same budget again: nothing left to tune, no new records.
+    again = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    assert again.records == result.records
+
+
+def test_dense_tasks_are_tuned_and_applied(tmp_path):
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), sparsity_threshold=1.0)  # everything dense
+    assert not imported.kernels
+    tasks = tuning.extract_tasks(imported, str(tmp_path / "args"))
+    assert {t.name for t in tasks} >= {"fused_conv2d_add_relu", "fused_conv2d1_add1_relu1"}
+    log_dir = str(tmp_path / "log")
+    result = tuning.tune(imported, trials=8, log_dir=log_dir)
+    assert sum(result.records.values()) > 0
+    _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
+
+
+def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, caplog):
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    log_dir = str(tmp_path / "log")
+    tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    path = os.path.join(log_dir, RECORDS)
+    with open(path) as f:
+        good = [line for line in f if line.strip()]
+    with open(path, "a") as f:
+        f.write("this is not json\n")
+        f.write(good[0][: len(good[0]) // 2])  # a record cut off mid-write
+    with caplog.at_level("WARNING", logger="fscnn_tvm.tuning"):
+        compiled = fscnn_tvm.compile(imported, tuning_log=log_dir)
+    assert f"line {len(good) + 1} is not valid JSON" in caplog.text
+    assert f"line {len(good) + 2} is not valid JSON" in caplog.text
+    _check(compiled, model, x)
+    with open(path) as f:
+        assert sum(1 for line in f if line.strip()) == len(good)
+
+
+KILL_SCRIPT = """
+import sys, torch, fscnn_tvm
+from fscnn_tvm import prune, tuning
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
+imported = fscnn_tvm.import_torch(model, (torch.randn(1, 8, 10, 10),), fmt="csr")
+tuning.tune(imported, trials=400, log_dir=sys.argv[1], dense=False, trials_per_iter=4)
+"""
+
+
+def test_a_killed_job_keeps_its_records_and_resumes(tmp_path):
+    log_dir = str(tmp_path / "log")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, log_dir], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    path = os.path.join(log_dir, RECORDS)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if os.path.exists(path) and sum(1 for _ in open(path)) >= 6:
+                break
+            assert proc.poll() is None, "the tuning job ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no records written within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lines = [line for line in open(path) if line.strip()]
+    kept = 0
+    for line in lines:
+        try:
+            json.loads(line)
+            kept += 1
+        except json.JSONDecodeError:
+            pass  # at most the line being written at the kill
+    assert kept >= 6 and kept >= len(lines) - 1
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
+    x = torch.randn(1, 8, 10, 10)
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    resumed = tuning.tune(imported, trials=kept, log_dir=log_dir, dense=False)
+    assert sum(resumed.records_before.values()) == kept  # nothing lost, nothing re-tuned
+    assert resumed.records == resumed.records_before
+    _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_servers(port, key, count, timeout=120):
+    from tvm import rpc
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            summary = rpc.connect_tracker("127.0.0.1", port).summary()
+            free = sum(v["free"] for k, v in summary.get("queue_info", {}).items() if k == key)
+            if free >= count:
+                return
+        except Exception:  # noqa: BLE001 - tracker still starting
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{count} RPC servers did not register with the tracker within {timeout} s")
+
+
+def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
+    port, key = _free_port(), "fscnn-test"
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                               "--port", str(port), "--port-end", str(port + 1)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(2)
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key,
+                 "--host", "127.0.0.1"], start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        _wait_for_servers(port, key, 2)
+        model, x = _model()
+        imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+        log_dir = str(tmp_path / "log")
+        result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False, rpc=(f"127.0.0.1:{port}", key))
+        assert all(n > 0 for n in result.records.values())
+        _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_bad_arguments(tmp_path):
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,))
+    for bad in (0, -5, 2.5, "10"):
+        with pytest.raises(ValueError, match="trials"):
+            tuning.tune(imported, trials=bad, log_dir=str(tmp_path / "log"))
+    with pytest.raises(FileNotFoundError, match="tuning_log"):
+        fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
