@@ -94,6 +94,37 @@ def _tune(args):
     print(f"log: {log_dir} (use with: fscnn-tvm import ... --tuning-log {log_dir})")
 
 
+def _compare(args):
+    from . import bench, compare
+    result = compare.compare_model(args.model, args.program, args.input_size, args.sparsity, args.fmt, args.block,
+                                   args.prune, args.tuning_log, args.trials, args.batch, args.threads, args.budget,
+                                   args.threshold, args.target, per_layer=args.per_layer, progress=sys.stdout)
+    print()
+    print(compare.format_model_report(result))
+    out_dir = args.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, result["model"] + f"_b{args.batch}")
+    json_path, md_path, png_path = args.json or base + ".json", args.markdown or base + ".md", args.plot or base + ".png"
+    bench.dump_json(json_path, result)
+    with open(md_path, "w") as f:
+        f.write(compare.markdown_report(result))
+    compare.plot(result, png_path)
+    print(f"\nwrote {json_path}, {md_path}\nplot: {png_path}")
+
+
+def _sparsity_list(text):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity list must look like 0.5,0.9, got {text!r}") from None
+    for value in values:
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1], got {value}")
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one sparsity")
+    return values
+
+
 def _sparsity(text):
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -145,6 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc", default=None, help="tracker host:port to measure on RPC devices")
     p.add_argument("--rpc-key", default="fscnn", help="device key registered with the tracker")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("compare", help="PyTorch dense vs TVM dense vs TVM sparse, end to end and per layer, "
+                                       "over sparsity levels; table, JSON, Markdown and a plot")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
+    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save (used as it is)")
+    p.add_argument("--input-size", type=int, default=None, help="VGG16 input size: 32 or 224")
+    p.add_argument("--sparsity", type=_sparsity_list, default=[0.9], help="comma-separated, e.g. 0.5,0.7,0.9")
+    p.add_argument("--prune", choices=["layer", "global", "block"], default="layer")
+    p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
+    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    p.add_argument("--threshold", type=_sparsity, default=0.0, help="rewrite layers at least this sparse")
+    p.add_argument("--tuning-log", default=None, help="tuning log directory to use (and extend with --trials)")
+    p.add_argument("--trials", type=int, default=0, help="tuning trials for each of the dense and sparse modules "
+                                                         "(0: no tuning: given log or default schedules)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per engine and layer")
+    p.add_argument("--no-per-layer", dest="per_layer", action="store_false", help="end to end only")
+    p.add_argument("--target", default=None, help="TVM target (default: from the host's CPU flags)")
+    p.add_argument("--out-dir", default="compare_results", help="where JSON, Markdown and PNG go by default")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--plot", default=None)
+    p.set_defaults(func=_compare)
     return parser
 
 

@@ -1,6 +1,8 @@
 """Side-by-side comparisons: sparse (our kernels) vs PyTorch dense vs TVM dense."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import bench
@@ -81,3 +83,278 @@ def format_layer_report(result: dict) -> str:
             f"{m['cpu']} ({m['isa']}), {m['threads']} threads for every engine; outputs checked equal first\n")
     return head + bench.table(result["rows"], ["engine", "median_ms", "min_ms", "max_ms", "runs",
                                                "vs_pytorch", "vs_best_dense"])
+
+
+# ----------------------------------------------------------------------------- whole models
+
+ENGINES = ("pytorch", "tvm_dense", "tvm_sparse")
+
+
+def _torch_layer(layer):
+    """PyTorch's dense conv2d / linear for one layer (BatchNorm folded in, as in both TVM modules)."""
+    import torch
+    import torch.nn.functional as tf
+    w = torch.from_numpy(np.ascontiguousarray(layer.weight))
+    b = None if layer.bias is None else torch.from_numpy(layer.bias)
+    act = torch.relu if layer.activation == "relu" else (lambda t: t)
+    if layer.kind == "linear":
+        return lambda x: act(tf.linear(x, w, b))
+    a = layer.conv_args
+    top, left, bottom, right = a["padding"]
+    return lambda x: act(tf.conv2d(tf.pad(x, (left, right, top, bottom)), w, b, a["stride"], 0, a["dilation"],
+                                   a["groups"]))
+
+
+def _tvm_dense_layer(layer, target, tuning_log):
+    """One layer as its own Relax module, compiled like the whole dense model (same fused
+    workload, so a model's tuning log applies)."""
+    import tvm
+    from tvm import relax
+
+    from .runtime import CompiledModel, compile_module
+    x = relax.Var("x", relax.TensorType(layer.x_shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = relax.const(np.ascontiguousarray(layer.weight, dtype=np.float32))
+            if layer.kind == "conv2d":
+                a = layer.conv_args
+                y = bb.emit(relax.op.nn.conv2d(x, w, strides=a["stride"], padding=a["padding"],
+                                               dilation=a["dilation"], groups=a["groups"]))
+                shape = (1, -1, 1, 1)
+            else:
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(layer.weight.T))))
+                shape = (1, -1)
+            if layer.bias is not None:
+                y = bb.emit(relax.op.add(y, relax.const(layer.bias.reshape(shape))))
+            if layer.activation == "relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    compiled = CompiledModel(compile_module(bb.get(), target, tuning_log), [layer.x_shape])
+    del tvm
+    return compiled
+
+
+def _time_engines(fns: dict, inputs, ref, budget_s, check=bench.check_close, min_runs=10) -> dict:
+    """Check every engine's output against ``ref``, then time each; returns name -> Timing."""
+    for name, (run, output) in fns.items():
+        check(name, output(), ref)
+    return {name: bench.measure(run, budget_s=budget_s, min_runs=min_runs) for name, (run, _) in fns.items()}
+
+
+def compare_model(model_name="vgg16_cifar", program=None, input_size=None, sparsities=(0.9,), fmt="auto",
+                  block=None, prune_mode="layer", tuning_log=None, trials=0, batch=1, threads=None,
+                  budget_s=0.5, threshold=0.0, target=None, per_layer=True, progress=None,
+                  check=bench.check_close) -> dict:
+    """Prune (zoo models), import, tune or load logs, check, and time PyTorch dense, TVM dense
+    and TVM sparse, end to end and per conv/linear layer, at each sparsity."""
+    import torch
+
+    from . import import_torch, prune, tuning, zoo
+    from .importer import load_program
+    from .runtime import compile as build
+    from .target import resolve_target
+    threads = bench.set_threads(threads)
+    target = resolve_target(target)
+    say = (lambda *a: print(*a, file=progress, flush=True)) if progress else (lambda *a: None)
+    if program is None and model_name not in zoo.MODELS:
+        raise ValueError(f"unknown model {model_name!r}; known models: {', '.join(sorted(zoo.MODELS))}")
+    for s in sparsities:
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {s}")
+    if tuning_log is not None and trials == 0 and not os.path.isdir(tuning_log):
+        raise FileNotFoundError(f"tuning log {tuning_log} is not a directory written by a tuning job")
+    name = os.path.splitext(os.path.basename(program))[0] if program else \
+        model_name + (f"_{input_size}" if input_size else "")
+    log_dir = tuning_log or (os.path.join("tuning_logs", f"{name}_b{batch}") if trials else None)
+    result = {"model": name, "batch": batch, "fmt": fmt, "block": block, "prune": prune_mode, "trials": trials,
+              "tuning_log": log_dir, "machine": bench.machine_info(threads), "points": []}
+    for sparsity in sparsities:
+        if program is not None:  # used as it is: static shapes, so its own example shapes
+            exported = load_program(program)
+            model, source = exported.module(), exported
+            gen = torch.Generator().manual_seed(0)
+            example = tuple(torch.randn(t.shape, generator=gen) for t in exported.example_inputs[0])
+        else:
+            kwargs = {"input_size": input_size} if input_size else {}
+            model, shape = zoo.get_model(model_name, **kwargs)
+            example = (torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0)),)
+            source = model
+        if program is None and sparsity > 0:
+            if prune_mode == "block":
+                prune.prune_blocks(model, sparsity, block=block or (8, 1))
+            else:
+                prune.prune_magnitude(model, sparsity, scope=prune_mode)
+        say(f"== sparsity {sparsity:.2f}: importing")
+        sparse_imp = import_torch(source, example, threshold, fmt, block, target)
+        dense_imp = import_torch(source, example, target=target, sparse=False)
+        if trials:
+            say(f"   tuning dense ({trials} trials) and sparse ({trials} trials) into {log_dir}")
+            tuning.tune(dense_imp, trials=trials, log_dir=log_dir, progress=progress)
+            if sparse_imp.kernels:
+                tuning.tune(sparse_imp, trials=trials, log_dir=log_dir, dense=False, progress=progress)
+        dense_mod = build(dense_imp, tuning_log=log_dir)
+        sparse_mod = build(sparse_imp, tuning_log=log_dir)
+        with torch.no_grad():
+            ref = model(*example)
+        ref = _first_output(ref).numpy()
+        first = _first_output
+        say("   timing end to end")
+        with torch.no_grad():
+            e2e = _time_engines({
+                "pytorch": (lambda: model(*example), lambda: _first_output(model(*example)).numpy()),
+                "tvm_dense": (dense_mod.runner(*example), lambda: first(dense_mod(*example))),
+                "tvm_sparse": (sparse_mod.runner(*example), lambda: first(sparse_mod(*example))),
+            }, example, ref, budget_s, check, min_runs=3)
+        point = {"sparsity": sparsity, "model_sparsity": float(prune.model_sparsity(model)) if program is None else None,
+                 "end_to_end": _row(e2e), "layers": [], "report": [_report_row(r) for r in sparse_imp.report]}
+        if per_layer:
+            say("   timing each conv/linear layer")
+            point["layers"] = _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check)
+        result["points"].append(point)
+    _break_even(result)
+    return result
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _report_row(r):
+    return {"layer": r.name, "kind": r.kind, "shape": list(r.weight_shape), "sparsity": r.sparsity,
+            "format": r.fmt, "sparse": r.rewritten, "reason": r.reason}
+
+
+def _row(timings: dict) -> dict:
+    row = {f"{e}_ms": timings[e].median_ms for e in ENGINES}
+    row.update({f"{e}_min_ms": timings[e].min_ms for e in ENGINES})
+    row.update({f"{e}_max_ms": timings[e].max_ms for e in ENGINES})
+    best_dense = min(row["pytorch_ms"], row["tvm_dense_ms"])
+    row["best_dense_ms"] = best_dense
+    row["speedup"] = best_dense / row["tvm_sparse_ms"]
+    return row
+
+
+def _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check):
+    import torch
+
+    from .ops import SparseLayer
+    from .tuning import open_database
+    db = open_database(log_dir) if log_dir else None
+    sparse_rows = {r.name: r for r in sparse_imp.report}
+    rows = []
+    for layer in dense_imp.report:
+        if layer.weight is None:
+            continue  # weight is a graph input: nothing to compare per layer
+        x = np.random.default_rng(0).standard_normal(layer.x_shape).astype(np.float32)
+        xt = torch.from_numpy(x)
+        torch_fn = _torch_layer(layer)
+        with torch.no_grad():
+            ref = torch_fn(xt).numpy()
+        dense = _tvm_dense_layer(layer, target, log_dir)
+        sp = sparse_rows.get(layer.name)
+        if sp is not None and sp.rewritten:
+            fmt_name = sp.fmt.split()[0]
+            sparse = SparseLayer(layer.kind, sp.weight, layer.x_shape, sp.bias, fmt_name, sp.block, sp.activation,
+                                 target, tuning_db=db, **{k: v for k, v in sp.conv_args.items()})
+            sparse_fns = (sparse.runner(x), lambda s=sparse: s(x))
+        else:
+            sparse_fns = (dense.runner(x), lambda d=dense: d(x))
+        with torch.no_grad():
+            timings = _time_engines({"pytorch": (lambda: torch_fn(xt), lambda: torch_fn(xt).numpy()),
+                                     "tvm_dense": (dense.runner(x), lambda: dense(x)),
+                                     "tvm_sparse": sparse_fns}, x, ref, budget_s, check, min_runs=5)
+        row = {"layer": layer.name, "kind": layer.kind, "shape": "x".join(map(str, layer.weight_shape)),
+               "input": "x".join(map(str, layer.x_shape)), "sparsity": round(float(sp.sparsity if sp else 0.0), 3),
+               "format": sp.fmt if sp else "dense"}
+        row.update(_row(timings))
+        rows.append(row)
+    return rows
+
+
+def _break_even(result):
+    """Lowest sparsity at which sparse beats the best dense, per layer and end to end."""
+    points = sorted(result["points"], key=lambda p: p["sparsity"])
+    wins = [p["sparsity"] for p in points if p["end_to_end"]["speedup"] > 1.0]
+    result["break_even_end_to_end"] = min(wins) if wins else None
+    per_layer = {}
+    for p in points:
+        for row in p["layers"]:
+            per_layer.setdefault(row["layer"], None)
+            if per_layer[row["layer"]] is None and row["speedup"] > 1.0:
+                per_layer[row["layer"]] = p["sparsity"]
+    result["break_even_per_layer"] = per_layer
+
+
+LAYER_COLUMNS = ["layer", "shape", "sparsity", "format", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup"]
+
+
+def format_model_report(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{result['model']}, batch {result['batch']}, {m['cpu']} ({m['isa']}), {m['threads']} threads for "
+             f"every engine, tuning log: {result['tuning_log'] or 'none (default schedules)'}",
+             "speedup = best dense (min of PyTorch, TVM dense) / TVM sparse; outputs checked equal first", ""]
+    e2e = [{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]]
+    lines.append("End to end")
+    lines.append(bench.table(e2e, ["sparsity", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup"]))
+    for p in result["points"]:
+        if p["layers"]:
+            lines += ["", f"Per layer at sparsity {p['sparsity']:.2f}", bench.table(p["layers"], LAYER_COLUMNS)]
+    lines += ["", f"break-even sparsity end to end: {result['break_even_end_to_end']}"]
+    if result["break_even_per_layer"]:
+        lines.append("break-even sparsity per layer: " + ", ".join(
+            f"{k}={v}" for k, v in result["break_even_per_layer"].items()))
+    return "\n".join(lines)
+
+
+def markdown_report(result: dict) -> str:
+    def md_table(rows, cols):
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            out.append("| " + " | ".join(bench._fmt(r.get(c, "")) for c in cols) + " |")
+        return "\n".join(out)
+    m = result["machine"]
+    parts = [f"# {result['model']}: sparse vs dense", "",
+             f"{m['cpu']} ({m['isa']}, {m['cores']} cores), {m['threads']} threads for every engine, "
+             f"TVM {m['tvm']}, PyTorch {m['torch']}, batch {result['batch']}, "
+             f"tuning log: {result['tuning_log'] or 'none (default schedules)'}.",
+             "Speedup = best dense (min of PyTorch, TVM dense) / TVM sparse. Medians; outputs checked equal first.",
+             "", "## End to end", "",
+             md_table([{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]],
+                      ["sparsity", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup"]),
+             "", f"Break-even sparsity end to end: {result['break_even_end_to_end']}"]
+    for p in result["points"]:
+        if p["layers"]:
+            parts += ["", f"## Per layer at sparsity {p['sparsity']:.2f}", "", md_table(p["layers"], LAYER_COLUMNS)]
+    return "\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: str):
+    """Speedup over the best dense vs sparsity: one line per layer group (same weight shape),
+    one for end to end, and the 1x line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = sorted(result["points"], key=lambda p: p["sparsity"])
+    xs = [p["sparsity"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict = {}
+    for p in points:
+        for row in p["layers"]:
+            groups.setdefault(f"{row['kind']} {row['shape']}", {}).setdefault(p["sparsity"], []).append(row["speedup"])
+    for label, by_s in groups.items():
+        sx = sorted(by_s)
+        ax.plot(sx, [float(np.exp(np.mean(np.log(by_s[s])))) for s in sx], marker=".", linewidth=1, alpha=0.7,
+                label=label)
+    ax.plot(xs, [p["end_to_end"]["speedup"] for p in points], marker="o", color="black", linewidth=2.5,
+            label="end to end")
+    ax.axhline(1.0, color="red", linestyle="--", linewidth=1, label="1x (best dense)")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("speedup over best dense")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['model']}: TVM sparse vs best dense ({result['machine']['threads']} threads)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

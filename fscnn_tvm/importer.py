@@ -31,6 +31,13 @@ class LayerReport:
     rewritten: bool
     reason: str = ""
     fused: list = field(default_factory=list)
+    # What it takes to run this layer alone (per-layer timing): BatchNorm already folded in.
+    x_shape: tuple = field(default=(), repr=False)
+    weight: object = field(default=None, repr=False)
+    bias: object = field(default=None, repr=False)
+    activation: str | None = field(default=None, repr=False)
+    conv_args: dict = field(default_factory=dict, repr=False)  # stride, padding (t, l, b, r), dilation, groups
+    block: tuple | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -247,8 +254,10 @@ def choose_format(weight: np.ndarray, fmt: str, block) -> tuple[str, tuple | Non
     return "csr", None
 
 
-def _dense_reason(chain: Chain, threshold: float) -> str | None:
+def _dense_reason(chain: Chain, threshold: float | None) -> str | None:
     attrs = chain.head.attrs
+    if threshold is None:
+        return "dense baseline"
     if chain.weight is None:
         return "weight is a graph input, not a constant"
     if chain.kind == "conv2d":
@@ -269,12 +278,7 @@ def _dense_reason(chain: Chain, threshold: float) -> str | None:
 def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dict, layer: str):
     from tvm import relax
     x_shape = tuple(int(s) for s in chain.x.ty.shape)
-    conv_args = {}
-    if chain.kind == "conv2d":
-        a = chain.head.attrs
-        pad = [int(p) for p in a.padding]  # Relax: top, left, bottom, right
-        conv_args = {"stride": tuple(int(s) for s in a.strides), "padding": tuple(pad),
-                     "dilation": tuple(int(d) for d in a.dilation)}
+    conv_args = {k: v for k, v in _conv_args(chain).items() if k != "groups"}  # padding: t, l, b, r
     sparse = F.to_format(chain.weight, fmt, block)
     ell = sparse.ell(ops.ELL_WIDTH_MULTIPLE)
     bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
@@ -311,9 +315,10 @@ def _emit_dense(bb, chain: Chain):
 
 
 def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
-                 target=None) -> ImportedModel:
+                 target=None, sparse=True) -> ImportedModel:
     """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
-    ExportedProgram, and rewrite each pruned conv/linear layer to the sparse kernels."""
+    ExportedProgram, and rewrite each pruned conv/linear layer to the sparse kernels.
+    ``sparse=False`` rewrites nothing (BatchNorm is still folded): the dense baseline."""
     import torch
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -365,7 +370,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                     chain = chains[b.var]
                     chain.x = _substitute(chain.x, remap)
                     chain.head = _substitute(chain.head, remap)
-                    remap[b.var] = _emit_chain(bb, chain, len(report), names, sparsity_threshold, fmt, block,
+                    remap[b.var] = _emit_chain(bb, chain, len(report), names,
+                                               sparsity_threshold if sparse else None, fmt, block,
                                                target, funcs, kernels, report)
                 else:
                     remap[b.var] = bb.emit(_substitute(b.value, remap))
@@ -388,10 +394,20 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:
         out = _emit_dense(bb, chain) if chain.weight is not None else bb.emit(chain.head)
-        label = "dense"
+        label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
-                              list(chain.fused)))
+                              list(chain.fused), tuple(int(s) for s in chain.x.ty.shape), chain.weight,
+                              None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1),
+                              chain.activation, _conv_args(chain), layer_block if reason is None else None))
     return out
+
+
+def _conv_args(chain) -> dict:
+    if chain.kind != "conv2d":
+        return {}
+    a = chain.head.attrs
+    return {"stride": tuple(int(s) for s in a.strides), "padding": tuple(int(p) for p in a.padding),
+            "dilation": tuple(int(d) for d in a.dilation), "groups": int(a.groups)}
 
 
 def _substitute(expr, remap):

@@ -363,7 +363,7 @@ class SparseLayer:
     layout on the device, callable on numpy arrays."""
 
     def __init__(self, kind, weight, x_shape, bias=None, fmt="csr", block=None, activation=None,
-                 target=None, stride=1, padding=0, dilation=1, groups=1):
+                 target=None, stride=1, padding=0, dilation=1, groups=1, tuning_db=None):
         if groups != 1:
             raise NotImplementedError(
                 f"groups={groups}: sparse kernels support groups=1 only; grouped and depthwise "
@@ -381,7 +381,13 @@ class SparseLayer:
         self.arrays = [ell.data, offsets] + ([self.bias] if self.bias is not None else [])
         dev = tvm.cpu()
         self._params = [tvm.runtime.tensor(a, dev) for a in self.arrays]
-        self._func = _compiled(self.spec, str(self.target))
+        self.tuned = False
+        if tuning_db is not None:
+            from .tuning import tuned_schedule
+            sch = tuned_schedule(tuning_db, self.spec, self.target)
+            self.tuned = sch is not None
+        self._func = tvm.compile(sch.mod, target=self.target).jit()["main"] if self.tuned \
+            else _compiled(self.spec, str(self.target))
 
     def __call__(self, x) -> np.ndarray:
         x = F.as_weight(x, "x")

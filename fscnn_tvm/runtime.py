@@ -94,13 +94,22 @@ def compile(imported, target=None, tuning_log=None) -> CompiledModel:  # noqa: A
             raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
         db = tuning.open_database(str(tuning_log))
     mod, untuned = schedule_kernels(imported, target, db)
-    if db is None:
-        return CompiledModel(tvm.compile(mod, target=target), imported.input_shapes)
-    if untuned:
+    if db is not None and untuned:
         log.warning("%d of %d sparse kernels have no record in %s and use the default schedule: %s",
                     len(untuned), len(imported.kernels), tuning_log, ", ".join(untuned))
+    return CompiledModel(compile_module(mod, target, db), imported.input_shapes)
+
+
+def compile_module(mod, target, tuning_log=None):
+    """Build a Relax module; with a tuning log (a directory or an open database) its records
+    are applied to the dense ops."""
+    if tuning_log is None:
+        return tvm.compile(mod, target=target)
     from tvm.s_tir.meta_schedule.relax_integration import compile_relax
-    return CompiledModel(compile_relax(db, mod, target, params=None), imported.input_shapes)
+
+    from . import tuning
+    db = tuning.open_database(str(tuning_log)) if isinstance(tuning_log, (str, os.PathLike)) else tuning_log
+    return compile_relax(db, mod, target, params=None)
 
 
 def load(path) -> CompiledModel:

@@ -1,0 +1,77 @@
+"""Comparison runs on a small model: every field, every layer, loud disagreement, clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fscnn_tvm import bench, compare, prune
+from fscnn_tvm.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10)).eval()
+    prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
+    path = tmp_path_factory.mktemp("prog") / "small.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(path))
+    return str(path)
+
+
+def test_json_markdown_plot_cover_every_layer(program, tmp_path):
+    out = tmp_path / "r.json"
+    assert cli(["compare", "--program", program, "--sparsity", "0.8", "--budget", "0.05",
+                "--json", str(out), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]) == 0
+    result = json.loads(out.read_text())
+    for key in ("model", "batch", "machine", "points", "break_even_end_to_end", "break_even_per_layer"):
+        assert key in result
+    for key in ("cpu", "isa", "cores", "threads", "tvm", "torch"):
+        assert key in result["machine"]
+    point = result["points"][0]
+    e2e = point["end_to_end"]
+    for engine in compare.ENGINES:
+        assert e2e[f"{engine}_ms"] > 0 and e2e[f"{engine}_min_ms"] <= e2e[f"{engine}_ms"] <= e2e[f"{engine}_max_ms"]
+    assert e2e["speedup"] == pytest.approx(e2e["best_dense_ms"] / e2e["tvm_sparse_ms"])
+    layers = [r["layer"] for r in point["layers"]]
+    assert len(layers) == 4  # three convs (one grouped) and the linear
+    formats = {r["layer"]: r["format"] for r in point["layers"]}
+    assert sum(f == "dense" for f in formats.values()) == 1  # the grouped conv stays dense
+    assert "End to end" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_disagreeing_engines_stop_before_timing(program, monkeypatch):
+    from fscnn_tvm import ops
+    real_call = ops.SparseLayer.__call__
+    monkeypatch.setattr(ops.SparseLayer, "__call__", lambda self, x: real_call(self, x) + 1.0)
+    with pytest.raises(bench.OutputMismatch, match="tvm_sparse"):
+        compare.compare_model(program=program, sparsities=[0.8], budget_s=0.01)
+
+
+def test_check_close_catches_a_wrong_result():
+    ref = np.ones((2, 3), np.float32)
+    assert bench.check_close("x", ref + 1e-6, ref) < 1e-4
+    with pytest.raises(bench.OutputMismatch, match="relative error"):
+        bench.check_close("x", ref * 1.01, ref)
+    with pytest.raises(bench.OutputMismatch, match="shape"):
+        bench.check_close("x", ref[:1], ref)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", "1.5"], "sparsity must be in"),
+    (["--sparsity", "abc"], "sparsity list"),
+    (["--model", "alexnet"], "unknown model"),
+    (["--tuning-log", "/nonexistent/log"], "tuning log"),
+])
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    try:
+        code = cli(["compare", *argv, "--no-per-layer"])
+    except SystemExit as exc:  # argparse rejects before running
+        code = exc.code
+    assert code != 0
+    assert message in capsys.readouterr().err
