@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", choices=["layer", "global", "block"], default="layer")
     p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
     p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
-    p.add_argument("--threshold", type=_sparsity, default=0.0, help="rewrite layers at least this sparse")
+    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
     p.add_argument("--tuning-log", default=None, help="tuning log directory to use (and extend with --trials)")
     p.add_argument("--trials", type=int, default=0, help="tuning trials for each of the dense and sparse modules "
                                                          "(0: no tuning: given log or default schedules)")

@@ -105,7 +105,7 @@ def _torch_layer(layer):
                                    a["groups"]))
 
 
-def _tvm_dense_layer(layer, target, tuning_log):
+def _tvm_dense_layer(layer, target, db):
     """One layer as its own Relax module, compiled like the whole dense model (same fused
     workload, so a model's tuning log applies)."""
     import tvm
@@ -131,13 +131,14 @@ def _tvm_dense_layer(layer, target, tuning_log):
                 y = bb.emit(relax.op.nn.relu(y))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    compiled = CompiledModel(compile_module(bb.get(), target, tuning_log), [layer.x_shape])
+    compiled = CompiledModel(compile_module(bb.get(), target, db), [layer.x_shape])
     del tvm
     return compiled
 
 
-def _time_engines(fns: dict, inputs, ref, budget_s, check=bench.check_close, min_runs=10) -> dict:
+def _time_engines(fns: dict, ref, budget_s, check, engines, min_runs=10) -> dict:
     """Check every engine's output against ``ref``, then time each; returns name -> Timing."""
+    fns = {name: fn for name, fn in fns.items() if name in engines}
     for name, (run, output) in fns.items():
         check(name, output(), ref)
     return {name: bench.measure(run, budget_s=budget_s, min_runs=min_runs) for name, (run, _) in fns.items()}
@@ -145,10 +146,11 @@ def _time_engines(fns: dict, inputs, ref, budget_s, check=bench.check_close, min
 
 def compare_model(model_name="vgg16_cifar", program=None, input_size=None, sparsities=(0.9,), fmt="auto",
                   block=None, prune_mode="layer", tuning_log=None, trials=0, batch=1, threads=None,
-                  budget_s=0.5, threshold=0.0, target=None, per_layer=True, progress=None,
-                  check=bench.check_close) -> dict:
+                  budget_s=0.5, threshold=0.5, target=None, per_layer=True, progress=None,
+                  check=bench.check_close, engines=ENGINES) -> dict:
     """Prune (zoo models), import, tune or load logs, check, and time PyTorch dense, TVM dense
-    and TVM sparse, end to end and per conv/linear layer, at each sparsity."""
+    and TVM sparse, end to end and per conv/linear layer, at each sparsity. ``engines`` can
+    drop "tvm_dense" (e.g. when it is untuned and would only take time)."""
     import torch
 
     from . import import_torch, prune, tuning, zoo
@@ -165,6 +167,7 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             raise ValueError(f"sparsity must be in [0, 1], got {s}")
     if tuning_log is not None and trials == 0 and not os.path.isdir(tuning_log):
         raise FileNotFoundError(f"tuning log {tuning_log} is not a directory written by a tuning job")
+    from .runtime import resolve_database
     name = os.path.splitext(os.path.basename(program))[0] if program else \
         model_name + (f"_{input_size}" if input_size else "")
     log_dir = tuning_log or (os.path.join("tuning_logs", f"{name}_b{batch}") if trials else None)
@@ -194,24 +197,24 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             tuning.tune(dense_imp, trials=trials, log_dir=log_dir, progress=progress)
             if sparse_imp.kernels:
                 tuning.tune(sparse_imp, trials=trials, log_dir=log_dir, dense=False, progress=progress)
-        dense_mod = build(dense_imp, tuning_log=log_dir)
-        sparse_mod = build(sparse_imp, tuning_log=log_dir)
+        db, result["tuning_log"] = resolve_database(log_dir, target)
+        sparse_mod = build(sparse_imp, tuning_log=db, use_shipped=False)
+        fns = {"pytorch": (lambda: model(*example), lambda: _first_output(model(*example)).numpy()),
+               "tvm_sparse": (sparse_mod.runner(*example), lambda: _first_output(sparse_mod(*example)))}
+        if "tvm_dense" in engines:
+            dense_mod = build(dense_imp, tuning_log=db, use_shipped=False)
+            fns["tvm_dense"] = (dense_mod.runner(*example), lambda: _first_output(dense_mod(*example)))
         with torch.no_grad():
             ref = model(*example)
         ref = _first_output(ref).numpy()
-        first = _first_output
         say("   timing end to end")
         with torch.no_grad():
-            e2e = _time_engines({
-                "pytorch": (lambda: model(*example), lambda: _first_output(model(*example)).numpy()),
-                "tvm_dense": (dense_mod.runner(*example), lambda: first(dense_mod(*example))),
-                "tvm_sparse": (sparse_mod.runner(*example), lambda: first(sparse_mod(*example))),
-            }, example, ref, budget_s, check, min_runs=3)
+            e2e = _time_engines(fns, ref, budget_s, check, engines, min_runs=3)
         point = {"sparsity": sparsity, "model_sparsity": float(prune.model_sparsity(model)) if program is None else None,
                  "end_to_end": _row(e2e), "layers": [], "report": [_report_row(r) for r in sparse_imp.report]}
         if per_layer:
             say("   timing each conv/linear layer")
-            point["layers"] = _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check)
+            point["layers"] = _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines)
         result["points"].append(point)
     _break_even(result)
     return result
@@ -227,21 +230,19 @@ def _report_row(r):
 
 
 def _row(timings: dict) -> dict:
-    row = {f"{e}_ms": timings[e].median_ms for e in ENGINES}
-    row.update({f"{e}_min_ms": timings[e].min_ms for e in ENGINES})
-    row.update({f"{e}_max_ms": timings[e].max_ms for e in ENGINES})
-    best_dense = min(row["pytorch_ms"], row["tvm_dense_ms"])
+    row = {f"{e}_ms": t.median_ms for e, t in timings.items()}
+    row.update({f"{e}_min_ms": t.min_ms for e, t in timings.items()})
+    row.update({f"{e}_max_ms": t.max_ms for e, t in timings.items()})
+    best_dense = min(t.median_ms for e, t in timings.items() if e != "tvm_sparse")
     row["best_dense_ms"] = best_dense
     row["speedup"] = best_dense / row["tvm_sparse_ms"]
     return row
 
 
-def _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check):
+def _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines):
     import torch
 
     from .ops import SparseLayer
-    from .tuning import open_database
-    db = open_database(log_dir) if log_dir else None
     sparse_rows = {r.name: r for r in sparse_imp.report}
     rows = []
     for layer in dense_imp.report:
@@ -252,9 +253,10 @@ def _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check):
         torch_fn = _torch_layer(layer)
         with torch.no_grad():
             ref = torch_fn(xt).numpy()
-        dense = _tvm_dense_layer(layer, target, log_dir)
         sp = sparse_rows.get(layer.name)
-        if sp is not None and sp.rewritten:
+        rewritten = sp is not None and sp.rewritten
+        dense = _tvm_dense_layer(layer, target, db) if "tvm_dense" in engines or not rewritten else None
+        if rewritten:
             fmt_name = sp.fmt.split()[0]
             sparse = SparseLayer(layer.kind, sp.weight, layer.x_shape, sp.bias, fmt_name, sp.block, sp.activation,
                                  target, tuning_db=db, **{k: v for k, v in sp.conv_args.items()})
@@ -263,8 +265,8 @@ def _per_layer(sparse_imp, dense_imp, target, log_dir, budget_s, check):
             sparse_fns = (dense.runner(x), lambda d=dense: d(x))
         with torch.no_grad():
             timings = _time_engines({"pytorch": (lambda: torch_fn(xt), lambda: torch_fn(xt).numpy()),
-                                     "tvm_dense": (dense.runner(x), lambda: dense(x)),
-                                     "tvm_sparse": sparse_fns}, x, ref, budget_s, check, min_runs=5)
+                                     "tvm_dense": (dense and dense.runner(x), lambda: dense(x)),
+                                     "tvm_sparse": sparse_fns}, ref, budget_s, check, engines, min_runs=5)
         row = {"layer": layer.name, "kind": layer.kind, "shape": "x".join(map(str, layer.weight_shape)),
                "input": "x".join(map(str, layer.x_shape)), "sparsity": round(float(sp.sparsity if sp else 0.0), 3),
                "format": sp.fmt if sp else "dense"}
@@ -293,7 +295,7 @@ LAYER_COLUMNS = ["layer", "shape", "sparsity", "format", "pytorch_ms", "tvm_dens
 def format_model_report(result: dict) -> str:
     m = result["machine"]
     lines = [f"{result['model']}, batch {result['batch']}, {m['cpu']} ({m['isa']}), {m['threads']} threads for "
-             f"every engine, tuning log: {result['tuning_log'] or 'none (default schedules)'}",
+             f"every engine, schedules: {result['tuning_log']}",
              "speedup = best dense (min of PyTorch, TVM dense) / TVM sparse; outputs checked equal first", ""]
     e2e = [{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]]
     lines.append("End to end")
@@ -318,7 +320,7 @@ def markdown_report(result: dict) -> str:
     parts = [f"# {result['model']}: sparse vs dense", "",
              f"{m['cpu']} ({m['isa']}, {m['cores']} cores), {m['threads']} threads for every engine, "
              f"TVM {m['tvm']}, PyTorch {m['torch']}, batch {result['batch']}, "
-             f"tuning log: {result['tuning_log'] or 'none (default schedules)'}.",
+             f"schedules: {result['tuning_log']}.",
              "Speedup = best dense (min of PyTorch, TVM dense) / TVM sparse. Medians; outputs checked equal first.",
              "", "## End to end", "",
              md_table([{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]],

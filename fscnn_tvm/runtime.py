@@ -2,6 +2,7 @@
 to a shared library and load it back (loading needs TVM and numpy only, not torch)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -82,21 +83,66 @@ def schedule_kernels(imported, target, db=None):
     return mod, untuned
 
 
-def compile(imported, target=None, tuning_log=None) -> CompiledModel:  # noqa: A001 - the public name
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+
+
+def shipped_database(target, directory=SHIPPED):
+    return _shipped(str(target.attrs.get("mcpu", "")), directory)
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped(mcpu, directory):
+    """The pre-tuned records shipped in ``schedules/`` for this target's CPU, merged, or None.
+    Each folder there says in ``target.json`` which CPU it was tuned on; others are skipped
+    with a message (their schedules would be slow or illegal here)."""
+    if not os.path.isdir(directory):
+        return None
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import tuning
+    merged, used = ms.database.MemoryDatabase(), []
+    for name in sorted(os.listdir(directory)):
+        folder = os.path.join(directory, name)
+        meta = os.path.join(folder, "target.json")
+        if not os.path.isfile(meta):
+            continue
+        with open(meta) as f:
+            tuned_for = json.load(f).get("mcpu", "")
+        if tuned_for != mcpu:
+            log.info("shipped schedules %s were tuned for %s, this target is %s: ignored", name, tuned_for, mcpu or "?")
+            continue
+        for record in tuning.open_database(folder).get_all_tuning_records():
+            merged.commit_workload(record.workload.mod)
+            merged.commit_tuning_record(record)
+        used.append(name)
+    return merged if used else None
+
+
+def resolve_database(tuning_log, target):
+    """(database or None, label) for a tuning log directory, or the shipped records when None."""
+    if tuning_log is None:
+        db = shipped_database(target)
+        return db, ("shipped schedules" if db is not None else "none (default schedules)")
+    if not isinstance(tuning_log, (str, os.PathLike)):  # an open meta_schedule database
+        return tuning_log, "given database"
+    from . import tuning
+    if not os.path.isdir(tuning_log):
+        raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
+    return tuning.open_database(str(tuning_log)), str(tuning_log)
+
+
+def compile(imported, target=None, tuning_log=None, use_shipped=True) -> CompiledModel:  # noqa: A001
     """Build an ``ImportedModel`` for the target it was imported for (or ``target``). With
     ``tuning_log`` (a directory written by ``fscnn_tvm.tune``) the best records are applied to
-    the sparse kernels and the dense ops; what has no record keeps its default schedule."""
+    the sparse kernels and the dense ops; without one, the records shipped in ``schedules/``
+    for this CPU are used (``use_shipped=False``: none). What has no record keeps its default
+    schedule."""
     target = resolve_target(target) if target is not None else imported.target
-    db = None
-    if tuning_log is not None:
-        from . import tuning
-        if not os.path.isdir(tuning_log):
-            raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
-        db = tuning.open_database(str(tuning_log))
+    db, label = resolve_database(tuning_log, target) if (tuning_log is not None or use_shipped) else (None, "")
     mod, untuned = schedule_kernels(imported, target, db)
     if db is not None and untuned:
-        log.warning("%d of %d sparse kernels have no record in %s and use the default schedule: %s",
-                    len(untuned), len(imported.kernels), tuning_log, ", ".join(untuned))
+        log.info("%d of %d sparse kernels have no record in %s and use the default schedule: %s",
+                 len(untuned), len(imported.kernels), label, ", ".join(untuned))
     return CompiledModel(compile_module(mod, target, db), imported.input_shapes)
 
 
