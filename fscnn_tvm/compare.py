@@ -284,7 +284,8 @@ def _break_even(result):
     for p in points:
         for row in p["layers"]:
             per_layer.setdefault(row["layer"], None)
-            if per_layer[row["layer"]] is None and row["speedup"] > 1.0:
+            # A layer left dense runs the same code in both modules: no break-even to report.
+            if per_layer[row["layer"]] is None and row["format"] != "dense" and row["speedup"] > 1.0:
                 per_layer[row["layer"]] = p["sparsity"]
     result["break_even_per_layer"] = per_layer
 

@@ -109,7 +109,8 @@ def _shipped(mcpu, directory):
         with open(meta) as f:
             tuned_for = json.load(f).get("mcpu", "")
         if tuned_for != mcpu:
-            log.info("shipped schedules %s were tuned for %s, this target is %s: ignored", name, tuned_for, mcpu or "?")
+            log.warning("shipped schedules %s were tuned for %s, this target is %s: ignored", name, tuned_for,
+                        mcpu or "?")
             continue
         for record in tuning.open_database(folder).get_all_tuning_records():
             merged.commit_workload(record.workload.mod)
