@@ -152,24 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="import a zoo model or a saved torch.export program, rewrite pruned "
                                       "layers to sparse kernels, compile, check against PyTorch, export")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
-    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save")
-    _model_args(p)
-    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
-    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    _source_args(p, _sparsity)
     p.add_argument("--time", type=float, default=1.0, help="seconds to time each engine end to end (0: skip)")
     p.add_argument("--out", default=None, help="shared library to write (default <model>_s<sparsity>.so)")
     p.add_argument("--tuning-log", default=None, help="apply the records of this tuning log directory")
     p.set_defaults(func=_import)
 
     p = sub.add_parser("tune", help="autotune a model's sparse kernels (and dense ops) with meta_schedule")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
-    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save")
-    _model_args(p)
-    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
-    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    _source_args(p, _sparsity)
     p.add_argument("--trials", type=int, default=64, help="measured candidates in all (resumes an existing log)")
     p.add_argument("--log", default=None, help="log directory (default tuning_logs/<model>_s<sparsity>)")
     p.add_argument("--no-dense", dest="dense", action="store_false", help="tune the sparse kernels only")
@@ -179,23 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="PyTorch dense vs TVM dense vs TVM sparse, end to end and per layer, "
                                        "over sparsity levels; table, JSON, Markdown and a plot")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
-    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save (used as it is)")
+    _source_args(p, _sparsity_list)
     p.add_argument("--input-size", type=int, default=None, help="VGG16 input size: 32 or 224")
-    p.add_argument("--sparsity", type=_sparsity_list, default=[0.9], help="comma-separated, e.g. 0.5,0.7,0.9")
-    p.add_argument("--prune", choices=["layer", "global", "block"], default="layer")
-    p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
-    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
-    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
     p.add_argument("--tuning-log", default=None, help="tuning log directory to use (and extend with --trials)")
     p.add_argument("--trials", type=int, default=0, help="tuning trials for each of the dense and sparse modules "
                                                          "(0: no tuning: given log or default schedules)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per engine and layer")
     p.add_argument("--no-per-layer", dest="per_layer", action="store_false", help="end to end only")
-    p.add_argument("--target", default=None, help="TVM target (default: from the host's CPU flags)")
     p.add_argument("--out-dir", default="compare_results", help="where JSON, Markdown and PNG go by default")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
@@ -204,14 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(p):
-    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="prune zoo models to this sparsity")
+def _source_args(p, sparsity):
+    """Where the model comes from and how it is pruned and imported: shared by import, tune, compare."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
+    src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save (used as it is)")
+    p.add_argument("--sparsity", type=sparsity, default=0.9 if sparsity is _sparsity else [0.9],
+                   help="prune zoo models to this sparsity" + (" (comma-separated list)" if sparsity is not _sparsity
+                                                               else ""))
     p.add_argument("--prune", choices=["layer", "global", "block"], default="layer",
                    help="magnitude pruning per layer or global, or whole-block pruning")
     p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
+    p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
+    p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver3' (default: from CPU flags)")
+
 
 
 def main(argv=None):

@@ -282,3 +282,16 @@ def tuned_schedule(db, spec: ops.KernelSpec, target):
     if not db.has_workload(mod):
         return None
     return db.query_schedule(mod, target=target, workload_name="main")
+
+
+def ship(log_dir: str, dest: str, target) -> int:
+    """Write the best record of each workload in ``log_dir`` to ``dest`` with the CPU they were
+    tuned on (``target.json``), the form ``schedules/`` ships; returns the record count."""
+    import shutil
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    open_database(log_dir).dump_pruned(ms.database.JSONDatabase(work_dir=dest))
+    with open(os.path.join(dest, "target.json"), "w") as f:
+        json.dump({"mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}, f, indent=1)
+    with open(os.path.join(dest, "database_tuning_record.json")) as f:
+        return sum(1 for line in f if line.strip())

@@ -187,3 +187,22 @@ def test_bad_arguments(tmp_path):
             tuning.tune(imported, trials=bad, log_dir=str(tmp_path / "log"))
     with pytest.raises(FileNotFoundError, match="tuning_log"):
         fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
+
+
+def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
+    from fscnn_tvm import runtime
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    log_dir = str(tmp_path / "log")
+    tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    shipped = tmp_path / "schedules"
+    count = tuning.ship(log_dir, str(shipped / "small"), imported.target)
+    assert count == 3  # the best record of each of the three kernels
+    mcpu = str(imported.target.attrs.get("mcpu", ""))
+    db = runtime._shipped(mcpu, str(shipped))
+    assert db is not None
+    _, untuned = runtime.schedule_kernels(imported, imported.target, db)
+    assert untuned == []
+    with caplog.at_level("WARNING", logger="fscnn_tvm"):
+        assert runtime._shipped("some-other-cpu", str(shipped)) is None
+    assert "were tuned for" in caplog.text and "ignored" in caplog.text
