@@ -342,6 +342,7 @@ def plot(result: dict, path: str):
     points = sorted(result["points"], key=lambda p: p["sparsity"])
     xs = [p["sparsity"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))  # more groups than tab10 has colours
     groups: dict = {}
     for p in points:
         for row in p["layers"]:
