@@ -154,19 +154,57 @@ def _wait_for_servers(port, key, count, timeout=120):
     pytest.fail(f"{count} RPC servers did not register with the tracker within {timeout} s")
 
 
-def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
+def _start_tracker_and_servers(count):
     port, key = _free_port(), "fscnn-test"
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                "--port", str(port), "--port-end", str(port + 1)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(2)
+    for _ in range(count):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key,
+             "--host", "127.0.0.1"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    _wait_for_servers(port, key, count)
+    return port, key, procs
+
+
+def _stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+RPC_SCRIPT = KILL_SCRIPT.replace("trials=400, log_dir=sys.argv[1], dense=False, trials_per_iter=4",
+                                 "trials=24, log_dir=sys.argv[1], dense=False, trials_per_iter=4, "
+                                 "rpc=(sys.argv[2], sys.argv[3])")
+
+
+def test_rpc_server_dying_mid_job_leaves_the_job_to_the_other(tmp_path):
+    port, key, procs = _start_tracker_and_servers(2)
+    log_dir = str(tmp_path / "log")
     try:
-        time.sleep(2)
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key,
-                 "--host", "127.0.0.1"], start_new_session=True, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
-        _wait_for_servers(port, key, 2)
+        job = subprocess.Popen([sys.executable, "-c", RPC_SCRIPT, log_dir, f"127.0.0.1:{port}", key],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        procs.append(job)
+        path = os.path.join(log_dir, RECORDS)
+        deadline = time.time() + 300
+        while not (os.path.exists(path) and sum(1 for _ in open(path)) >= 4):
+            assert job.poll() is None, job.stdout.read()[-2000:]
+            assert time.time() < deadline, "no records within 300 s"
+            time.sleep(0.5)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # one of the two servers dies mid-job
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output[-3000:]
+        records = [line for line in open(path) if line.strip()]
+        assert len(records) >= 20  # the job went on and finished on the remaining server
+    finally:
+        _stop(procs)
+
+
+def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
+    port, key, procs = _start_tracker_and_servers(2)
+    try:
         model, x = _model()
         imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
         log_dir = str(tmp_path / "log")
@@ -174,9 +212,7 @@ def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
         assert all(n > 0 for n in result.records.values())
         _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _stop(procs)
 
 
 def test_bad_arguments(tmp_path):
