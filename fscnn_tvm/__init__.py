@@ -10,6 +10,13 @@ from .ops import SparseLayer, sparse_conv2d, sparse_linear
 from .runtime import CompiledModel, compile, load  # noqa: A004 - compile is the public name
 from .target import resolve_target
 
+
+def tune(imported, **kwargs):
+    """``fscnn_tvm.tuning.tune``; imported on first use (meta_schedule is slow to import)."""
+    from .tuning import tune as _tune
+    return _tune(imported, **kwargs)
+
+
 __all__ = ["BSR", "CSR", "to_bsr", "to_csr", "SparseLayer", "sparse_conv2d", "sparse_linear", "resolve_target",
-           "ImportedModel", "import_torch", "CompiledModel", "compile", "load"]
+           "ImportedModel", "import_torch", "CompiledModel", "compile", "load", "tune"]
 __version__ = "0.1.0"
