@@ -16,28 +16,11 @@ def random_pruned_conv(out_ch, in_ch, k, sparsity, seed=0):
     return w
 
 
-def tvm_dense_conv2d(x_shape, weight, stride, padding, target):
-    """TVM's own dense conv2d: Relax ``nn.conv2d`` through the default pipeline, no tuning
-    (the tuning issue adds a meta_schedule-tuned dense baseline)."""
-    import tvm
-    from tvm import relax
-    x_var = relax.Var("x", relax.TensorType(x_shape, "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x_var]):
-        with bb.dataflow():
-            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(x_var, relax.const(weight), strides=stride,
-                                                          padding=padding)))
-        bb.emit_func_output(y)
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())
-    return lambda x: vm["main"](x)
-
-
 def compare_layer(in_ch=64, out_ch=64, size=56, kernel=3, stride=1, padding=1, batch=1, sparsity=0.9,
                   threads=None, seed=0, budget_s=1.0, formats=(("csr", None), ("bsr", (4, 1)), ("bsr", (8, 1))),
                   target=None, with_tvm_dense=True) -> dict:
     """Time one conv layer on every engine; outputs are checked against PyTorch first."""
     import torch
-    import tvm
     threads = bench.set_threads(threads)
     w = random_pruned_conv(out_ch, in_ch, kernel, sparsity, seed)
     x = np.random.default_rng(seed + 1).standard_normal((batch, in_ch, size, size)).astype(np.float32)
@@ -51,10 +34,13 @@ def compare_layer(in_ch=64, out_ch=64, size=56, kernel=3, stride=1, padding=1, b
         engines[name] = layer.runner(x)
         outputs[name] = layer(x)
     if with_tvm_dense:
-        run = tvm_dense_conv2d(x.shape, w, stride, padding, layer.target)
-        x_dev = tvm.runtime.tensor(x)
-        engines["tvm dense (untuned)"] = lambda: run(x_dev)
-        outputs["tvm dense (untuned)"] = run(x_dev).numpy()
+        from .importer import LayerReport
+        spec = LayerReport("conv", "conv2d", w.shape, 0.0, "dense", False, x_shape=x.shape, weight=w,
+                           conv_args={"stride": (stride, stride), "padding": (padding,) * 4, "dilation": (1, 1),
+                                      "groups": 1})
+        dense = _tvm_dense_layer(spec, layer.target, None)  # TVM's default lowering: no tuning log
+        engines["tvm dense (untuned)"] = dense.runner(x)
+        outputs["tvm dense (untuned)"] = dense(x)
     for name, out in outputs.items():
         bench.check_close(name, out, ref)
     rows = []
@@ -108,7 +94,6 @@ def _torch_layer(layer):
 def _tvm_dense_layer(layer, target, db):
     """One layer as its own Relax module, compiled like the whole dense model (same fused
     workload, so a model's tuning log applies)."""
-    import tvm
     from tvm import relax
 
     from .runtime import CompiledModel, compile_module
@@ -131,9 +116,7 @@ def _tvm_dense_layer(layer, target, db):
                 y = bb.emit(relax.op.nn.relu(y))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    compiled = CompiledModel(compile_module(bb.get(), target, db), [layer.x_shape])
-    del tvm
-    return compiled
+    return CompiledModel(compile_module(bb.get(), target, db), [tuple(layer.x_shape)])
 
 
 def _time_engines(fns: dict, ref, budget_s, check, engines, min_runs=10) -> dict:

@@ -12,7 +12,6 @@ either and only costs time, so it is left out. Writes Markdown, JSON and a PNG t
     python scripts/reproduce_fscnn.py --input-size 32 --trials 200
 """
 import argparse
-import json
 import os
 import sys
 

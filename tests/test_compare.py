@@ -75,3 +75,14 @@ def test_bad_arguments_give_clear_errors(argv, message, capsys):
         code = exc.code
     assert code != 0
     assert message in capsys.readouterr().err
+
+
+def test_layer_command_checks_and_times_every_engine(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    assert cli(["layer", "--in-ch", "8", "--out-ch", "12", "--size", "10", "--stride", "2", "--budget", "0.02",
+                "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    engines = [r["engine"] for r in result["rows"]]
+    assert engines[0] == "pytorch dense" and "tvm sparse csr" in engines and "tvm dense (untuned)" in engines
+    assert all(r["median_ms"] > 0 and r["runs"] >= 10 for r in result["rows"])
+    assert "vs_best_dense" in capsys.readouterr().out
