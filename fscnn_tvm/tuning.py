@@ -28,8 +28,9 @@ from .target import resolve_target
 
 log = logging.getLogger("fscnn_tvm.tuning")
 ARGS_DIR = "args"
-# Enough repeats for a stable median on a noisy 2-core machine, without 100 ms per candidate.
-EVALUATOR = ms.runner.EvaluatorConfig(number=5, repeat=5, min_repeat_ms=10, enable_cpu_cache_flush=False)
+# Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
+# stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
+EVALUATOR = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=10, enable_cpu_cache_flush=False)
 
 
 class TuningError(RuntimeError):
