@@ -279,13 +279,9 @@ def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dic
     from tvm import relax
     x_shape = tuple(int(s) for s in chain.x.ty.shape)
     conv_args = {k: v for k, v in _conv_args(chain).items() if k != "groups"}  # padding: t, l, b, r
-    sparse = F.to_format(chain.weight, fmt, block)
-    ell = sparse.ell(ops.ELL_WIDTH_MULTIPLE)
     bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
-    spec = ops.make_spec(chain.kind, x_shape, sparse.shape, ell.data.shape, bias is not None,
-                         chain.activation, target, **conv_args)
-    offsets = spec.geo.offsets(ell.cols) if chain.kind == "conv2d" else ell.cols
-    weights = [ell.data, offsets] + ([bias] if bias is not None else [])
+    spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, bias,
+                                      chain.activation, target, **conv_args)
     if spec not in funcs:
         # Unscheduled here: ``compile`` applies a tuned or the default schedule.
         name = f"sparse_{chain.kind}_{len(funcs)}"

@@ -360,6 +360,15 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
                       tuple(ell_shape), has_bias, activation, native)
 
 
+def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
+    """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer."""
+    ell = sparse.ell(ELL_WIDTH_MULTIPLE)
+    spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
+                     **conv_args)
+    offsets = spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols
+    return spec, [ell.data, offsets] + ([bias] if bias is not None else [])
+
+
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
     return te.create_prim_func(sparse_compute(spec))
 
@@ -387,18 +396,14 @@ class SparseLayer:
         if self.bias is not None and self.bias.shape != (self.sparse.rows,):
             raise ValueError(f"bias: shape {self.bias.shape}, expected ({self.sparse.rows},) for "
                              f"{self.sparse.rows} output channels")
-        ell = self.sparse.ell(ELL_WIDTH_MULTIPLE)
-        self.spec = make_spec(kind, tuple(x_shape), self.sparse.shape, ell.data.shape, self.bias is not None,
-                              activation, self.target, stride, padding, dilation)
-        offsets = self.spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols
-        self.arrays = [ell.data, offsets] + ([self.bias] if self.bias is not None else [])
+        self.spec, self.arrays = kernel_inputs(kind, self.sparse, x_shape, self.bias, activation, self.target,
+                                               stride=stride, padding=padding, dilation=dilation)
         dev = tvm.cpu()
         self._params = [tvm.runtime.tensor(a, dev) for a in self.arrays]
-        self.tuned = False
+        sch, self.tuned = None, False
         if tuning_db is not None:
-            from .tuning import tuned_schedule
-            sch = tuned_schedule(tuning_db, self.spec, self.target)
-            self.tuned = sch is not None
+            from .tuning import best_schedule
+            sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
         self._func = tvm.compile(sch.mod, target=self.target).jit()["main"] if self.tuned \
             else _compiled(self.spec, str(self.target))
 

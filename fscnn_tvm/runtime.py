@@ -68,13 +68,12 @@ def _to_numpy(result):
 def schedule_kernels(imported, target, db=None):
     """The module with every sparse kernel scheduled: the best record in ``db`` when there
     is one, else the default schedule. Returns (module, names of kernels left untuned)."""
-    from . import ops, tuning
+    from .tuning import best_schedule
     mod = imported.mod.clone() if hasattr(imported.mod, "clone") else tvm.IRModule(dict(imported.mod.functions))
     untuned = []
     for name, kernel in imported.kernels.items():
-        sch = tuning.tuned_schedule(db, kernel.spec, target) if db is not None else None
-        if sch is None:
-            sch = ops.default_schedule(ops.prim_func(kernel.spec), kernel.spec)
+        sch, tuned = best_schedule(kernel.spec, target, db)
+        if not tuned:
             untuned.append(name)
         # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
         func = sch.mod["main"].with_attr("global_symbol", name).with_attr("op_pattern", 8) \

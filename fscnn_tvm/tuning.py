@@ -285,6 +285,14 @@ def tuned_schedule(db, spec: ops.KernelSpec, target):
     return db.query_schedule(mod, target=target, workload_name="main")
 
 
+def best_schedule(spec: ops.KernelSpec, target, db=None):
+    """(schedule, tuned): the best record in ``db`` when there is one, else the default."""
+    sch = tuned_schedule(db, spec, target) if db is not None else None
+    if sch is not None:
+        return sch, True
+    return ops.default_schedule(ops.prim_func(spec), spec), False
+
+
 def ship(log_dir: str, dest: str, target) -> int:
     """Write the best record of each workload in ``log_dir`` to ``dest`` with the CPU they were
     tuned on (``target.json``), the form ``schedules/`` ships; returns the record count."""
