@@ -86,7 +86,11 @@ def _tune(args):
     print(imported)
     log_dir = args.log or os.path.join("tuning_logs", name)
     rpc = (args.rpc, args.rpc_key) if args.rpc else None
-    print(f"tuning {len(imported.kernels)} sparse kernel(s){' and the dense conv/matmul ops' if args.dense else ''}, "
+    if args.dense:  # the all-dense module sparse is compared against gets tuned too, into the same log
+        print(f"tuning the dense module's conv/matmul ops, {args.trials} trials, log {log_dir}")
+        baseline = import_torch(model, example, target=args.target, sparse=False)
+        tuning.tune(baseline, trials=args.trials, log_dir=log_dir, rpc=rpc, progress=sys.stdout)
+    print(f"tuning {len(imported.kernels)} sparse kernel(s){' and the dense ops beside them' if args.dense else ''}, "
           f"{args.trials} trials, log {log_dir}")
     result = tuning.tune(imported, trials=args.trials, log_dir=log_dir, rpc=rpc, dense=args.dense,
                          progress=sys.stdout)
@@ -160,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="autotune a model's sparse kernels (and dense ops) with meta_schedule")
     _source_args(p, _sparsity)
-    p.add_argument("--trials", type=int, default=64, help="measured candidates in all (resumes an existing log)")
+    p.add_argument("--trials", type=int, default=64,
+                   help="measured candidates for the sparse module and again for the dense module it is compared "
+                        "against (resumes an existing log)")
     p.add_argument("--log", default=None, help="log directory (default tuning_logs/<model>_s<sparsity>)")
-    p.add_argument("--no-dense", dest="dense", action="store_false", help="tune the sparse kernels only")
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="tune the sparse kernels only (no dense op, no dense module)")
     p.add_argument("--rpc", default=None, help="tracker host:port to measure on RPC devices")
     p.add_argument("--rpc-key", default="fscnn", help="device key registered with the tracker")
     p.set_defaults(func=_tune)

@@ -252,7 +252,7 @@ def _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines):
                                      "tvm_sparse": sparse_fns}, ref, budget_s, check, engines, min_runs=5)
         row = {"layer": layer.name, "kind": layer.kind, "shape": "x".join(map(str, layer.weight_shape)),
                "input": "x".join(map(str, layer.x_shape)), "sparsity": round(float(sp.sparsity if sp else 0.0), 3),
-               "format": sp.fmt if sp else "dense"}
+               "format": sp.fmt if sp else "dense", "stride": list(layer.conv_args.get("stride", (1, 1)))}
         row.update(_row(timings))
         rows.append(row)
     return rows

@@ -155,7 +155,7 @@ def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride):
     return te.compute(
         (n_b, n_kb, bo, out_hw[0], out_hw[1]),
         lambda n, kb, io, oh, ow: te.sum(
-            w_data[kb, red_w, io, red_i] * x_flat[n, w_offset[kb, red_w, red_i] + oh * row_stride + ow],
+            w_data[kb, red_w, io, red_i] * x_flat[n, w_offset[kb, red_w, red_i].astype("int32") + oh * row_stride + ow],
             axis=[red_w, red_i]),
         name="acc")
 
@@ -187,6 +187,9 @@ class KernelSpec:
     has_bias: bool
     activation: str | None
     lanes: int  # vector width the padded output row is rounded to
+    # Linear layers' offsets are input columns: int16 when they fit halves the index bytes of
+    # the memory-bound classifiers (a conv's offsets index the whole laid-out input: int32).
+    offset_dtype: str = "int32"
 
     @property
     def out_shape(self):
@@ -202,7 +205,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     """TE tensors (inputs..., output) of the whole sparse layer."""
     n_kb, width, bo, bi = spec.ell_shape
     w_data = te.placeholder(spec.ell_shape, "float32", name="w_data")
-    w_offset = te.placeholder((n_kb, width, bi), "int32", name="w_offset")
+    w_offset = te.placeholder((n_kb, width, bi), spec.offset_dtype, name="w_offset")
     bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
     if spec.kind == "conv2d":
         geo = spec.geo
@@ -357,7 +360,8 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
     if x_shape[0] < 1:
         raise ValueError(f"x: batch must be >= 1, got shape {tuple(x_shape)}")
     return KernelSpec("linear", None, int(x_shape[0]), int(weight_shape[1]), int(weight_shape[0]),
-                      tuple(ell_shape), has_bias, activation, native)
+                      tuple(ell_shape), has_bias, activation, native,
+                      "int16" if weight_shape[1] <= np.iinfo(np.int16).max + 1 else "int32")
 
 
 def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
@@ -365,7 +369,7 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     ell = sparse.ell(ELL_WIDTH_MULTIPLE)
     spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                      **conv_args)
-    offsets = spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols
+    offsets = (spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols).astype(spec.offset_dtype)
     return spec, [ell.data, offsets] + ([bias] if bias is not None else [])
 
 

@@ -332,6 +332,18 @@ def test_sparse_layer_direct(rng):
         fscnn_tvm.SparseLayer("conv2d", w, x.shape, groups=2)
 
 
+
+@pytest.mark.parametrize("fin,dtype", [(32768, np.int16), (32769, np.int32)])
+def test_linear_offsets_int16_where_they_fit(rng, fin, dtype):
+    # The last column is the one an int16 offset must still reach (or overflow into a wrong read).
+    w = np.zeros((3, fin), np.float32)
+    w[:, -1] = [1.0, 2.0, 3.0]
+    w[1, :: 997] = rng.standard_normal(len(range(0, fin, 997)))
+    x = rng.standard_normal((2, fin)).astype(np.float32)
+    layer = fscnn_tvm.SparseLayer("linear", w, x.shape)
+    assert layer.arrays[1].dtype == dtype
+    assert_matches(layer(x), torch_linear(x, w))
+
 # ----------------------------------------------------------------------------- errors
 
 X = np.ones((1, 4, 8, 8), np.float32)
