@@ -242,3 +242,21 @@ def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fscnn_tvm"):
         assert runtime._shipped("some-other-cpu", str(shipped)) is None
     assert "were tuned for" in caplog.text and "ignored" in caplog.text
+
+
+def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_against(tmp_path, capsys):
+    from fscnn_tvm.cli import main as cli
+    model, x = _model()
+    program = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(model, (x,)), program)
+    log_dir = str(tmp_path / "log")
+    assert cli(["tune", "--program", program, "--trials", "12", "--log", log_dir]) == 0
+    out = capsys.readouterr().out
+    assert "tuning the dense module's conv/matmul ops" in out and "best_ms" in out
+    db = tuning.open_database(log_dir)
+    sparse = fscnn_tvm.import_torch(torch.export.load(program), (x,))
+    baseline = fscnn_tvm.import_torch(torch.export.load(program), (x,), sparse=False)
+    for imported in (sparse, baseline):
+        counts = {t.name: tuning._records_for(db, t.mod)
+                  for t in tuning.extract_tasks(imported, str(tmp_path / "args"), dense=imported is baseline)}
+        assert counts and all(n > 0 for n in counts.values()), counts
