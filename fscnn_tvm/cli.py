@@ -29,8 +29,6 @@ def _block(text):
 
 def load_model(args):
     """(model or ExportedProgram, example inputs, name) from --model/--program, pruned as asked."""
-    import torch
-
     from . import prune, zoo
     from .importer import load_program
     if args.program:
@@ -39,12 +37,8 @@ def load_model(args):
         return program, example, os.path.basename(args.program)
     model, shape = zoo.get_model(args.model)
     if args.sparsity > 0:
-        if args.prune == "block":
-            prune.prune_blocks(model, args.sparsity, block=args.block or (8, 1))
-        else:
-            prune.prune_magnitude(model, args.sparsity, scope=args.prune)
-    x = torch.randn((args.batch, *shape[1:]), generator=torch.Generator().manual_seed(0))
-    return model, (x,), f"{args.model}_s{round(args.sparsity * 100)}"
+        prune.prune_model(model, args.sparsity, args.prune, args.block)
+    return model, (zoo.example_input(shape, args.batch),), f"{args.model}_s{round(args.sparsity * 100)}"
 
 
 def _import(args):

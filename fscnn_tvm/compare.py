@@ -156,22 +156,18 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
     log_dir = tuning_log or (os.path.join("tuning_logs", f"{name}_b{batch}") if trials else None)
     result = {"model": name, "batch": batch, "fmt": fmt, "block": block, "prune": prune_mode, "trials": trials,
               "tuning_log": log_dir, "machine": bench.machine_info(threads), "points": []}
+    if program is not None:  # used as it is (static shapes, so its own example shapes) at every level
+        exported = load_program(program)
+        gen = torch.Generator().manual_seed(0)
+        example = tuple(torch.randn(t.shape, generator=gen) for t in exported.example_inputs[0])
     for sparsity in sparsities:
-        if program is not None:  # used as it is: static shapes, so its own example shapes
-            exported = load_program(program)
+        if program is not None:
             model, source = exported.module(), exported
-            gen = torch.Generator().manual_seed(0)
-            example = tuple(torch.randn(t.shape, generator=gen) for t in exported.example_inputs[0])
-        else:
-            kwargs = {"input_size": input_size} if input_size else {}
-            model, shape = zoo.get_model(model_name, **kwargs)
-            example = (torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0)),)
-            source = model
-        if program is None and sparsity > 0:
-            if prune_mode == "block":
-                prune.prune_blocks(model, sparsity, block=block or (8, 1))
-            else:
-                prune.prune_magnitude(model, sparsity, scope=prune_mode)
+        else:  # a fresh model per level: pruning works in place
+            model, shape = zoo.get_model(model_name, **({"input_size": input_size} if input_size else {}))
+            example, source = (zoo.example_input(shape, batch),), model
+            if sparsity > 0:
+                prune.prune_model(model, sparsity, prune_mode, block)
         say(f"== sparsity {sparsity:.2f}: importing")
         sparse_imp = import_torch(source, example, threshold, fmt, block, target)
         dense_imp = import_torch(source, example, target=target, sparse=False)

@@ -122,6 +122,14 @@ def prune_blocks(model: nn.Module, sparsity: float, block=(4, 1), norm: str = "l
 
 # ---------------------------------------------------------------------------------- helpers
 
+def prune_model(model: nn.Module, sparsity: float, mode: str = "layer", block=None) -> PruneReport:
+    """Prune ``model`` in place as the tools' ``--prune`` names it: ``"layer"`` or ``"global"``
+    magnitude pruning, or ``"block"`` (whole blocks, 8x1 unless ``block`` says otherwise)."""
+    if mode == "block":
+        return prune_blocks(model, sparsity, block=block or (8, 1))
+    return prune_magnitude(model, sparsity, scope=mode)
+
+
 def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k smallest entries of 1-D ``scores``, ties to the lowest index.
 

@@ -251,6 +251,11 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def example_input(shape, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """The seeded random input the tools feed a zoo model: the same numbers in every run."""
+    return torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+
 def get_model(name: str, **kw) -> tuple[nn.Module, tuple[int, int, int, int]]:
     """``(model in eval mode, example input shape)``; ``kw`` go to the constructor
     (``seed``, ``num_classes``, and for VGG ``batch_norm``, ``input_size``)."""

@@ -28,7 +28,7 @@ def main():
     log_dir = args.log or f"tuning_logs/bench_{args.model}_s{round(args.sparsity * 100)}"
     model, shape = zoo.get_model(args.model)
     prune.prune_magnitude(model, args.sparsity)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = zoo.example_input(shape)
     sparse = fscnn_tvm.import_torch(model, (x,))
     dense = fscnn_tvm.import_torch(model, (x,), sparse=False)
     start = time.time()

@@ -332,3 +332,16 @@ def test_numpy_block_and_sparsity_accepted():
     net = small_net()
     prune.prune_blocks(net, np.float32(0.5), (np.int64(2), np.int64(2)))
     assert prune.model_sparsity(net) > 0.3
+
+
+@pytest.mark.parametrize("mode,block", [("layer", None), ("global", None), ("block", None), ("block", (4, 1))])
+def test_prune_model_dispatches_like_the_tools_option(mode, block):
+    via_option, direct = small_net(), small_net()
+    report = prune.prune_model(via_option, 0.5, mode, block)
+    if mode == "block":
+        prune.prune_blocks(direct, 0.5, block=block or (8, 1))
+    else:
+        prune.prune_magnitude(direct, 0.5, scope=mode)
+    assert len(report) > 0
+    for name, w in weights(via_option).items():
+        assert torch.equal(w, weights(direct)[name]), name
