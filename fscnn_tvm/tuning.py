@@ -83,6 +83,7 @@ class Task:
     weight: float
     space: object  # a SpaceGenerator or "post-order-apply"
     layers: list
+    spec: ops.KernelSpec | None = None  # sparse kernels only
 
 
 def sparse_space(spec: ops.KernelSpec):
@@ -111,7 +112,7 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
         # Real weights, offsets and bias; x and the output are filled at random.
         arrays = {f"a{i + 1}": a for i, a in enumerate(kernel.arrays)}
         np.savez(os.path.join(args_dir, args_key(info) + ".npz"), **arrays)
-        tasks.append(Task(name, mod, float(len(kernel.layers)), sparse_space(kernel.spec), kernel.layers))
+        tasks.append(Task(name, mod, float(len(kernel.layers)), sparse_space(kernel.spec), kernel.layers, kernel.spec))
     if dense:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
         from tvm import relax
@@ -158,6 +159,13 @@ def _drop_bad_lines(path: str):
         with open(path, "w") as f:
             f.writelines(good)
         log.warning("%s: kept %d good record(s); the original is saved as %s.bad", path, len(good), path)
+
+
+def _has_trace(db, mod, trace) -> bool:
+    if not db.has_workload(mod):
+        return False
+    text = str(trace)
+    return any(str(r.trace) == text for r in db.get_top_k(db.commit_workload(mod), 10**6))
 
 
 def _records_for(db, mod) -> int:
@@ -216,6 +224,9 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     tasks = extract_tasks(imported, args_dir, dense)
     if not tasks:
         raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
+    builder = ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
+    runner = _runner(rpc, args_dir)
+    _record_defaults([t for t in tasks if t.spec is not None], target, builder, runner, db)
     before = {t.name: _records_for(db, t.mod) for t in tasks}
     remaining = trials - sum(before.values())
     result = TuneResult(log_dir, tasks, before, dict(before))
@@ -234,8 +245,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     start = time.time()
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
                   max_trials_global=remaining, num_trials_per_iter=min(per_iter, remaining),
-                  builder=ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120),
-                  runner=_runner(rpc, args_dir), database=db, cost_model="xgb", measure_callbacks=callbacks)
+                  builder=builder, runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks)
     result.records = {t.name: _records_for(db, t.mod) for t in tasks}
     if sum(result.records.values()) <= sum(before.values()):
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
@@ -262,6 +272,32 @@ class TuneResult:
                          "records": self.records[t.name],
                          "best_ms": float(np.median(secs)) * 1e3 if secs else float("nan")})
         return rows
+
+
+def _record_defaults(tasks, target, builder, runner, db):
+    """Measure each sparse task's default schedule, unless the log has it, and record it like
+    any candidate. The search then starts from it (evolutionary search seeds its population from
+    the database), and a task's best record is never slower than what ``compile`` runs without
+    a log, even when a small budget over many tasks leaves a task only a few candidates."""
+    schedules = [ops.default_schedule(t.mod["main"], t.spec) for t in tasks]
+    missing = [i for i, (t, sch) in enumerate(zip(tasks, schedules)) if not _has_trace(db, t.mod, sch.trace)]
+    tasks, schedules = [tasks[i] for i in missing], [schedules[i] for i in missing]
+    if not tasks:
+        return
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    args = [ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]) for t in tasks]
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
+    for i, future in zip(ok, futures):
+        result = future.result()
+        if result.error_msg is None:
+            db.commit_tuning_record(ms.database.TuningRecord(
+                schedules[i].trace, db.commit_workload(tasks[i].mod), [float(v) for v in result.run_secs], target,
+                args[i]))
+    failed = [tasks[i].name for i in range(len(tasks))
+              if built[i].error_msg is not None or not _records_for(db, tasks[i].mod)]
+    if failed:
+        log.warning("default schedule failed to build or run for %s; tuning them from scratch", ", ".join(failed))
 
 
 def _runner(rpc, args_dir):

@@ -43,6 +43,13 @@ def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
     assert all(n > 0 for n in result.records.values()), result.records  # every kernel was measured
     rows = result.summary(imported.target)
     assert all(np.isfinite(r["best_ms"]) and r["best_ms"] > 0 for r in rows)
+    # The default schedule was measured and recorded too: the search starts from it, and the
+    # best record can never be slower than running without a log.
+    db = tuning.open_database(log_dir)
+    for task in tuning.extract_tasks(imported, str(tmp_path / "args"), dense=False):
+        default = str(fscnn_tvm.ops.default_schedule(task.mod["main"], task.spec).trace)
+        records = db.get_top_k(db.commit_workload(task.mod), 10**6)
+        assert any(str(r.trace) == default for r in records), task.name
     with open(os.path.join(log_dir, RECORDS)) as f:  # TVM's own JSON database format
         assert sum(1 for line in f if line.strip()) == sum(result.records.values())
     _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
