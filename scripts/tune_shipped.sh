@@ -25,8 +25,8 @@ job vgg16_224_s60_avx512 "$AVX512" 200 --model vgg16 --sparsity 0.6 --no-dense
 job vgg16_224_b8x1_s90_avx512 "$AVX512" 200 --model vgg16 --sparsity 0.9 --prune block --block 8x1 --fmt bsr --no-dense
 job vgg16_cifar_s90_avx512 "$AVX512" 680 --model vgg16_cifar --sparsity 0.9  # what `make demo` runs
 # AVX2 (+FMA): every zoo model at 90 %.
-job vgg16_cifar_s90_avx2 "$AVX2" 200 --model vgg16_cifar --sparsity 0.9
-job vgg16_224_s90_avx2 "$AVX2" 200 --model vgg16 --sparsity 0.9
-job resnet18_s90_avx2 "$AVX2" 200 --model resnet18 --sparsity 0.9
-job resnet50_s90_avx2 "$AVX2" 200 --model resnet50 --sparsity 0.9
-job mobilenet_v2_s90_avx2 "$AVX2" 200 --model mobilenet_v2 --sparsity 0.9
+job vgg16_cifar_s90_avx2 "$AVX2" 150 --model vgg16_cifar --sparsity 0.9
+job vgg16_224_s90_avx2 "$AVX2" 150 --model vgg16 --sparsity 0.9
+job resnet18_s90_avx2 "$AVX2" 150 --model resnet18 --sparsity 0.9
+job resnet50_s90_avx2 "$AVX2" 150 --model resnet50 --sparsity 0.9
+job mobilenet_v2_s90_avx2 "$AVX2" 150 --model mobilenet_v2 --sparsity 0.9
