@@ -11,7 +11,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .target import resolve_target
+from .target import mcpu_lanes, resolve_target
 
 log = logging.getLogger("fscnn_tvm")
 
@@ -91,15 +91,16 @@ def shipped_database(target, directory=SHIPPED):
 
 @functools.lru_cache(maxsize=4)
 def _shipped(mcpu, directory):
-    """The pre-tuned records shipped in ``schedules/`` for this target's CPU, merged, or None.
-    Each folder there says in ``target.json`` which CPU it was tuned on; others are skipped
-    with a message (their schedules would be slow or illegal here)."""
+    """The pre-tuned records shipped in ``schedules/`` for this target's vector ISA, merged, or
+    None. Each folder there says in ``target.json`` which CPU it was tuned for; a folder applies
+    to every CPU with the same SIMD width (its tiles assume that many lanes, and its kernels are
+    built for that width), others are skipped."""
     if not os.path.isdir(directory):
         return None
     from tvm.s_tir import meta_schedule as ms
 
     from . import tuning
-    merged, used = ms.database.MemoryDatabase(), []
+    merged, used, ignored = ms.database.MemoryDatabase(), [], []
     for name in sorted(os.listdir(directory)):
         folder = os.path.join(directory, name)
         meta = os.path.join(folder, "target.json")
@@ -107,14 +108,19 @@ def _shipped(mcpu, directory):
             continue
         with open(meta) as f:
             tuned_for = json.load(f).get("mcpu", "")
-        if tuned_for != mcpu:
-            log.warning("shipped schedules %s were tuned for %s, this target is %s: ignored", name, tuned_for,
-                        mcpu or "?")
+        if mcpu_lanes(tuned_for) != mcpu_lanes(mcpu):
+            ignored.append(f"{name} (tuned for {tuned_for})")
             continue
         for record in tuning.open_database(folder).get_all_tuning_records():
             merged.commit_workload(record.workload.mod)
             merged.commit_tuning_record(record)
         used.append(name)
+    if ignored and not used:
+        log.warning("shipped schedules %s were tuned for other SIMD widths than this target's (%s, %d float32 lanes): "
+                    "ignored, default schedules run; `fscnn-tvm tune` tunes for this CPU", ", ".join(ignored),
+                    mcpu or "?", mcpu_lanes(mcpu))
+    elif ignored:
+        log.info("shipped schedules in use: %s; ignored (other SIMD widths): %s", ", ".join(used), ", ".join(ignored))
     return merged if used else None
 
 

@@ -126,7 +126,11 @@ def resolve_target(target=None) -> tvm.target.Target:
 
 def vector_lanes(target: tvm.target.Target) -> int:
     """float32 lanes of one SIMD register for the target's CPU."""
-    mcpu = str(target.attrs.get("mcpu", ""))
+    return mcpu_lanes(str(target.attrs.get("mcpu", "")))
+
+
+def mcpu_lanes(mcpu: str) -> int:
+    """float32 lanes of one SIMD register of an LLVM CPU name (4 when unknown)."""
     if mcpu in ("znver4", "znver5", "skylake-avx512", "icelake-server", "sapphirerapids", "cascadelake"):
         return 16
     if mcpu in ("znver3", "znver2", "znver1", "haswell", "broadwell", "skylake", "alderlake"):

@@ -246,6 +246,10 @@ def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
     assert db is not None
     _, untuned = runtime.schedule_kernels(imported, imported.target, db)
     assert untuned == []
+    # Records apply to every CPU of the same SIMD width (AVX-512 records on any AVX-512 CPU, ...).
+    same_width = {"znver4": "skylake-avx512", "znver3": "haswell"}.get(mcpu)
+    if same_width:
+        assert runtime._shipped(same_width, str(shipped)) is not None
     with caplog.at_level("WARNING", logger="fscnn_tvm"):
         assert runtime._shipped("some-other-cpu", str(shipped)) is None
     assert "were tuned for" in caplog.text and "ignored" in caplog.text
