@@ -294,10 +294,10 @@ def _record_defaults(tasks, target, builder, runner, db):
             db.commit_tuning_record(ms.database.TuningRecord(
                 schedules[i].trace, db.commit_workload(tasks[i].mod), [float(v) for v in result.run_secs], target,
                 args[i]))
-    failed = [tasks[i].name for i in range(len(tasks))
-              if built[i].error_msg is not None or not _records_for(db, tasks[i].mod)]
+    failed = [t.name for t, sch in zip(tasks, schedules) if not _has_trace(db, t.mod, sch.trace)]
     if failed:
-        log.warning("default schedule failed to build or run for %s; tuning them from scratch", ", ".join(failed))
+        log.warning("the default schedule of %s failed to build or run; their search starts without it",
+                    ", ".join(failed))
 
 
 def _runner(rpc, args_dir):
