@@ -291,11 +291,6 @@ def format_model_report(result: dict) -> str:
 
 
 def markdown_report(result: dict) -> str:
-    def md_table(rows, cols):
-        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in rows:
-            out.append("| " + " | ".join(bench._fmt(r.get(c, "")) for c in cols) + " |")
-        return "\n".join(out)
     m = result["machine"]
     parts = [f"# {result['model']}: sparse vs dense", "",
              f"{m['cpu']} ({m['isa']}, {m['cores']} cores), {m['threads']} threads for every engine, "
@@ -303,12 +298,12 @@ def markdown_report(result: dict) -> str:
              f"schedules: {result['tuning_log']}.",
              "Speedup = best dense (min of PyTorch, TVM dense) / TVM sparse. Medians; outputs checked equal first.",
              "", "## End to end", "",
-             md_table([{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]],
+             bench.markdown_table([{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]],
                       ["sparsity", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup"]),
              "", f"Break-even sparsity end to end: {result['break_even_end_to_end']}"]
     for p in result["points"]:
         if p["layers"]:
-            parts += ["", f"## Per layer at sparsity {p['sparsity']:.2f}", "", md_table(p["layers"], LAYER_COLUMNS)]
+            parts += ["", f"## Per layer at sparsity {p['sparsity']:.2f}", "", bench.markdown_table(p["layers"], LAYER_COLUMNS)]
     return "\n".join(parts) + "\n"
 
 

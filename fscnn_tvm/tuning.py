@@ -161,17 +161,17 @@ def _drop_bad_lines(path: str):
         log.warning("%s: kept %d good record(s); the original is saved as %s.bad", path, len(good), path)
 
 
-def _has_trace(db, mod, trace) -> bool:
-    if not db.has_workload(mod):
-        return False
-    text = str(trace)
-    return any(str(r.trace) == text for r in db.get_top_k(db.commit_workload(mod), 10**6))
+def _records(db, mod) -> list:
+    return db.get_top_k(db.commit_workload(mod), 10**6) if db.has_workload(mod) else []
 
 
 def _records_for(db, mod) -> int:
-    if not db.has_workload(mod):
-        return 0
-    return len(db.get_top_k(db.commit_workload(mod), 10**6))
+    return len(_records(db, mod))
+
+
+def _has_trace(db, mod, trace) -> bool:
+    text = str(trace)
+    return any(str(r.trace) == text for r in _records(db, mod))
 
 
 @derived_object

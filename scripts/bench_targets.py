@@ -13,7 +13,7 @@ Rows (targets from the performance issue; "layers" means every such layer of the
   Memory at 90 %: the weights the compiled sparse module holds (ELL values + offsets) <= 20 % of
   the dense bytes of the same layers; CSR storage with int32 and with int16 indices shown too.
 
-    python scripts/bench_targets.py                 # ~20 min on 2 cores
+    python scripts/bench_targets.py                 # ~9 min on 2 cores
     python scripts/bench_targets.py --only memory,vgg16_90 --budget 0.3
 Writes scripts/results/targets.{md,json}.
 """
@@ -157,10 +157,8 @@ def main(argv=None):
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     bench.dump_json(args.out + ".json", {"machine": machine, "rows": rows, "raw": raw})
-    md = ["# Performance targets", "", head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(bench._fmt(r[c]) for c in cols) + " |" for r in rows]
     with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+        f.write("\n".join(["# Performance targets", "", head, "", bench.markdown_table(rows, cols)]) + "\n")
     print(f"wrote {args.out}.md and {args.out}.json")
     return 0 if all(r["result"] != "FAIL" for r in rows) else 1
 
