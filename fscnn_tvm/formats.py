@@ -62,16 +62,64 @@ def _check_block(block) -> tuple[int, int]:
     return bo, bi
 
 
+# Sorted block rows are dealt out in groups of this many, heaviest and lightest alternating:
+# a kernel's tile of adjacent rows (at most 8 here) then holds rows of near-equal length, while
+# any contiguous share of the rows, which is what a static parallel loop gives each thread,
+# holds about the average work.
+SORT_GROUP = 16
+
+
 @dataclass(frozen=True)
 class Ell:
     """Blocked ELL table: every block row holds ``width`` blocks of ``bo x bi`` values.
 
     ``data[kb, w, io, ii]`` multiplies column ``cols[kb, w, ii]``. Rows shorter than ``width``
     are padded with zero blocks pointing at column 0, so padding reads valid memory and adds 0.
+    Only the first ``lengths[kb]`` slots of a block row hold blocks, so a kernel may stop there.
+
+    Block rows are stored grouped by length (``order[kb]`` is the matrix block row held by
+    table row kb), so a tile of adjacent rows pads little; ``perm`` maps each table channel to
+    its matrix row (output channel). A partial last block row stays last, so table channels
+    ``0 .. rows-1`` are exactly the real ones.
     """
     data: np.ndarray  # (KB, W, bo, bi) float32
     cols: np.ndarray  # (KB, W, bi) int32
     rows: int  # the unpadded number of output rows (channels)
+    lengths: np.ndarray  # (KB,) int32
+    order: np.ndarray  # (KB,) int32
+
+    @property
+    def perm(self) -> np.ndarray:
+        bo = self.data.shape[2]
+        channel = np.arange(self.rows)
+        return (self.order[channel // bo] * bo + channel % bo).astype(INDEX_DTYPE)
+
+
+def _row_order(lengths: np.ndarray, full_rows: int) -> np.ndarray:
+    """Block rows by length, groups of SORT_GROUP dealt heaviest, lightest, next heaviest...;
+    rows from ``full_rows`` on (a partial last block) stay at the end."""
+    by_length = np.argsort(-lengths[:full_rows], kind="stable")
+    groups = [by_length[i:i + SORT_GROUP] for i in range(0, full_rows, SORT_GROUP)]
+    dealt = [groups[i // 2] if i % 2 == 0 else groups[-1 - i // 2] for i in range(len(groups))]
+    return np.concatenate(dealt + [np.arange(full_rows, len(lengths))]).astype(INDEX_DTYPE)
+
+
+def _ell(lengths, width_multiple, values, columns, block, rows) -> Ell:
+    """The table of blocks ``values`` (nnz, bo, bi) at ``columns`` (nnz, bi), block row j
+    holding ``lengths[j]`` of them in order."""
+    n_brows, bo = len(lengths), block[0]
+    order = _row_order(lengths, rows // bo)
+    width = _round_up(max(1, int(lengths.max())), width_multiple)
+    table_row = np.empty(n_brows, np.int64)
+    table_row[order] = np.arange(n_brows)
+    starts = np.cumsum(lengths) - lengths
+    slot = np.arange(len(values)) - np.repeat(starts, lengths)
+    row_of = np.repeat(table_row, lengths)
+    data = np.zeros((n_brows, width) + values.shape[1:], np.float32)
+    cols = np.zeros((n_brows, width, columns.shape[1]), INDEX_DTYPE)
+    data[row_of, slot] = values
+    cols[row_of, slot] = columns
+    return Ell(data, cols, rows, lengths[order].astype(INDEX_DTYPE), order)
 
 
 class SparseMatrix:
@@ -133,15 +181,8 @@ class CSR(SparseMatrix):
         return dense.reshape(self.shape)
 
     def ell(self, width_multiple: int = 1) -> Ell:
-        lengths = np.diff(self.indptr)
-        width = _round_up(max(1, int(lengths.max())), width_multiple)
-        data = np.zeros((self.rows, width), np.float32)
-        cols = np.zeros((self.rows, width), INDEX_DTYPE)
-        slot = np.arange(self.nnz) - np.repeat(self.indptr[:-1], lengths)
-        row_of = np.repeat(np.arange(self.rows), lengths)
-        data[row_of, slot] = self.data
-        cols[row_of, slot] = self.indices
-        return Ell(data[:, :, None, None], cols[:, :, None], self.rows)
+        return _ell(np.diff(self.indptr), width_multiple, self.data[:, None, None], self.indices[:, None],
+                    (1, 1), self.rows)
 
 
 class BSR(SparseMatrix):
@@ -189,19 +230,11 @@ class BSR(SparseMatrix):
         return np.ascontiguousarray(self._padded()[:self.rows, :self.cols]).reshape(self.shape)
 
     def ell(self, width_multiple: int = 1) -> Ell:
-        bo, bi = self.block
-        lengths = np.diff(self.indptr)
-        n_brows = len(lengths)
-        width = _round_up(max(1, int(lengths.max())), width_multiple)
-        data = np.zeros((n_brows, width, bo, bi), np.float32)
-        cols = np.zeros((n_brows, width, bi), INDEX_DTYPE)
-        slot = np.arange(self.nnz_blocks) - np.repeat(self.indptr[:-1], lengths)
-        brow_of = np.repeat(np.arange(n_brows), lengths)
-        data[brow_of, slot] = self.data
+        bi = self.block[1]
         col = self.indices[:, None] * bi + np.arange(bi)[None, :]
         # Columns past the matrix edge hold zero weights; point them at column 0 to stay in bounds.
-        cols[brow_of, slot] = np.where(col < self.cols, col, 0)
-        return Ell(data, cols, self.rows)
+        return _ell(np.diff(self.indptr), width_multiple, self.data, np.where(col < self.cols, col, 0),
+                    self.block, self.rows)
 
 
 def to_csr(weight) -> CSR:

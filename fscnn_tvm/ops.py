@@ -13,9 +13,9 @@ Compute (what) and schedule (how) are separate functions; ``build`` joins them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import tvm
@@ -202,10 +202,14 @@ class KernelSpec:
 
 
 def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
-    """TE tensors (inputs..., output) of the whole sparse layer."""
+    """TE tensors (inputs..., output) of the whole sparse layer. The layer's channels come in
+    the ELL table's order; ``w_length`` (slots in use per block row) and ``w_perm`` (the output
+    channel of each table channel) are read by ``lower_sparse``, which TE cannot express."""
     n_kb, width, bo, bi = spec.ell_shape
     w_data = te.placeholder(spec.ell_shape, "float32", name="w_data")
     w_offset = te.placeholder((n_kb, width, bi), spec.offset_dtype, name="w_offset")
+    w_length = te.placeholder((n_kb,), "int32", name="w_length")
+    w_perm = te.placeholder((spec.out_features,), "int32", name="w_perm")
     bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
     if spec.kind == "conv2d":
         geo = spec.geo
@@ -218,7 +222,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
         x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
         acc = sparse_accumulate_compute(x, w_data, w_offset, (1, 1), 0)
     out = epilogue_compute(acc, spec.out_shape, bias, spec.activation)
-    return [x, w_data, w_offset] + ([bias] if bias is not None else []) + [out]
+    return [x, w_data, w_offset, w_length, w_perm] + ([bias] if bias is not None else []) + [out]
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -236,6 +240,9 @@ class FixedDecisions:
     def unroll_limit(self, sch, loop):
         return None
 
+    def tile_bound(self, sch, loop):
+        sch.annotate(loop, TILE_BOUND, 1)
+
 
 class SampledDecisions:
     """Decisions sampled by meta_schedule, so the tuner can search and mutate them."""
@@ -249,6 +256,9 @@ class SampledDecisions:
         sch.annotate(loop, "pragma_unroll_explicit", 1)
         return limit
 
+    def tile_bound(self, sch, loop):
+        sch.annotate(loop, TILE_BOUND, sch.sample_categorical([0, 1], [0.5, 0.5]))
+
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
 # changes which primitives run cannot be a sampled decision).
@@ -259,14 +269,15 @@ VARIANTS = ("channels", "channels+rows", "rows+channels")
 
 
 def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecisions(),
-                    variant: str = "rows+channels") -> tvm.s_tir.Schedule:
+                    variant: str = "rows+channels", seed: int | None = None) -> tvm.s_tir.Schedule:
     """Register-blocked schedule. Conv: a tile of (channels x output rows x whole vectors of
     output pixels) stays in registers across the nonzero loop, which sits outside the
     vector loops, so each weight is broadcast once per tile and each input vector loaded once
     per tile; bias and activation are applied on the way out; tiles run in parallel over
     (batch, channel tiles[, row tiles]). Linear: block rows in parallel.
-    ``decide`` fixes or samples the tile sizes; ``variant`` picks the parallel loop."""
-    sch = tvm.s_tir.Schedule(func)
+    ``decide`` fixes or samples the tile sizes (``seed``: of the sampling, 1 .. 2**31-1; None: random) and
+    whether each tile's nonzero loop is bounded (TILE_BOUND); ``variant`` picks the parallel loop."""
+    sch = tvm.s_tir.Schedule(func, seed=seed)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     _, _, bo, _ = spec.ell_shape
     n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
@@ -275,6 +286,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     # register tile beat one row of up to 8 vectors by 10-50 % (what the tuner finds too).
     csr_tile = bo == 1 and spec.kind == "conv2d"
     w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
+    decide.tile_bound(sch, w_o)
     kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo),
                                            [None, _largest_divisor(n_kb, 4) if csr_tile else 1]))
     if spec.kind == "conv2d":
@@ -318,6 +330,105 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
     return schedule_sparse(func, spec)
+
+
+# ----------------------------------------------------------------------------- lowering
+# Two things the kernel does that TE cannot say, applied to the scheduled function (TVM's
+# Python API has no statement mutator, hence the small rebuild below).
+
+# Loop annotation set by the schedule (a sampled decision when tuning): 1 = stop this
+# nonzero loop at the longest row of the tile instead of the table width.
+TILE_BOUND = "fscnn_tile_bound"
+
+
+def _rebuild(stmt, post):
+    """``stmt`` rebuilt bottom-up with ``post(node)`` replacing each node (None keeps it);
+    covers the statements a scheduled sparse kernel holds."""
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    tirx = tvm.tirx
+    new = stmt
+    if isinstance(stmt, tirx.For):
+        body = _rebuild(stmt.body, post)
+        if not body.same_as(stmt.body):
+            new = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                           stmt.annotations)
+    elif isinstance(stmt, tirx.SeqStmt):
+        seq = [_rebuild(s, post) for s in stmt.seq]
+        if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
+            new = tirx.SeqStmt(seq)
+    elif isinstance(stmt, SBlockRealize):
+        block = _rebuild(stmt.block, post)
+        if not block.same_as(stmt.block):
+            new = SBlockRealize(stmt.iter_values, stmt.predicate, block)
+    elif isinstance(stmt, SBlock):
+        body = _rebuild(stmt.body, post)
+        if not body.same_as(stmt.body):
+            new = SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
+                         stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+    replaced = post(new)
+    return new if replaced is None else replaced
+
+
+def _visit(stmt, found):
+    """Every node under ``stmt`` (itself included) into ``found``, children first."""
+    _rebuild(stmt, lambda node: found.append(node))
+    return found
+
+
+def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel as it runs: the epilogue stores table channel k to output channel
+    ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
+    its register tile (``w_length``), so a tile of short rows skips the table's padding. Other
+    functions pass through unchanged."""
+    from tvm.s_tir.stmt import SBlock
+    tirx = tvm.tirx
+    params = {p.name: p for p in func.params}
+    if "w_perm" not in params:
+        return func
+
+    def post(node):
+        if isinstance(node, SBlock) and node.name_hint == "out":
+            store = node.body
+            index = list(store.indices)
+            index[1] = params["w_perm"][index[1]]
+            return SBlock(node.iter_vars, node.reads, node.writes, node.name_hint,
+                          tirx.BufferStore(store.buffer, store.value, index), node.init, node.alloc_buffers,
+                          node.match_buffers, node.annotations)
+        if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
+            annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
+            extent = _tile_bound(node, params["w_length"]) if int(node.annotations[TILE_BOUND]) else node.extent
+            return tirx.For(node.loop_var, node.min, extent, node.kind, node.body, node.thread_binding, annotations)
+        return None
+
+    return func.with_body(_rebuild(func.body, post))
+
+
+def _tile_bound(loop, w_length):
+    """ceil(longest row of the tile / slots per iteration of ``loop``): the update block's
+    block-row binding evaluated at every value of the loops inside ``loop`` it depends on."""
+    import itertools
+
+    from tvm.s_tir.stmt import SBlockRealize
+    update = next(n for n in _visit(loop.body, []) if isinstance(n, SBlockRealize)
+                  and n.block.name_hint == "acc_update")
+    kb_binding, width = update.iter_values[1], int(update.block.iter_vars[5].dom.extent)
+    depends = tvm.tirx.analysis.undefined_vars(kb_binding)
+    inner = [n for n in _visit(loop.body, []) if isinstance(n, tvm.tirx.For)
+             and any(v.same_as(n.loop_var) for v in depends)]
+    rows = []
+    for values in itertools.product(*(range(int(n.extent)) for n in inner)):
+        analyzer = tvm.sym.Analyzer()
+        for n, v in zip(inner, values):
+            analyzer.bind(n.loop_var, v)
+        rows.append(w_length[analyzer.simplify(kb_binding)])
+    longest = functools.reduce(tvm.tirx.max, rows)
+    per_iteration = width // int(loop.extent)
+    return tvm.tirx.floordiv(longest + per_iteration - 1, per_iteration) if per_iteration > 1 else longest
+
+
+def kernel_func(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
+    """A scheduled sparse kernel, lowered to what runs."""
+    return lower_sparse(sch.mod["main"])
 
 
 def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
@@ -370,18 +481,21 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                      **conv_args)
     offsets = (spec.geo.offsets(ell.cols) if kind == "conv2d" else ell.cols).astype(spec.offset_dtype)
-    return spec, [ell.data, offsets] + ([bias] if bias is not None else [])
+    return spec, [ell.data, offsets, ell.lengths, ell.perm] + ([bias[ell.perm]] if bias is not None else [])
 
 
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
     return te.create_prim_func(sparse_compute(spec))
 
 
-@lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _compiled(spec: KernelSpec, target_json: str):
     target = tvm.target.Target(target_json)
-    sch = default_schedule(prim_func(spec), spec)
-    return tvm.compile(sch.mod, target=target).jit()["main"]
+    return _build(default_schedule(prim_func(spec), spec), target)
+
+
+def _build(sch, target):
+    return tvm.compile(tvm.IRModule({"main": kernel_func(sch)}), target=target).jit()["main"]
 
 
 class SparseLayer:
@@ -408,8 +522,7 @@ class SparseLayer:
         if tuning_db is not None:
             from .tuning import best_schedule
             sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
-        self._func = tvm.compile(sch.mod, target=self.target).jit()["main"] if self.tuned \
-            else _compiled(self.spec, str(self.target))
+        self._func = _build(sch, self.target) if self.tuned else _compiled(self.spec, str(self.target))
 
     def __call__(self, x) -> np.ndarray:
         x = F.as_weight(x, "x")

@@ -41,9 +41,12 @@ class TuningError(RuntimeError):
 # These run in meta_schedule's worker processes; they are module-level so they pickle by name.
 
 def build_module(mod, target, _params):
-    """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start)."""
+    """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start);
+    a sparse kernel is lowered as ``compile`` will run it."""
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    mod = tvm.IRModule({gv: ops.lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
+                        for gv, f in mod.functions.items()})
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 

@@ -31,7 +31,14 @@ def dense_from_ell(sparse):
     np.add.at(out, (kb * bo + io, ell.cols[kb, w, ii]), ell.data[kb, w, io, ii])
     # Rows past the matrix (block padding) must not receive anything.
     assert not out[sparse.rows:].any()
-    return out[:sparse.rows].astype(np.float32)
+    # Slots past a row's length are padding: a kernel that stops at the length loses nothing.
+    for row, length in enumerate(ell.lengths):
+        assert not ell.data[row, length:].any()
+    assert sorted(ell.order) == list(range(n_kb))
+    assert sorted(ell.perm) == list(range(sparse.rows))
+    dense = np.zeros((sparse.rows, sparse.cols), np.float32)
+    dense[ell.perm] = out[:sparse.rows]
+    return dense
 
 
 CONV = (6, 3, 3, 3)
@@ -226,14 +233,39 @@ def test_csr_ell_padding_is_zero():
     ell = to_csr(w).ell()
     assert ell.data.shape == (3, 3, 1, 1)
     data, cols = ell.data[:, :, 0, 0], ell.cols[:, :, 0]
-    np.testing.assert_array_equal(data, [[1, 2, 3], [0, 0, 0], [4, 0, 0]])
+    # Rows by length: 0 (3 nonzeros), 2 (1), 1 (empty).
+    np.testing.assert_array_equal(ell.perm, [0, 2, 1])
+    np.testing.assert_array_equal(ell.lengths, [3, 1, 0])
+    np.testing.assert_array_equal(data, [[1, 2, 3], [4, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(cols[0], [0, 2, 4])
-    assert cols[2, 0] == 3
+    assert cols[1, 0] == 3
     # padding slots: zero data, in-bounds column
-    lengths = np.diff(to_csr(w).indptr)
     for r in range(3):
-        assert not data[r, lengths[r]:].any()
-        assert (cols[r, lengths[r]:] == 0).all()
+        assert not data[r, ell.lengths[r]:].any()
+        assert (cols[r, ell.lengths[r]:] == 0).all()
+
+
+def test_ell_tiles_hold_rows_of_equal_length_and_threads_equal_work():
+    lengths = np.random.default_rng(3).integers(0, 40, 256)
+    w = np.zeros((256, 64), np.float32)
+    for r, n in enumerate(lengths):
+        w[r, :n] = 1
+    ell = to_csr(w).ell()
+    np.testing.assert_array_equal(ell.lengths, lengths[ell.perm])
+    groups = ell.lengths.reshape(-1, 16)
+    assert (np.diff(groups, axis=1) <= 0).all()  # sorted within each group of 16
+    half = len(lengths) // 2  # what each of 2 threads gets from a static parallel loop
+    assert abs(ell.lengths[:half].sum() - ell.lengths[half:].sum()) <= 0.05 * lengths.sum()
+
+
+def test_bsr_ell_keeps_a_partial_last_block_row_last():
+    w = np.zeros((10, 8), np.float32)
+    w[0, 0] = 1
+    w[8:] = 1  # the heaviest rows are in the partial block row (rows 8, 9 of a 4-row block)
+    ell = to_bsr(w, (4, 1)).ell()
+    np.testing.assert_array_equal(ell.order, [0, 1, 2])
+    np.testing.assert_array_equal(ell.lengths, [1, 0, 8])
+    np.testing.assert_array_equal(dense_from_ell(to_bsr(w, (4, 1))), w)
 
 
 def test_bsr_ell_padding_is_zero():
@@ -243,6 +275,10 @@ def test_bsr_ell_padding_is_zero():
     ell = sp.ell()
     lengths = np.diff(sp.indptr)
     assert ell.data.shape == (3, int(lengths.max()), 3, 4)
+    # Full block rows 0 and 1 by length; the partial block row 2 (row 6 only) stays last.
+    np.testing.assert_array_equal(ell.order, [0, 1, 2])
+    np.testing.assert_array_equal(ell.lengths, lengths)
+    np.testing.assert_array_equal(ell.perm, np.arange(7))
     for kb, length in enumerate(lengths):
         assert not ell.data[kb, length:].any()
         assert (ell.cols[kb, length:] == 0).all()

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import tvm
 import torch.nn.functional as TF
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -331,6 +332,53 @@ def test_sparse_layer_direct(rng):
     with pytest.raises(NotImplementedError, match="groups=2"):
         fscnn_tvm.SparseLayer("conv2d", w, x.shape, groups=2)
 
+
+# ----------------------------------------------------------------------------- the design space
+
+def _uneven_rows(rng, shape):
+    """A weight whose rows range from empty to dense, so tiles bound their loops differently."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    keep = rng.random(shape) < rng.random((shape[0],) + (1,) * (len(shape) - 1)) ** 2
+    keep[1] = False
+    return w * keep
+
+
+def _run_sampled(kind, w, x, bias, fmt, block, variant, seed, **conv):
+    target = fscnn_tvm.resolve_target(None)
+    spec, arrays = ops.kernel_inputs(kind, fscnn_tvm.formats.to_format(w, fmt, block), x.shape, bias, "relu",
+                                     target, **conv)
+    sch = ops.schedule_sparse(ops.prim_func(spec), spec, ops.SampledDecisions(), variant, seed)
+    out = np.zeros(spec.out_shape, np.float32)
+    tensors = [tvm.runtime.tensor(a) for a in [x, *arrays, out]]
+    ops._build(sch, target)(*tensors)
+    event(f"{kind}: nonzero loop bounded per tile: {'w_length[' in ops.kernel_func(sch).script()}")
+    return tensors[-1].numpy()
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(1, 2**30), variant=st.sampled_from(ops.VARIANTS), fmt=st.sampled_from(["csr", "bsr"]))
+def test_sampled_schedules_match_pytorch(seed, variant, fmt):
+    """Any point the tuner may pick (tiles, unrolling, bounded or padded nonzero loops) computes
+    the layer: rows of every length, channels stored through the table's permutation."""
+    rng = np.random.default_rng(seed)
+    block = (4, 1) if fmt == "bsr" else None
+    w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
+    x = rng.standard_normal((2, 6, 11, 13)).astype(np.float32)
+    out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
+    assert_matches(out, torch_conv(x, w, b, stride=2, padding=1, activation="relu"))
+    wl, xl = _uneven_rows(rng, (19, 40)), rng.standard_normal((3, 40)).astype(np.float32)
+    out = _run_sampled("linear", wl, xl, b[:19], fmt, block, variant, seed)
+    assert_matches(out, torch_linear(xl, wl, b[:19], activation="relu"))
+
+
+def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
+    target = fscnn_tvm.resolve_target(None)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(_uneven_rows(rng, (8, 4, 3, 3))), (1, 4, 8, 8), None, None,
+                                target, padding=1)
+    sch = ops.default_schedule(ops.prim_func(spec), spec)
+    assert "w_length[" not in sch.mod["main"].script()
+    lowered = ops.kernel_func(sch).script()
+    assert "T.max(w_length[" in lowered and "w_perm[" in lowered and ops.TILE_BOUND not in lowered
 
 
 @pytest.mark.parametrize("fin,dtype", [(32768, np.int16), (32769, np.int32)])
