@@ -288,8 +288,10 @@ def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dic
         funcs[spec] = bb.add_func(ops.prim_func(spec).with_attr("global_symbol", name), name)
         kernels[name] = Kernel(spec, weights, [])
     kernels[funcs[spec].name_hint].layers.append(layer)
-    args = [chain.x] + [relax.const(a) for a in weights]
-    return bb.emit(relax.call_tir(funcs[spec], args, relax.TensorType(spec.out_shape, "float32")))
+    x = chain.x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(chain.x, spec.x_shape))
+    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
+                                 relax.TensorType(spec.out_shape, "float32")))
+    return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
 
 
 def _emit_dense(bb, chain: Chain):

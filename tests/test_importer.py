@@ -62,9 +62,11 @@ def _mixed():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_mixed_model_rewrites_where_it_should(batch):
     model = _mixed()
-    x, w_in = torch.randn(batch, 3, 17, 15), torch.randn(24, 24, 1, 1)
+    # 33x13 input: "down" gives 16x6 maps, which the pointwise conv runs on flattened.
+    x, w_in = torch.randn(batch, 3, 33, 13), torch.randn(24, 24, 1, 1)
     imported = fscnn_tvm.import_torch(model, (x, w_in))
     rows = {r.name: r for r in imported.report}
+    assert [k.spec.flat_hw for k in imported.kernels.values() if "pointwise" in k.layers] == [(16, 6)]
     assert rows["stem"].rewritten and rows["stem"].fused == ["bias", "bn", "relu"]
     assert rows["down"].rewritten and rows["down"].fused == ["relu"]
     assert rows["pointwise"].rewritten and rows["fc"].rewritten

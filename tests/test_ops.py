@@ -381,6 +381,21 @@ def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
     assert "T.max(w_length[" in lowered and "w_perm[" in lowered and ops.TILE_BOUND not in lowered
 
 
+@pytest.mark.parametrize("fmt,block", FORMATS)
+def test_pointwise_conv_runs_on_the_flattened_image(rng, fmt, block):
+    # 16 rows of 6 pad to 16 x 8 lanes; flattened, 96 pixels are whole vectors (8 or 16 lanes).
+    x = rng.standard_normal((2, 6, 16, 6)).astype(np.float32)
+    w, b = _uneven_rows(rng, (10, 6, 1, 1)), rng.standard_normal(10).astype(np.float32)
+    layer = fscnn_tvm.SparseLayer("conv2d", w, x.shape, bias=b, fmt=fmt, block=block, activation="relu")
+    assert layer.spec.flat_hw == (16, 6) and layer.spec.out_shape == (2, 10, 1, 96)
+    ref = torch_conv(x, w, b, activation="relu")
+    assert_matches(layer(x), ref)
+    assert_matches(layer.runner(x)().numpy(), ref)
+    # Padding or stride keep the per-row kernel.
+    assert fscnn_tvm.SparseLayer("conv2d", w, x.shape, padding=1).spec.flat_hw is None
+    assert fscnn_tvm.SparseLayer("conv2d", w, x.shape, stride=2).spec.flat_hw is None
+
+
 @pytest.mark.parametrize("fin,dtype", [(32768, np.int16), (32769, np.int32)])
 def test_linear_offsets_int16_where_they_fit(rng, fin, dtype):
     # The last column is the one an int16 offset must still reach (or overflow into a wrong read).
