@@ -9,7 +9,11 @@ whatever the stride. The per-nonzero ``off`` is computed here from the format's 
 
 A linear layer is the same compute with a 1x1 output and ``off`` = the input column.
 
-Compute (what) and schedule (how) are separate functions; ``build`` joins them.
+The ELL table holds rows grouped by length, so a register tile's rows are alike; each tile's
+nonzero loop stops at its longest row and the epilogue stores each row to its channel
+(``lower_sparse``, the one step applied after scheduling, wherever a kernel is built).
+
+Compute (what) and schedule (how) are separate functions; ``kernel_func`` lowers a schedule.
 """
 from __future__ import annotations
 
@@ -352,6 +356,20 @@ def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Sch
     return schedule_sparse(func, spec)
 
 
+def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
+    """Split the flat axis along (channel-phase plane, row, column) so the index decode
+    simplifies away, one plane per parallel task, columns vectorised."""
+    geo = spec.geo
+    layout = sch.get_sblock("x_flat")
+    n, f = sch.get_loops(layout)
+    plane_size = geo.phase_height * geo.phase_width
+    tail = spec.padded_width - geo.out_width
+    planes = geo.in_channels * geo.phases + -(-tail // plane_size)  # extra planes cover the zero tail
+    plane, row, col = sch.split(f, [planes, geo.phase_height, geo.phase_width])
+    sch.parallel(sch.fuse(n, plane))
+    sch.vectorize(col)
+
+
 # ----------------------------------------------------------------------------- lowering
 # Two things the kernel does that TE cannot say, applied to the scheduled function (TVM's
 # Python API has no statement mutator, hence the small rebuild below).
@@ -449,20 +467,6 @@ def _tile_bound(loop, w_length):
 def kernel_func(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
     """A scheduled sparse kernel, lowered to what runs."""
     return lower_sparse(sch.mod["main"])
-
-
-def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
-    """Split the flat axis along (channel-phase plane, row, column) so the index decode
-    simplifies away, one plane per parallel task, columns vectorised."""
-    geo = spec.geo
-    layout = sch.get_sblock("x_flat")
-    n, f = sch.get_loops(layout)
-    plane_size = geo.phase_height * geo.phase_width
-    tail = spec.padded_width - geo.out_width
-    planes = geo.in_channels * geo.phases + -(-tail // plane_size)  # extra planes cover the zero tail
-    plane, row, col = sch.split(f, [planes, geo.phase_height, geo.phase_width])
-    sch.parallel(sch.fuse(n, plane))
-    sch.vectorize(col)
 
 
 # ----------------------------------------------------------------------------- build and run
