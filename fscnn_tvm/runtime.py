@@ -2,6 +2,7 @@
 to a shared library and load it back (loading needs TVM and numpy only, not torch)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -155,14 +156,58 @@ def compile(imported, target=None, tuning_log=None, use_shipped=True) -> Compile
 
 def compile_module(mod, target, tuning_log=None):
     """Build a Relax module; with a tuning log (a directory or an open database) its records
-    are applied to the dense ops."""
-    if tuning_log is None:
-        return tvm.compile(mod, target=target)
-    from tvm.s_tir.meta_schedule.relax_integration import compile_relax
+    are applied to the dense ops. Operators no record schedules are parallelised (below)."""
+    from tvm.relax.backend.cpu_generic import pipeline as passes  # (its __init__ omits one of the four)
+    from tvm.relax.transform import MetaScheduleApplyDatabase
 
     from . import tuning
     db = tuning.open_database(str(tuning_log)) if isinstance(tuning_log, (str, os.PathLike)) else tuning_log
-    return compile_relax(db, mod, target, params=None)
+
+    # TVM's own CPU pipeline plus the two steps of meta_schedule's compile_relax: fuse exactly
+    # as tuning's task extraction did (so records match), then apply the records.
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod, _ctx):
+        mod = tvm.transform.Sequential(passes.library_dispatch_passes(target)
+                                       + passes.legalize_passes(target))(mod)
+        if db is not None:
+            mod = MetaScheduleApplyDatabase()(mod)
+        mod = _parallelize_unscheduled(mod)
+        return tvm.transform.Sequential(passes.dataflow_lower_passes(target)
+                                        + passes.finalize_passes(target))(mod)
+
+    with target, (db if db is not None else contextlib.nullcontext()), tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def _parallelize_unscheduled(mod):
+    """TVM has no default CPU schedule: an operator without a record (residual add + ReLU,
+    pooling, layout copies, an untuned dense op) runs as one serial loop nest. Give each such
+    function its producers inlined and its outer spatial loops fused into a parallel loop; the
+    innermost loop stays serial for LLVM to vectorise. (Measured: a 56x56x256 residual add +
+    ReLU 2.0x faster on 2 cores.) A function the primitives do not fit is left as it is."""
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and "tir.is_scheduled" in func.attrs):
+            continue
+        try:
+            sch = tvm.s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            for block in sch.get_child_blocks(root)[:-1]:
+                with contextlib.suppress(tvm.s_tir.ScheduleError):  # reductions and the like stay
+                    sch.compute_inline(block)
+            for block in sch.get_child_blocks(root):
+                loops = sch.get_loops(block)
+                spatial = 0
+                for iv in sch.get(block).iter_vars:
+                    if iv.iter_type != 0:  # not data-parallel
+                        break
+                    spatial += 1
+                outer = loops[:min(spatial, len(loops)) - 1]
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            mod[gv] = sch.mod["main"].with_attr("tir.is_scheduled", True)
+        except tvm.s_tir.ScheduleError as err:
+            log.debug("%s: left unscheduled (%s)", gv.name_hint, str(err).splitlines()[0])
+    return mod
 
 
 def load(path) -> CompiledModel:
