@@ -47,6 +47,19 @@ def measure(fn, warmup: int = 3, min_runs: int = 10, budget_s: float = 1.0, max_
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
+def measure_interleaved(fns: dict, rounds: int = 5, budget_s: float = 1.0, min_runs: int = 10) -> dict:
+    """``measure`` every callable in ``fns`` in ``rounds`` alternating rounds (each gets
+    ``budget_s`` in all); median = the median of the rounds' medians. On a shared machine a
+    neighbour's burst then hits a round of every engine instead of all of one engine's runs."""
+    samples = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():  # after the first round one warm-up run refills the caches
+            samples[name].append(measure(fn, warmup=3 if r == 0 else 1, budget_s=budget_s / rounds,
+                                         min_runs=max(1, min_runs // rounds)))
+    return {name: Timing(statistics.median(t.median_ms for t in ts), min(t.min_ms for t in ts),
+                         max(t.max_ms for t in ts), sum(t.runs for t in ts)) for name, ts in samples.items()}
+
+
 class OutputMismatch(AssertionError):
     """Two engines disagree: nothing is timed."""
 

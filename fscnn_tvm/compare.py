@@ -44,8 +44,7 @@ def compare_layer(in_ch=64, out_ch=64, size=56, kernel=3, stride=1, padding=1, b
     for name, out in outputs.items():
         bench.check_close(name, out, ref)
     rows = []
-    for name, fn in engines.items():
-        t = bench.measure(fn, budget_s=budget_s)
+    for name, t in bench.measure_interleaved(engines, budget_s=budget_s).items():
         rows.append({"engine": name, "median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
                      "runs": t.runs})
     best_dense = min(r["median_ms"] for r in rows if "dense" in r["engine"])
@@ -124,7 +123,8 @@ def _time_engines(fns: dict, ref, budget_s, check, engines, min_runs=10) -> dict
     fns = {name: fn for name, fn in fns.items() if name in engines}
     for name, (run, output) in fns.items():
         check(name, output(), ref)
-    return {name: bench.measure(run, budget_s=budget_s, min_runs=min_runs) for name, (run, _) in fns.items()}
+    return bench.measure_interleaved({name: run for name, (run, _) in fns.items()}, budget_s=budget_s,
+                                     min_runs=min_runs)
 
 
 def compare_model(model_name="vgg16_cifar", program=None, input_size=None, sparsities=(0.9,), fmt="auto",
