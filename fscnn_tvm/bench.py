@@ -27,15 +27,11 @@ class Timing:
 
 
 def set_threads(threads: int | None) -> int:
-    """Use ``threads`` for PyTorch and TVM alike, with denormals flushed to zero for both. TVM
-    reads its count when its pool first runs, and threads inherit the flush mode when they
-    start, so call this before running any TVM code. (Flushing is what inference runtimes do; we
-    set it because the mode otherwise changed under us: our ResNet-50 module ran 20.9 ms with it
-    and 36.5 ms without it in the same process, and PyTorch left it off some runs, not others.)"""
+    """Use ``threads`` for PyTorch and TVM alike. TVM reads its count when its pool first runs,
+    so call this before running any TVM code."""
     import torch
     n = _threads.configure(threads)
     torch.set_num_threads(n)
-    torch.set_flush_denormal(True)
     return n
 
 
