@@ -447,11 +447,11 @@ def _tile_bound(loop, w_length):
     import itertools
 
     from tvm.s_tir.stmt import SBlockRealize
-    update = next(n for n in _visit(loop.body, []) if isinstance(n, SBlockRealize)
-                  and n.block.name_hint == "acc_update")
+    nodes = _visit(loop.body, [])
+    update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
     kb_binding, width = update.iter_values[1], int(update.block.iter_vars[5].dom.extent)
     depends = tvm.tirx.analysis.undefined_vars(kb_binding)
-    inner = [n for n in _visit(loop.body, []) if isinstance(n, tvm.tirx.For)
+    inner = [n for n in nodes if isinstance(n, tvm.tirx.For)
              and any(v.same_as(n.loop_var) for v in depends)]
     rows = []
     for values in itertools.product(*(range(int(n.extent)) for n in inner)):
