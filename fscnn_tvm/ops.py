@@ -251,6 +251,25 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
+    """(table channel blocks, output rows, vectors of output pixels) of the default register tile."""
+    n_kb, _, bo, _ = spec.ell_shape
+    if spec.kind != "conv2d":
+        return 1, 1, 1
+    n_vectors = spec.padded_width // spec.lanes
+    if bo > 1:
+        # BSR: one block row (bo channels) by up to 8 // bo vectors. Measured on VGG16 layers
+        # with 8x1 blocks at 90 %: filling more accumulators (2 rows or 2 vectors) was 0.66-1.21x.
+        return 1, 1, _largest_divisor(n_vectors, max(1, 8 // bo))
+    # CSR, measured on VGG16 layers at 90 %: 4 channels x up to 4 rows x 1 vector beat one row
+    # of up to 8 vectors by 10-50 % (what the tuner finds too). A one-row image (a flattened
+    # pointwise conv) spans vectors instead, as many as the vector registers hold besides a
+    # broadcast and a load (32 registers from 16 lanes on, else 16).
+    rows = _largest_divisor(spec.geo.out_height, 4)
+    vectors = _largest_divisor(n_vectors, (28 if spec.lanes >= 16 else 12) // 4) if rows == 1 else 1
+    return _largest_divisor(n_kb, 4), rows, vectors
+
+
 class FixedDecisions:
     """The default schedule's decisions: no sampling, a sensible point of the design space."""
 
@@ -301,21 +320,11 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     _, _, bo, _ = spec.ell_shape
     n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
-    n_kb = spec.ell_shape[0]
-    # Defaults measured on VGG16 layers at 90 %: for CSR a 4 channels x up to 4 rows x 1 vector
-    # register tile beat one row of up to 8 vectors by 10-50 % (what the tuner finds too).
-    csr_tile = bo == 1 and spec.kind == "conv2d"
-    rows = _largest_divisor(spec.geo.out_height, 4) if csr_tile else 1
+    channels, rows, vectors = _default_tile(spec)
     w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
     decide.tile_bound(sch, w_o)
-    kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo),
-                                           [None, _largest_divisor(n_kb, 4) if csr_tile else 1]))
+    kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo), [None, channels]))
     if spec.kind == "conv2d":
-        n_vectors = spec.padded_width // spec.lanes
-        # A one-row tile (a flattened image) spans vectors instead, as many as the vector
-        # registers hold besides a broadcast and a load (32 registers from 16 lanes on, else 16).
-        vectors = (_largest_divisor(n_vectors, ((28 if spec.lanes >= 16 else 12) // 4) if rows == 1 else 1)
-                   if csr_tile else max(1, _largest_divisor(n_vectors, max(1, 8 // bo))))
         ow_q, ow_v = sch.split(ow, [None, spec.lanes])
         ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 8, [None, vectors]))
         oh_o, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 4, [None, rows]))
@@ -379,6 +388,20 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
 TILE_BOUND = "fscnn_tile_bound"
 
 
+def _for_with(loop, body=None, extent=None, annotations=None):
+    """``loop`` with its body, extent or annotations replaced."""
+    return tvm.tirx.For(loop.loop_var, loop.min, loop.extent if extent is None else extent, loop.kind,
+                        loop.body if body is None else body, loop.thread_binding,
+                        loop.annotations if annotations is None else annotations)
+
+
+def _block_with(block, body):
+    """``block`` with its body replaced."""
+    from tvm.s_tir.stmt import SBlock
+    return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
+                  block.alloc_buffers, block.match_buffers, block.annotations)
+
+
 def _rebuild(stmt, post):
     """``stmt`` rebuilt bottom-up with ``post(node)`` replacing each node (None keeps it);
     covers the statements a scheduled sparse kernel holds."""
@@ -388,8 +411,7 @@ def _rebuild(stmt, post):
     if isinstance(stmt, tirx.For):
         body = _rebuild(stmt.body, post)
         if not body.same_as(stmt.body):
-            new = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
-                           stmt.annotations)
+            new = _for_with(stmt, body=body)
     elif isinstance(stmt, tirx.SeqStmt):
         seq = [_rebuild(s, post) for s in stmt.seq]
         if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
@@ -401,8 +423,7 @@ def _rebuild(stmt, post):
     elif isinstance(stmt, SBlock):
         body = _rebuild(stmt.body, post)
         if not body.same_as(stmt.body):
-            new = SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
-                         stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+            new = _block_with(stmt, body)
     replaced = post(new)
     return new if replaced is None else replaced
 
@@ -429,13 +450,11 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             store = node.body
             index = list(store.indices)
             index[1] = params["w_perm"][index[1]]
-            return SBlock(node.iter_vars, node.reads, node.writes, node.name_hint,
-                          tirx.BufferStore(store.buffer, store.value, index), node.init, node.alloc_buffers,
-                          node.match_buffers, node.annotations)
+            return _block_with(node, tirx.BufferStore(store.buffer, store.value, index))
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params["w_length"]) if int(node.annotations[TILE_BOUND]) else node.extent
-            return tirx.For(node.loop_var, node.min, extent, node.kind, node.body, node.thread_binding, annotations)
+            return _for_with(node, extent=extent, annotations=annotations)
         return None
 
     return func.with_body(_rebuild(func.body, post))
