@@ -129,6 +129,12 @@ def vector_lanes(target: tvm.target.Target) -> int:
     return mcpu_lanes(str(target.attrs.get("mcpu", "")))
 
 
+def vector_registers(target: tvm.target.Target) -> int:
+    """SIMD registers of the target's CPU: 32 with AVX-512 and on AArch64, else 16."""
+    aarch64 = str(target.attrs.get("mtriple", "")).startswith("aarch64")
+    return 32 if aarch64 or vector_lanes(target) >= 16 else 16
+
+
 def mcpu_lanes(mcpu: str) -> int:
     """float32 lanes of one SIMD register of an LLVM CPU name (4 when unknown)."""
     if mcpu in ("znver4", "znver5", "skylake-avx512", "icelake-server", "sapphirerapids", "cascadelake"):

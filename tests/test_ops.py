@@ -577,3 +577,17 @@ def test_cache_keyed_on_geometry_and_activation(rng):
     for kwargs in (dict(), dict(padding=1), dict(stride=2), dict(activation="relu"), dict(dilation=2)):
         out = sparse_conv2d(x, w, **kwargs)
         assert_matches(out, torch_conv(x, w, **kwargs))
+
+
+@pytest.mark.parametrize("mcpu,registers", [("znver4", 32), ("znver3", 16)])
+@pytest.mark.parametrize("size", [7, 13, 14, 28, 56, 224])
+def test_default_tile_divides_the_layer_and_fits_the_registers(rng, mcpu, registers, size):
+    """The default register tile is a perfect tiling (no partial tiles) of at most one
+    accumulator per register."""
+    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 8, size, size), None, None,
+                                fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu}"), padding=1)
+    channels, rows, vectors = ops._default_tile(spec)
+    assert spec.ell_shape[0] % channels == 0 and size % rows == 0
+    assert (spec.padded_width // spec.lanes) % vectors == 0
+    assert channels * rows * vectors <= registers

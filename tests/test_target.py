@@ -5,7 +5,7 @@ import pytest
 import tvm
 
 from fscnn_tvm import target as T
-from fscnn_tvm.target import host_target_dict, isa, resolve_target, vector_lanes
+from fscnn_tvm.target import host_target_dict, isa, resolve_target, vector_lanes, vector_registers
 
 AVX512_CPUS = {"znver4", "znver5", "skylake-avx512", "icelake-server", "sapphirerapids", "cascadelake"}
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
@@ -188,3 +188,9 @@ def test_vector_lanes(mcpu, lanes):
     if mcpu:
         spec["mcpu"] = mcpu
     assert vector_lanes(tvm.target.Target(spec)) == lanes
+
+
+@pytest.mark.parametrize("attrs,registers", [({"mcpu": "znver4"}, 32), ({"mcpu": "znver3"}, 16), ({}, 16),
+                                             ({"mtriple": "aarch64-linux-gnu"}, 32)])
+def test_vector_registers(attrs, registers):
+    assert vector_registers(tvm.target.Target({"kind": "llvm", "num-cores": 1, **attrs})) == registers
