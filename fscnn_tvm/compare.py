@@ -118,13 +118,12 @@ def _tvm_dense_layer(layer, target, db):
     return CompiledModel(compile_module(bb.get(), target, db), [tuple(layer.x_shape)])
 
 
-def _time_engines(fns: dict, ref, budget_s, check, engines, min_runs=10, rounds=5) -> dict:
-    """Check every engine's output against ``ref``, then time each; returns name -> Timing."""
+def _checked(fns: dict, ref, check, engines) -> dict:
+    """Check every engine's output against ``ref``; returns name -> the callable to time."""
     fns = {name: fn for name, fn in fns.items() if name in engines}
     for name, (run, output) in fns.items():
         check(name, output(), ref)
-    return bench.measure_interleaved({name: run for name, (run, _) in fns.items()}, rounds=rounds,
-                                     budget_s=budget_s, min_runs=min_runs)
+    return {name: run for name, (run, _) in fns.items()}
 
 
 # End to end, each engine gets E2E_ROUNDS rounds of ``budget_s``. On the shared 2-vCPU machine
@@ -196,8 +195,8 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
         ref = _first_output(ref).numpy()
         say("   timing end to end")
         with torch.no_grad():
-            e2e = _time_engines(fns, ref, budget_s * E2E_ROUNDS, check, engines, min_runs=E2E_ROUNDS,
-                                rounds=E2E_ROUNDS)
+            e2e = bench.measure_interleaved(_checked(fns, ref, check, engines), rounds=E2E_ROUNDS,
+                                            budget_s=budget_s * E2E_ROUNDS, min_runs=E2E_ROUNDS)
         point = {"sparsity": sparsity, "model_sparsity": float(prune.model_sparsity(model)) if program is None else None,
                  "end_to_end": _row(e2e), "layers": [], "report": [_report_row(r) for r in sparse_imp.report]}
         if per_layer:
@@ -228,11 +227,14 @@ def _row(timings: dict) -> dict:
 
 
 def _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines):
+    """Every conv/linear layer on every engine. All layers are timed in the same alternating
+    rounds, so each layer's median spans the whole group's time (minutes) instead of its own
+    second or two, which one of the machine's slow spells could fill."""
     import torch
 
     from .ops import SparseLayer
     sparse_rows = {r.name: r for r in sparse_imp.report}
-    rows = []
+    rows, runs = [], {}
     for layer in dense_imp.report:
         if layer.weight is None:
             continue  # weight is a graph input: nothing to compare per layer
@@ -251,15 +253,17 @@ def _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines):
             sparse_fns = (sparse.runner(x), lambda s=sparse: s(x))
         else:
             sparse_fns = (dense.runner(x), lambda d=dense: d(x))
-        with torch.no_grad():
-            timings = _time_engines({"pytorch": (lambda: torch_fn(xt), lambda: torch_fn(xt).numpy()),
-                                     "tvm_dense": (dense and dense.runner(x), lambda: dense(x)),
-                                     "tvm_sparse": sparse_fns}, ref, budget_s, check, engines, min_runs=5)
-        row = {"layer": layer.name, "kind": layer.kind, "shape": "x".join(map(str, layer.weight_shape)),
-               "input": "x".join(map(str, layer.x_shape)), "sparsity": round(float(sp.sparsity if sp else 0.0), 3),
-               "format": sp.fmt if sp else "dense", "stride": list(layer.conv_args.get("stride", (1, 1)))}
-        row.update(_row(timings))
-        rows.append(row)
+        checked = _checked({"pytorch": (lambda f=torch_fn, t=xt: f(t), lambda: torch_fn(xt).numpy()),
+                            "tvm_dense": (dense and dense.runner(x), lambda d=dense: d(x)),
+                            "tvm_sparse": sparse_fns}, ref, check, engines)
+        runs.update({(len(rows), engine): run for engine, run in checked.items()})
+        rows.append({"layer": layer.name, "kind": layer.kind, "shape": "x".join(map(str, layer.weight_shape)),
+                     "input": "x".join(map(str, layer.x_shape)), "sparsity": round(float(sp.sparsity if sp else 0.0), 3),
+                     "format": sp.fmt if sp else "dense", "stride": list(layer.conv_args.get("stride", (1, 1)))})
+    with torch.no_grad():
+        timings = bench.measure_interleaved(runs, budget_s=budget_s, min_runs=5)
+    for i, row in enumerate(rows):
+        row.update(_row({engine: t for (j, engine), t in timings.items() if j == i}))
     return rows
 
 
