@@ -28,7 +28,7 @@ ONLY="$*"
 job vgg16_224_s90_avx512 "$AVX512" 500 2100 --model vgg16 --sparsity 0.9
 job resnet50_s90_avx512 "$AVX512" 400 1600 --model resnet50 --sparsity 0.9
 job vgg16_224_s60_avx512 "$AVX512" 0 400 --model vgg16 --sparsity 0.6
-job vgg16_224_b8x1_s90_avx512 "$AVX512" 0 1000 --model vgg16 --sparsity 0.9 --prune block --block 8x1 --fmt bsr
+job vgg16_224_b8x1_s90_avx512 "$AVX512" 0 1500 --model vgg16 --sparsity 0.9 --prune block --block 8x1 --fmt bsr
 job vgg16_cifar_s90_avx512 "$AVX512" 680 700 --model vgg16_cifar --sparsity 0.9  # what `make demo` runs
 # AVX2 (+FMA): every zoo model at 90 %.
 job vgg16_cifar_s90_avx2 "$AVX2" 150 300 --model vgg16_cifar --sparsity 0.9
