@@ -197,7 +197,7 @@ class KernelSpec:
     # (H, W) of a pointwise conv computed on its image flattened to one row of H*W pixels
     # (``geo`` is then that 1 x H*W image): one padded row end instead of H of them.
     flat_hw: tuple | None = None
-    registers: int = 16  # SIMD registers of the target: how big a register tile fits
+    registers: int = 16  # SIMD registers of the target (vector_registers): how big a register tile fits
 
     @property
     def x_shape(self):
@@ -517,7 +517,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
               stride=1, padding=0, dilation=1) -> KernelSpec:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
-    native = vector_lanes(target)
+    native, registers = vector_lanes(target), vector_registers(target)
     if kind == "conv2d":
         geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
         lanes, flat_hw = choose_lanes(geo.out_width, native), None
@@ -525,7 +525,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             flat_hw, lanes = (geo.height, geo.width), native
             geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
         return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
-                          has_bias, activation, lanes, flat_hw=flat_hw, registers=vector_registers(target))
+                          has_bias, activation, lanes, flat_hw=flat_hw, registers=registers)
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
     if len(weight_shape) != 2:
@@ -536,7 +536,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
         raise ValueError(f"x: batch must be >= 1, got shape {tuple(x_shape)}")
     return KernelSpec("linear", None, int(x_shape[0]), int(weight_shape[1]), int(weight_shape[0]),
                       tuple(ell_shape), has_bias, activation, native,
-                      "int16" if weight_shape[1] <= np.iinfo(np.int16).max + 1 else "int32")
+                      "int16" if weight_shape[1] <= np.iinfo(np.int16).max + 1 else "int32", registers=registers)
 
 
 def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
