@@ -92,11 +92,9 @@ class Task:
 def sparse_space(spec: ops.KernelSpec):
     """Design spaces of one sparse kernel: one per structural variant, tiles and unrolling
     sampled within each."""
-    variants = ops.VARIANTS if spec.kind == "conv2d" else ops.VARIANTS[:1]
-
     def spaces(sch: tvm.s_tir.Schedule):
         func = sch.mod["main"]
-        return [ops.schedule_sparse(func, spec, ops.SampledDecisions(), v) for v in variants]
+        return [ops.schedule_sparse(func, spec, ops.SampledDecisions(), v) for v in ops.variants(spec)]
     return ms.space_generator.ScheduleFn(spaces)
 
 

@@ -91,10 +91,25 @@ fmt_block = st.one_of(
     dilation=st.integers(1, 2) | two_ints(1, 2),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
     fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
-    seed=st.integers(0, 2**32 - 1),
+    seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8),
 )
 def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
-                         activation, seed):
+                         activation, seed, band):
+    """``band`` > 0: the input laid out band by band, with any band height that divides the output."""
+    with pytest.MonkeyPatch.context() as patch:
+        if band:
+            patch.setattr(ops, "band_rows_for", lambda geo: banded(geo, band))
+        check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
+
+
+def banded(geo, pick):
+    """The ``pick``-th (cyclically) band height that divides ``geo``'s output rows."""
+    divisors = [r for r in range(1, geo.out_height + 1) if geo.out_height % r == 0]
+    event(f"bands: {geo.out_height // divisors[pick % len(divisors)]}")
+    return divisors[pick % len(divisors)]
+
+
+def check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed):
     fmt, block = fb
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -355,19 +370,23 @@ def _run_sampled(kind, w, x, bias, fmt, block, variant, seed, **conv):
     return tensors[-1].numpy()
 
 
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(1, 2**30), variant=st.sampled_from(ops.VARIANTS), fmt=st.sampled_from(["csr", "bsr"]))
+@settings(max_examples=16, deadline=None)
+@given(seed=st.integers(1, 2**30), variant=st.sampled_from(ops.VARIANTS + ops.BANDED),
+       fmt=st.sampled_from(["csr", "bsr"]))
 def test_sampled_schedules_match_pytorch(seed, variant, fmt):
     """Any point the tuner may pick (tiles, unrolling, bounded or padded nonzero loops) computes
     the layer: rows of every length, channels stored through the table's permutation."""
     rng = np.random.default_rng(seed)
     block = (4, 1) if fmt == "bsr" else None
     w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
-    x = rng.standard_normal((2, 6, 11, 13)).astype(np.float32)
-    out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
+    x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        if variant in ops.BANDED:
+            patch.setattr(ops, "band_rows_for", lambda geo: banded(geo, seed))
+        out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
     assert_matches(out, torch_conv(x, w, b, stride=2, padding=1, activation="relu"))
     wl, xl = _uneven_rows(rng, (19, 40)), rng.standard_normal((3, 40)).astype(np.float32)
-    out = _run_sampled("linear", wl, xl, b[:19], fmt, block, variant, seed)
+    out = _run_sampled("linear", wl, xl, b[:19], fmt, block, None, seed)
     assert_matches(out, torch_linear(xl, wl, b[:19], activation="relu"))
 
 
@@ -591,3 +610,32 @@ def test_default_tile_divides_the_layer_and_fits_the_registers(rng, mcpu, regist
     assert spec.ell_shape[0] % channels == 0 and size % rows == 0
     assert (spec.padded_width // spec.lanes) % vectors == 0
     assert channels * rows * vectors <= registers
+
+
+@pytest.mark.parametrize("x_shape,w_shape,conv,rows", [
+    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), 7),  # bands of 7 + 2 halo rows: 509 KiB
+    ((1, 128, 112, 112), (128, 128, 3, 3), dict(padding=1), 4),
+    ((1, 256, 56, 56), (64, 256, 1, 1), {}, 8),  # no halo
+    ((1, 256, 56, 56), (512, 256, 1, 1), dict(stride=2), 4),  # 4 phases per row
+    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), None),  # 1.8 MiB: fits two L2s
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), None),
+])
+def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, rows):
+    geo = ops.ConvGeometry.create(x_shape, w_shape, **conv)
+    assert ops.band_rows_for(geo) == rows
+    if rows:
+        row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
+        assert geo.out_height % rows == 0 and geo.out_height // rows >= 4
+        assert geo.band_height(rows) * row_bytes <= ops.BAND_MAX_BYTES < geo.band_height(rows + 1) * row_bytes \
+            or geo.out_height % (rows + 1)
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (8, 1))])
+def test_vgg16_first_sparse_layer_runs_banded(fmt, block):
+    """The policy's own choice on a real layer (64->64 at 224x224: 32 bands of 7 rows)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 64, 224, 224)).astype(np.float32)
+    w = sparse_weight(rng, (64, 64, 3, 3), 0.9)
+    layer = fscnn_tvm.SparseLayer("conv2d", w, x.shape, fmt=fmt, block=block, padding=1, activation="relu")
+    assert layer.spec.band_rows == 7
+    assert_matches(layer(x), torch_conv(x, w, padding=1, activation="relu"))
