@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-tune and re-ship every record set in schedules/ (about 2 h on 2 cores, most of it the dense
+# Re-tune and re-ship every record set in schedules/ (about 3 h on 2 cores, most of it the dense
 # ops; run nothing else meanwhile: candidates are timed). Each line: a tuning job, then its best
 # records shipped.
 # Usage: bash scripts/tune_shipped.sh [name ...]   (no names: all)
@@ -25,10 +25,12 @@ job() {  # name target dense-trials sparse-trials fscnn-tvm-tune-args...
 ONLY="$*"
 
 # AVX-512: what scripts/bench_targets.py measures (dense records of vgg16_224_s90 serve s60 too).
-job vgg16_224_s90_avx512 "$AVX512" 500 2100 --model vgg16 --sparsity 0.9
-job resnet50_s90_avx512 "$AVX512" 400 1600 --model resnet50 --sparsity 0.9
-job vgg16_224_s60_avx512 "$AVX512" 0 400 --model vgg16 --sparsity 0.6
-job vgg16_224_b8x1_s90_avx512 "$AVX512" 0 1500 --model vgg16 --sparsity 0.9 --prune block --block 8x1 --fmt bsr
+# Sparse budgets: the session-4 tuning plus session 5's top-up for the banded kernels (10-22 min
+# of sparse trials per log, ~1.3 trials/s), rounded.
+job vgg16_224_s90_avx512 "$AVX512" 500 3600 --model vgg16 --sparsity 0.9
+job resnet50_s90_avx512 "$AVX512" 400 2900 --model resnet50 --sparsity 0.9
+job vgg16_224_s60_avx512 "$AVX512" 0 1150 --model vgg16 --sparsity 0.6
+job vgg16_224_b8x1_s90_avx512 "$AVX512" 0 3100 --model vgg16 --sparsity 0.9 --prune block --block 8x1 --fmt bsr
 job vgg16_cifar_s90_avx512 "$AVX512" 680 700 --model vgg16_cifar --sparsity 0.9  # what `make demo` runs
 # AVX2 (+FMA): every zoo model at 90 %.
 job vgg16_cifar_s90_avx2 "$AVX2" 150 300 --model vgg16_cifar --sparsity 0.9
