@@ -15,7 +15,7 @@ Rows (targets from the performance issue; "layers" means every such layer of the
 
     python scripts/bench_targets.py                 # ~9 min on 2 cores
     python scripts/bench_targets.py --only memory,vgg16_90 --budget 0.3
-Writes scripts/results/targets.{md,json}.
+Writes scripts/results/targets.{md,json} (a subset: targets_<suites>.{md,json}).
 """
 import argparse
 import multiprocessing
@@ -132,12 +132,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per engine and layer")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "targets"))
+    p.add_argument("--out", default=None, help="output path without extension (default "
+                   "scripts/results/targets, or targets_<suites> for a subset, so a subset never "
+                   "overwrites a full run's files)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         p.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if args.out is None:
+        subset = "" if set(names) == set(SUITES) else "_" + "_".join(names)
+        args.out = os.path.join(HERE, "results", "targets" + subset)
     threads = bench.set_threads(None)
     rows, raw = [], {}
     # Each suite in a fresh process: run after VGG16 in one process, PyTorch's eager ResNet-50
