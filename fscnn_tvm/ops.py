@@ -142,7 +142,9 @@ def conv2d_layout_compute(x_nchw: te.Tensor, geo: ConvGeometry, tail: int, band_
     the kernel compute whole vectors past the last output column without reading out of bounds.
     With ``band_rows``: (N, bands, C*Q*Hb*Wq + tail), each band of output rows with its own
     layout of the Hb phase rows it reads (halo rows repeated), so the kernel can lay out one
-    band at a time, just before the band's tiles read it from cache."""
+    band at a time, just before the band's tiles read it from cache. (The unbanded form keeps its
+    own expressions, here and in ``sparse_accumulate_compute``, so its workloads stay
+    structurally identical and the tuning records shipped for them still match.)"""
     sh, sw = geo.stride
     pt, pl = geo.pad[0], geo.pad[1]
     hq, wq, q_n = geo.band_height(band_rows), geo.phase_width, geo.phases
@@ -418,10 +420,10 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     laid out inside the parallel loop, by the task that reads it)."""
     geo = spec.geo
     *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
-    plane_size = geo.band_height(spec.band_rows) * geo.phase_width
+    rows = geo.band_height(spec.band_rows)
     tail = spec.padded_width - geo.out_width
-    planes = geo.in_channels * geo.phases + -(-tail // plane_size)  # extra planes cover the zero tail
-    plane, row, col = sch.split(f, [planes, geo.band_height(spec.band_rows), geo.phase_width])
+    planes = geo.in_channels * geo.phases + -(-tail // (rows * geo.phase_width))  # extra planes cover the zero tail
+    plane, row, col = sch.split(f, [planes, rows, geo.phase_width])
     if not spec.band_rows:
         sch.parallel(sch.fuse(*outer, plane))
     sch.vectorize(col)
