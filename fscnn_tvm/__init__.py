@@ -6,7 +6,7 @@ _threads.configure()  # before tvm is imported anywhere: see _threads.py
 # pylint: disable=wrong-import-position
 from .formats import BSR, CSR, to_bsr, to_csr
 from .importer import ImportedModel, import_torch
-from .ops import SparseLayer, sparse_conv2d, sparse_linear
+from .layer import DenseConvLayer, SparseLayer, dense_conv2d, sparse_conv2d, sparse_linear
 from .runtime import CompiledModel, compile, load  # noqa: A004 - compile is the public name
 from .target import resolve_target
 
@@ -17,6 +17,6 @@ def tune(imported, **kwargs):
     return _tune(imported, **kwargs)
 
 
-__all__ = ["BSR", "CSR", "to_bsr", "to_csr", "SparseLayer", "sparse_conv2d", "sparse_linear", "resolve_target",
+__all__ = ["BSR", "CSR", "to_bsr", "to_csr", "SparseLayer", "sparse_conv2d", "sparse_linear", "DenseConvLayer", "dense_conv2d", "resolve_target",
            "ImportedModel", "import_torch", "CompiledModel", "compile", "load", "tune"]
 __version__ = "0.1.0"

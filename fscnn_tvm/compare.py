@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from . import bench
-from .ops import SparseLayer
+from .layer import SparseLayer
 
 
 def random_pruned_conv(out_ch, in_ch, k, sparsity, seed=0):
@@ -232,7 +232,7 @@ def _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines):
     second or two, which one of the machine's slow spells could fill."""
     import torch
 
-    from .ops import SparseLayer
+    from .layer import SparseLayer
     sparse_rows = {r.name: r for r in sparse_imp.report}
     rows, runs = [], {}
     for layer in dense_imp.report:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import dense, kernels, ops
 from . import formats as F
-from . import ops
 from .bench import table
 
 FUSED_ACTIVATIONS = {"relax.nn.relu": "relu"}
@@ -42,16 +42,16 @@ class LayerReport:
 
 @dataclass
 class Kernel:
-    """A sparse kernel of the module: its spec, the weight arrays of its first layer (what
-    tuning measures on), and every layer that calls it."""
-    spec: ops.KernelSpec
+    """A kernel of the module (sparse, or the dense conv kernel): its spec, the weight arrays of
+    its first layer (what tuning measures on), and every layer that calls it."""
+    spec: ops.KernelSpec | dense.DenseConvSpec
     arrays: list
     layers: list
 
 
 @dataclass
 class ImportedModel:
-    mod: object  # tvm.IRModule; sparse kernels unscheduled (``compile`` schedules them)
+    mod: object  # tvm.IRModule; our kernels unscheduled (``compile`` schedules them)
     report: list
     input_shapes: list
     num_outputs: int
@@ -275,28 +275,55 @@ def _dense_reason(chain: Chain, threshold: float | None) -> str | None:
 
 # ----------------------------------------------------------------------------- emission
 
-def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels: dict, layer: str):
-    from tvm import relax
+def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels_: dict, layer: str):
     x_shape = tuple(int(s) for s in chain.x.ty.shape)
-    conv_args = {k: v for k, v in _conv_args(chain).items() if k != "groups"}  # padding: t, l, b, r
-    bias = None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
-    spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, bias,
-                                      chain.activation, target, **conv_args)
+    spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, _bias(chain),
+                                      chain.activation, target, **_kernel_conv_args(chain))
+    return _emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer)
+
+
+def _emit_kernel(bb, chain: Chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str):
+    """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec)."""
+    from tvm import relax
     if spec not in funcs:
         # Unscheduled here: ``compile`` applies a tuned or the default schedule.
-        name = f"sparse_{chain.kind}_{len(funcs)}"
-        funcs[spec] = bb.add_func(ops.prim_func(spec).with_attr("global_symbol", name), name)
-        kernels[name] = Kernel(spec, weights, [])
-    kernels[funcs[spec].name_hint].layers.append(layer)
+        name = f"{prefix}_{len(funcs)}"
+        funcs[spec] = bb.add_func(kernels.prim_func(spec).with_attr("global_symbol", name), name)
+        kernels_[name] = Kernel(spec, weights, [])
+    kernels_[funcs[spec].name_hint].layers.append(layer)
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
     x = chain.x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(chain.x, spec.x_shape))
     out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
                                  relax.TensorType(spec.out_shape, "float32")))
     return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
 
 
-def _emit_dense(bb, chain: Chain):
-    """The chain as dense Relax ops, BatchNorm already folded into weight and bias."""
+def _bias(chain: Chain):
+    return None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
+
+
+def _kernel_conv_args(chain: Chain) -> dict:
+    """stride, padding (t, l, b, r) and dilation, as our kernels take them."""
+    return {k: v for k, v in _conv_args(chain).items() if k != "groups"}
+
+
+def _runs_dense_kernel(chain: Chain) -> bool:
+    """Whether a chain left dense runs our dense conv kernel (else TVM's own lowering)."""
+    if chain.kind != "conv2d" or chain.weight is None:
+        return False
+    a = chain.head.attrs
+    return int(a.groups) == 1 and (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW") \
+        and chain.weight.dtype == np.float32 and chain.x.ty.dtype == "float32"
+
+
+def _emit_dense(bb, chain: Chain, target, funcs: dict, kernels_: dict, layer: str):
+    """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
+    (bias and ReLU fused) where it applies, else dense Relax ops."""
     from tvm import relax
+    if _runs_dense_kernel(chain):
+        spec, weights = dense.dense_inputs(chain.weight, tuple(int(s) for s in chain.x.ty.shape), _bias(chain),
+                                           chain.activation, target, **_kernel_conv_args(chain))
+        return _emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
     if chain.kind == "conv2d":
         a = chain.head.attrs
         y = bb.emit(relax.op.nn.conv2d(chain.x, relax.const(chain.weight.astype(np.float32)), strides=a.strides,
@@ -391,7 +418,8 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:
-        out = _emit_dense(bb, chain) if chain.weight is not None else bb.emit(chain.head)
+        out = _emit_dense(bb, chain, target, funcs, kernels, name) if chain.weight is not None \
+            else bb.emit(chain.head)
         label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
                               list(chain.fused), tuple(int(s) for s in chain.x.ty.shape), chain.weight,

@@ -18,7 +18,6 @@ Compute (what) and schedule (how) are separate functions; ``kernel_func`` lowers
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,113 +25,14 @@ import tvm
 from tvm import te
 
 from . import formats as F
-from .target import resolve_target, vector_lanes, vector_registers
+from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F401 - part of ops' API
+from .geometry import ConvGeometry, _padding4, _pair  # noqa: F401 - part of ops' API
+from .target import vector_lanes, vector_registers
 
 ACTIVATIONS = (None, "relu")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
 # nonzero loop and let layers of one shape and similar density share a compiled kernel.
 ELL_WIDTH_MULTIPLE = 4
-
-
-def _pair(value, name):
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    vals = tuple(int(v) for v in value)
-    if len(vals) != 2:
-        raise ValueError(f"{name}: expected an int or a pair, got {value!r}")
-    return vals
-
-
-def _padding4(padding):
-    """PyTorch-style padding (int or (pad_h, pad_w)) or (top, left, bottom, right)."""
-    if isinstance(padding, str):
-        raise ValueError(f"padding: string padding {padding!r} is not supported; give ints")
-    if isinstance(padding, (int, np.integer)):
-        return (int(padding),) * 4
-    vals = tuple(int(v) for v in padding)
-    if len(vals) == 2:
-        return vals[0], vals[1], vals[0], vals[1]
-    if len(vals) == 4:
-        return vals
-    raise ValueError(f"padding: expected an int, (pad_h, pad_w) or (top, left, bottom, right), got {padding!r}")
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Everything about a conv layer's shapes that the kernel is specialised on."""
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kh: int
-    kw: int
-    stride: tuple
-    pad: tuple  # top, left, bottom, right
-    dilation: tuple
-
-    @classmethod
-    def create(cls, x_shape, w_shape, stride=1, padding=0, dilation=1):
-        if len(x_shape) != 4:
-            raise ValueError(f"x: expected NCHW (rank 4), got shape {tuple(x_shape)}")
-        if len(w_shape) != 4:
-            raise ValueError(f"weight: expected OIHW (rank 4), got shape {tuple(w_shape)}")
-        n, c, h, w = (int(s) for s in x_shape)
-        k, wc, kh, kw = (int(s) for s in w_shape)
-        if wc != c:
-            raise ValueError(f"weight has {wc} input channels but x has {c} (shapes {tuple(w_shape)}, {tuple(x_shape)})")
-        geo = cls(n, c, h, w, k, kh, kw, _pair(stride, "stride"), _padding4(padding), _pair(dilation, "dilation"))
-        if min(geo.stride) < 1 or min(geo.dilation) < 1 or min(geo.pad) < 0:
-            raise ValueError(f"stride and dilation must be >= 1 and padding >= 0: {geo.stride}, {geo.dilation}, {geo.pad}")
-        if min(n, c, h, w) < 1:
-            raise ValueError(f"x: shape {tuple(x_shape)} has an empty dimension")
-        if geo.out_height < 1 or geo.out_width < 1:
-            raise ValueError(f"output would be empty: input {h}x{w}, kernel {kh}x{kw}, "
-                             f"padding {geo.pad}, dilation {geo.dilation}")
-        return geo
-
-    @property
-    def out_height(self):
-        return (self.height + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def out_width(self):
-        return (self.width + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
-
-    @property
-    def phases(self):
-        return self.stride[0] * self.stride[1]
-
-    @property
-    def phase_height(self):
-        return self.out_height + (self.kh - 1) * self.dilation[0] // self.stride[0]
-
-    @property
-    def phase_width(self):
-        return self.out_width + (self.kw - 1) * self.dilation[1] // self.stride[1]
-
-    @property
-    def flat_size(self):
-        return self.in_channels * self.phases * self.phase_height * self.phase_width
-
-    @property
-    def out_shape(self):
-        return (self.batch, self.out_channels, self.out_height, self.out_width)
-
-    def band_height(self, band_rows: int | None) -> int:
-        """Phase rows a band of ``band_rows`` output rows reads (None: the whole image)."""
-        return self.phase_height if band_rows is None else band_rows + self.phase_height - self.out_height
-
-    def offsets(self, cols: np.ndarray, band_rows: int | None = None) -> np.ndarray:
-        """Map weight columns (c, r, s) to their window start in ``x_flat`` (in a band's
-        layout when the kernel lays out the input per band of ``band_rows`` output rows)."""
-        c, rs = np.divmod(cols.astype(np.int64), self.kh * self.kw)
-        r, s = np.divmod(rs, self.kw)
-        rr, ss = r * self.dilation[0], s * self.dilation[1]
-        sh, sw = self.stride
-        q = (rr % sh) * sw + ss % sw
-        off = ((c * self.phases + q) * self.band_height(band_rows) + rr // sh) * self.phase_width + ss // sw
-        return off.astype(F.INDEX_DTYPE)
 
 
 # ----------------------------------------------------------------------------- compute
@@ -297,35 +197,6 @@ def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
     return channels, rows, _largest_divisor(n_vectors, (spec.registers - 4) // channels) if rows == 1 else 1
 
 
-class FixedDecisions:
-    """The default schedule's decisions: no sampling, a sensible point of the design space."""
-
-    def tile(self, sch, loop, n, max_innermost, default):
-        return default
-
-    def unroll_limit(self, sch, loop):
-        return None
-
-    def tile_bound(self, sch, loop):
-        sch.annotate(loop, TILE_BOUND, 1)
-
-
-class SampledDecisions:
-    """Decisions sampled by meta_schedule, so the tuner can search and mutate them."""
-
-    def tile(self, sch, loop, n, max_innermost, default):
-        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost)
-
-    def unroll_limit(self, sch, loop):
-        limit = sch.sample_categorical([0, 16, 64, 512], [0.25, 0.25, 0.25, 0.25])
-        sch.annotate(loop, "pragma_auto_unroll_max_step", limit)
-        sch.annotate(loop, "pragma_unroll_explicit", 1)
-        return limit
-
-    def tile_bound(self, sch, loop):
-        sch.annotate(loop, TILE_BOUND, sch.sample_categorical([0, 1], [0.5, 0.5]))
-
-
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
 # changes which primitives run cannot be a sampled decision).
 # "channels": parallel over channel tiles, each sweeping all rows (input re-read per tile).
@@ -433,9 +304,6 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
 # Two things the kernel does that TE cannot say, applied to the scheduled function (TVM's
 # Python API has no statement mutator, hence the small rebuild below).
 
-# Loop annotation set by the schedule (a sampled decision when tuning): 1 = stop this
-# nonzero loop at the longest row of the tile instead of the table width.
-TILE_BOUND = "fscnn_tile_bound"
 
 
 def _for_with(loop, body=None, extent=None, annotations=None):
@@ -617,100 +485,3 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
 
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
     return te.create_prim_func(sparse_compute(spec))
-
-
-@functools.lru_cache(maxsize=256)
-def _compiled(spec: KernelSpec, target_json: str):
-    target = tvm.target.Target(target_json)
-    return _build(default_schedule(prim_func(spec), spec), target)
-
-
-def _build(sch, target):
-    return tvm.compile(tvm.IRModule({"main": kernel_func(sch)}), target=target).jit()["main"]
-
-
-class SparseLayer:
-    """A sparse conv2d or linear layer built for one input shape: weights held in the kernel's
-    layout on the device, callable on numpy arrays."""
-
-    def __init__(self, kind, weight, x_shape, bias=None, fmt="csr", block=None, activation=None,
-                 target=None, stride=1, padding=0, dilation=1, groups=1, tuning_db=None):
-        if groups != 1:
-            raise NotImplementedError(
-                f"groups={groups}: sparse kernels support groups=1 only; grouped and depthwise "
-                "convs stay dense (the importer keeps them as dense layers)")
-        self.target = resolve_target(target)
-        self.sparse = weight if isinstance(weight, F.SparseMatrix) else F.to_format(weight, fmt, block)
-        self.bias = None if bias is None else F.as_weight(bias, "bias")
-        if self.bias is not None and self.bias.shape != (self.sparse.rows,):
-            raise ValueError(f"bias: shape {self.bias.shape}, expected ({self.sparse.rows},) for "
-                             f"{self.sparse.rows} output channels")
-        self.spec, self.arrays = kernel_inputs(kind, self.sparse, x_shape, self.bias, activation, self.target,
-                                               stride=stride, padding=padding, dilation=dilation)
-        self.x_shape = tuple(int(s) for s in x_shape)
-        dev = tvm.cpu()
-        self._params = [tvm.runtime.tensor(a, dev) for a in self.arrays]
-        sch, self.tuned = None, False
-        if tuning_db is not None:
-            from .tuning import best_schedule
-            sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
-        self._func = _build(sch, self.target) if self.tuned else _compiled(self.spec, str(self.target))
-
-    def __call__(self, x) -> np.ndarray:
-        x = F.as_weight(x, "x")
-        if x.shape != self.x_shape:
-            raise ValueError(f"x: shape {x.shape}, but this layer was built for {self.x_shape}")
-        return self.runner(x)().numpy()
-
-    def runner(self, x):
-        """A no-argument callable that runs the kernel on ``x`` with preallocated arrays, for
-        timing the kernel alone; it returns the output as a TVM tensor."""
-        dev = tvm.cpu()
-        args = [tvm.runtime.tensor(F.as_weight(x, "x").reshape(self.spec.x_shape), dev), *self._params,
-                tvm.runtime.empty(self.spec.out_shape, "float32", dev)]
-        out = args[-1]._create_view(self.spec.layer_out_shape)
-
-        def run():
-            self._func(*args)
-            return out
-        return run
-
-
-def _layer_key(kind, weight, x_shape, bias, fmt, block, activation, target, conv_args):
-    w = F.as_weight(weight)
-    b = None if bias is None else F.as_weight(bias, "bias")
-    digest = hashlib.sha1(w.tobytes()).hexdigest() + ("" if b is None else hashlib.sha1(b.tobytes()).hexdigest())
-    return (kind, w.shape, digest, tuple(x_shape), fmt, None if block is None else F._check_block(block), activation,
-            str(resolve_target(target)), conv_args)
-
-
-_LAYERS: dict = {}
-
-
-def _cached_layer(kind, x, weight, bias, fmt, block, activation, target, **conv_args) -> tuple[SparseLayer, np.ndarray]:
-    x = F.as_weight(x, "x")
-    key = _layer_key(kind, weight, x.shape, bias, fmt, block, activation, target, tuple(sorted(conv_args.items())))
-    if key not in _LAYERS:
-        if len(_LAYERS) >= 64:  # bounded: drop the oldest
-            _LAYERS.pop(next(iter(_LAYERS)))
-        _LAYERS[key] = SparseLayer(kind, weight, x.shape, bias, fmt, block, activation, target, **conv_args)
-    return _LAYERS[key], x
-
-
-def sparse_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, fmt="csr", block=None,
-                  activation=None, target=None) -> np.ndarray:
-    """conv2d (NCHW, OIHW weight) computed by the sparse kernel; equals
-    ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
-    (shapes, weight pattern, target) and caches."""
-    if groups != 1:
-        raise NotImplementedError(f"groups={groups}: sparse conv2d supports groups=1 only; "
-                                  "run grouped/depthwise convs dense")
-    layer, x = _cached_layer("conv2d", x, weight, bias, fmt, block, activation, target,
-                             stride=stride, padding=padding, dilation=dilation)
-    return layer(x)
-
-
-def sparse_linear(x, weight, bias=None, fmt="csr", block=None, activation=None, target=None) -> np.ndarray:
-    """``x @ weight.T + bias`` (then the activation) computed by the sparse kernel."""
-    layer, x = _cached_layer("linear", x, weight, bias, fmt, block, activation, target)
-    return layer(x)

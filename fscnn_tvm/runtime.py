@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import ops
+from . import kernels
 from .target import mcpu_lanes, resolve_target
 
 log = logging.getLogger("fscnn_tvm")
@@ -78,7 +78,7 @@ def schedule_kernels(imported, target, db=None):
         if not tuned:
             untuned.append(name)
         # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
-        func = ops.kernel_func(sch).with_attr("global_symbol", name).with_attr("op_pattern", 8) \
+        func = kernels.lower(sch).with_attr("global_symbol", name).with_attr("op_pattern", 8) \
             .with_attr("tir.is_scheduled", True)
         mod[mod.get_global_var(name)] = func
     return mod, untuned

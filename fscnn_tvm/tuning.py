@@ -23,7 +23,7 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import ops
+from . import kernels, ops
 from .target import resolve_target
 
 log = logging.getLogger("fscnn_tvm.tuning")
@@ -86,20 +86,17 @@ class Task:
     weight: float
     space: object  # a SpaceGenerator or "post-order-apply"
     layers: list
-    spec: ops.KernelSpec | None = None  # sparse kernels only
+    spec: object = None  # our kernels only (ops.KernelSpec or dense.DenseConvSpec)
 
 
-def sparse_space(spec: ops.KernelSpec):
-    """Design spaces of one sparse kernel: one per structural variant, tiles and unrolling
+def kernel_space(spec):
+    """Design spaces of one of our kernels: one per structural variant, tiles and unrolling
     sampled within each."""
-    def spaces(sch: tvm.s_tir.Schedule):
-        func = sch.mod["main"]
-        return [ops.schedule_sparse(func, spec, ops.SampledDecisions(), v) for v in ops.variants(spec)]
-    return ms.space_generator.ScheduleFn(spaces)
+    return ms.space_generator.ScheduleFn(lambda sch: kernels.design_spaces(sch.mod["main"], spec))
 
 
-def workload(spec: ops.KernelSpec) -> tvm.IRModule:
-    return tvm.IRModule({"main": ops.prim_func(spec)})
+def workload(spec) -> tvm.IRModule:
+    return tvm.IRModule({"main": kernels.prim_func(spec)})
 
 
 def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
@@ -113,7 +110,7 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
         # Real weights, offsets and bias; x and the output are filled at random.
         arrays = {f"a{i + 1}": a for i, a in enumerate(kernel.arrays)}
         np.savez(os.path.join(args_dir, args_key(info) + ".npz"), **arrays)
-        tasks.append(Task(name, mod, float(len(kernel.layers)), sparse_space(kernel.spec), kernel.layers, kernel.spec))
+        tasks.append(Task(name, mod, float(len(kernel.layers)), kernel_space(kernel.spec), kernel.layers, kernel.spec))
     if dense:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
         from tvm import relax
@@ -125,7 +122,7 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
                                         relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                         relax.transform.FuseTIR()])(mod)
         for t in relax_tasks(mod, imported.target):
-            if not t.task_name.startswith("sparse_") and any(k in t.task_name for k in ("conv2d", "matmul")):
+            if not t.task_name.startswith(("sparse_", "dense_conv2d_")) and any(k in t.task_name for k in ("conv2d", "matmul")):
                 tasks.append(Task(t.task_name, t.dispatched[0], float(t.weight), "post-order-apply", []))
     return tasks
 
@@ -280,7 +277,7 @@ def _record_defaults(tasks, target, builder, runner, db):
     any candidate. The search then starts from it (evolutionary search seeds its population from
     the database), and a task's best record is never slower than what ``compile`` runs without
     a log, even when a small budget over many tasks leaves a task only a few candidates."""
-    schedules = [ops.default_schedule(t.mod["main"], t.spec) for t in tasks]
+    schedules = [kernels.default_schedule(t.mod["main"], t.spec) for t in tasks]
     missing = [i for i, (t, sch) in enumerate(zip(tasks, schedules)) if not _has_trace(db, t.mod, sch.trace)]
     tasks, schedules = [tasks[i] for i in missing], [schedules[i] for i in missing]
     if not tasks:
@@ -314,7 +311,7 @@ def _runner(rpc, args_dir):
 
 # ----------------------------------------------------------------------------- applying
 
-def tuned_schedule(db, spec: ops.KernelSpec, target):
+def tuned_schedule(db, spec, target):
     """The best recorded schedule of a sparse kernel, or None."""
     mod = workload(spec)
     if not db.has_workload(mod):
@@ -322,12 +319,12 @@ def tuned_schedule(db, spec: ops.KernelSpec, target):
     return db.query_schedule(mod, target=target, workload_name="main")
 
 
-def best_schedule(spec: ops.KernelSpec, target, db=None):
+def best_schedule(spec, target, db=None):
     """(schedule, tuned): the best record in ``db`` when there is one, else the default."""
     sch = tuned_schedule(db, spec, target) if db is not None else None
     if sch is not None:
         return sch, True
-    return ops.default_schedule(ops.prim_func(spec), spec), False
+    return kernels.default_schedule(kernels.prim_func(spec), spec), False
 
 
 def ship(log_dir: str, dest: str, target) -> int:

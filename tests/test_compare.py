@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fscnn_tvm import bench, compare, prune
+from fscnn_tvm import bench, compare, layer, prune
 from fscnn_tvm.cli import main as cli
 
 
@@ -46,9 +46,8 @@ def test_json_markdown_plot_cover_every_layer(program, tmp_path):
 
 
 def test_disagreeing_engines_stop_before_timing(program, monkeypatch):
-    from fscnn_tvm import ops
-    real_call = ops.SparseLayer.__call__
-    monkeypatch.setattr(ops.SparseLayer, "__call__", lambda self, x: real_call(self, x) + 1.0)
+    real_call = layer.SparseLayer.__call__
+    monkeypatch.setattr(layer.SparseLayer, "__call__", lambda self, x: real_call(self, x) + 1.0)
     with pytest.raises(bench.OutputMismatch, match="tvm_sparse"):
         compare.compare_model(program=program, sparsities=[0.8], budget_s=0.01)
 

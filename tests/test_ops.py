@@ -8,7 +8,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fscnn_tvm
-from fscnn_tvm import ops, sparse_conv2d, sparse_linear
+from fscnn_tvm import layer, ops, sparse_conv2d, sparse_linear
 from fscnn_tvm.formats import to_csr
 from fscnn_tvm.target import cpu_info, isa
 
@@ -365,7 +365,7 @@ def _run_sampled(kind, w, x, bias, fmt, block, variant, seed, **conv):
     sch = ops.schedule_sparse(ops.prim_func(spec), spec, ops.SampledDecisions(), variant, seed)
     out = np.zeros(spec.out_shape, np.float32)
     tensors = [tvm.runtime.tensor(a) for a in [x, *arrays, out]]
-    ops._build(sch, target)(*tensors)
+    layer._build(sch, target)(*tensors)
     event(f"{kind}: nonzero loop bounded per tile: {'w_length[' in ops.kernel_func(sch).script()}")
     return tensors[-1].numpy()
 
@@ -545,10 +545,10 @@ def test_cache_same_arguments(rng):
     w = sparse_weight(rng, (5, 3, 3, 3), 0.5)
     b = rng.standard_normal(5).astype(np.float32)
     first = sparse_conv2d(x, w, b, padding=1, fmt="bsr", block=(2, 2))
-    n_layers = len(ops._LAYERS)
+    n_layers = len(layer._LAYERS)
     second = sparse_conv2d(x, w, b, padding=1, fmt="bsr", block=(2, 2))
     np.testing.assert_array_equal(first, second)
-    assert len(ops._LAYERS) == n_layers  # reused, not rebuilt
+    assert len(layer._LAYERS) == n_layers  # reused, not rebuilt
     assert_matches(first, torch_conv(x, w, b, padding=1))
     # A new input through the cached layer is computed afresh.
     x2 = rng.standard_normal(x.shape).astype(np.float32)

@@ -1,0 +1,224 @@
+"""Dense direct convolution: the kernel for conv layers that stay dense (under the sparsity
+threshold, stems, the dense baseline), so no conv falls back to TVM's unscheduled lowering.
+
+The layout of x86 direct convolution in TVM's former TOPI (conv2d_NCHWc; Liu et al., ATC 2019),
+inside one kernel with NCHW in and out: the input is packed once as
+``x_pack[n, cb, h, w, ci]`` (padded, ``ic_bn`` channels innermost) and the weights ahead of time as
+``w_pack[kb, cb, r, s, ci, ko]`` (``oc_bn`` output channels innermost, whole vectors). A register
+tile holds ``reg_n`` output pixels x ``oc_bn`` channels; each step of the reduction loads the
+``oc_bn / lanes`` weight vectors once and broadcasts one input value per pixel, so every load
+serves several FMAs (dense weights share their input windows, which sparse rows do not), and
+both streams are read in order. Pixels past the row's end (a tile that does not divide the row)
+and channels past K (an ``oc_bn`` that does not divide K) are computed on zeros and cropped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+
+from .decisions import FixedDecisions
+from .geometry import ConvGeometry
+from .target import vector_lanes, vector_registers
+
+ACTIVATIONS = (None, "relu")
+
+
+@dataclass(frozen=True)
+class DenseConvSpec:
+    """The shape facts a compiled dense conv kernel is specialised on, and its register tile."""
+    geo: ConvGeometry
+    has_bias: bool
+    activation: str | None
+    lanes: int  # float32 lanes of one vector register
+    oc_bn: int  # output channels per block: whole vectors
+    ic_bn: int  # input channels innermost in the packed input
+    reg_n: int  # output pixels per register tile
+    # (H, W) of a pointwise conv computed on its image flattened to one row of H*W pixels
+    # (``geo`` is then that 1 x H*W image): no row ends to pad, and no packing (below).
+    flat_hw: tuple | None = None
+    kind: str = "dense_conv2d"
+
+    @property
+    def x_shape(self):
+        """The kernel's input shape (a flattened conv's is (N, C, 1, H*W))."""
+        g = self.geo
+        return (g.batch, g.in_channels, g.height, g.width)
+
+    @property
+    def out_shape(self):
+        return self.geo.out_shape
+
+    @property
+    def layer_out_shape(self):
+        """The layer's output shape: ``out_shape`` with a flattened image unflattened."""
+        return self.out_shape[:2] + tuple(self.flat_hw) if self.flat_hw else self.out_shape
+
+    @property
+    def packs(self):
+        """Whether the kernel packs its input first. Not when the packed input would be the input
+        itself (one channel per block, no padding, every tile inside the row): a pointwise conv
+        then reads the input where it is (its packing would cost a ninth of a 3x3 conv's work
+        per input value, so a copy there is a large share of the layer)."""
+        g = self.geo
+        rows, cols = self.pack_hw
+        return self.ic_bn > 1 or max(g.pad) > 0 or rows > g.height or cols > g.width
+
+    @property
+    def out_features(self):
+        return self.geo.out_channels
+
+    @property
+    def out_blocks(self):
+        return -(-self.geo.out_channels // self.oc_bn)
+
+    @property
+    def padded_width(self):
+        """Output columns computed per row: the row rounded up to whole register tiles."""
+        return -(-self.geo.out_width // self.reg_n) * self.reg_n
+
+    @property
+    def w_pack_shape(self):
+        g = self.geo
+        return (self.out_blocks, g.in_channels // self.ic_bn, g.kh, g.kw, self.ic_bn, self.oc_bn)
+
+    @property
+    def pack_hw(self):
+        """(rows, columns) of the packed, padded input."""
+        g = self.geo
+        return ((g.out_height - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1,
+                (self.padded_width - 1) * g.stride[1] + (g.kw - 1) * g.dilation[1] + 1)
+
+
+def register_tile(out_channels: int, out_width: int, lanes: int, registers: int) -> tuple[int, int]:
+    """(oc_bn, reg_n): channel vectors and pixels of the register tile. Two channel vectors when
+    the layer has that many channels (each broadcast input then feeds two FMAs), pixels to fill
+    the accumulator registers left after the weight vectors and one broadcast. Among tiles of at
+    least two thirds of that many pixels, the one that pads the row least (then the widest)."""
+    vectors = 2 if out_channels > lanes else 1
+    most = max(1, (registers - vectors - 1) // vectors)
+    least = max(1, math.ceil(most * 2 / 3))
+    reg_n = min(range(least, most + 1), key=lambda r: (-(-out_width // r) * r, -r))
+    return vectors * lanes, reg_n
+
+
+def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
+                    dilation=1) -> DenseConvSpec:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
+    geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
+    lanes, flat_hw = vector_lanes(target), None
+    pointwise = (geo.kh, geo.kw, max(geo.pad)) == (1, 1, 0)
+    if pointwise and geo.stride == (1, 1):
+        flat_hw = (geo.height, geo.width)
+        geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
+    oc_bn, reg_n = register_tile(geo.out_channels, geo.out_width, lanes, vector_registers(target))
+    # Pointwise: one channel per block, so the input needs no packing when its tiles fit the row.
+    ic_bn = 1 if pointwise else max(d for d in range(1, min(geo.in_channels, 16) + 1) if geo.in_channels % d == 0)
+    return DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
+
+
+def pack_weight(spec: DenseConvSpec, weight: np.ndarray) -> np.ndarray:
+    """OIHW weight -> ``w_pack[kb, cb, r, s, ci, ko]``, channels past K zero."""
+    g = spec.geo
+    padded = np.zeros((spec.out_blocks * spec.oc_bn,) + tuple(weight.shape[1:]), np.float32)
+    padded[:g.out_channels] = weight
+    kb, cb = spec.out_blocks, g.in_channels // spec.ic_bn
+    w = padded.reshape(kb, spec.oc_bn, cb, spec.ic_bn, g.kh, g.kw)
+    return np.ascontiguousarray(w.transpose(0, 2, 4, 5, 3, 1))
+
+
+def dense_inputs(weight, x_shape, bias, activation, target, **conv_args):
+    """The kernel's spec and its constant arrays (packed weight, padded bias) for one layer."""
+    spec = make_dense_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, **conv_args)
+    arrays = [pack_weight(spec, np.asarray(weight, np.float32))]
+    if bias is not None:
+        arrays.append(np.pad(np.asarray(bias, np.float32).reshape(-1), (0, spec.out_blocks * spec.oc_bn
+                                                                         - spec.geo.out_channels)))
+    return spec, arrays
+
+
+# ----------------------------------------------------------------------------- compute
+
+def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
+    """TE tensors (x, w_pack[, bias], out) of the whole layer."""
+    g = spec.geo
+    (sh, sw), (dh, dw), (pt, pl) = g.stride, g.dilation, g.pad[:2]
+    x = te.placeholder(spec.x_shape, "float32", name="x_nchw")
+    w = te.placeholder(spec.w_pack_shape, "float32", name="w_pack")
+    bias = te.placeholder((spec.out_blocks * spec.oc_bn,), "float32", name="bias") if spec.has_bias else None
+    n_cb = g.in_channels // spec.ic_bn
+
+    def packed(n, cb, h, col, ci):
+        row, col = h - pt, col - pl
+        inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
+        return te.if_then_else(inside, x[n, cb * spec.ic_bn + ci, row, col], tvm.tirx.const(0.0, "float32"))
+
+    if spec.packs:
+        x_pack = te.compute((g.batch, n_cb) + spec.pack_hw + (spec.ic_bn,), packed, name="x_pack")
+        read = lambda n, cb, h, col, ci: x_pack[n, cb, h, col, ci]  # noqa: E731
+    else:
+        read = lambda n, cb, h, col, ci: x[n, cb, h, col]  # noqa: E731 - the input is its own packing
+    cb, r, s, ci = (te.reduce_axis((0, e), name=nm) for e, nm in
+                    ((n_cb, "cb"), (g.kh, "r"), (g.kw, "s"), (spec.ic_bn, "ci")))
+    acc = te.compute(
+        (g.batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
+        lambda n, kb, oh, ow, ko: te.sum(
+            read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
+        name="acc")
+
+    def value(n, k, oh, ow):
+        v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
+        if bias is not None:
+            v = v + bias[k]
+        return te.max(v, tvm.tirx.const(0.0, "float32")) if spec.activation == "relu" else v
+
+    out = te.compute(spec.out_shape, value, name="out")
+    return [x, w] + ([bias] if bias is not None else []) + [out]
+
+
+def prim_func(spec: DenseConvSpec) -> tvm.tirx.PrimFunc:
+    return te.create_prim_func(dense_compute(spec))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDecisions(),
+                   seed: int | None = None) -> tvm.s_tir.Schedule:
+    """Register tile (``reg_n`` pixels x ``oc_bn`` channels) in registers across the whole
+    reduction, reduction ordered (input channel block, kernel row, kernel column, channel) so both
+    packed streams are read in order; bias and activation on the way out; parallel over
+    (batch, channel blocks, output rows); the input packed in parallel over its rows first."""
+    sch = tvm.s_tir.Schedule(func, seed=seed)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)
+    ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
+    ko_o, ko_v = sch.split(ko, [None, spec.lanes])
+    sch.reorder(n, kb, oh, ow_o, cb, r, s, ci, ow_i, ko_o, ko_v)
+    par = sch.fuse(n, kb, oh)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    sch.reverse_compute_at(out, ow_o, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    sch.vectorize(ko_v)
+    for loop in (ci, ow_i, ko_o):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(acc, cb)
+    *_, i_ow, i_ko, i_v = sch.get_loops(init)
+    sch.unroll(i_ow)
+    sch.unroll(i_ko)
+    sch.vectorize(i_v)
+    for loop in sch.get_loops(out)[-3:]:  # channels, the row, pixels of the tile
+        sch.unroll(loop)
+    if spec.packs:
+        pn, pcb, ph, pw, pci = sch.get_loops(sch.get_sblock("x_pack"))
+        sch.reorder(pn, pcb, ph, pci, pw)  # read along input rows
+        sch.parallel(sch.fuse(pn, pcb, ph))
+    return sch
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, spec: DenseConvSpec) -> tvm.s_tir.Schedule:
+    return schedule_dense(func, spec)

@@ -1,0 +1,110 @@
+"""Conv layer geometry: the shape facts every conv kernel (sparse or dense) is specialised on,
+and the padded, stride-phase-split input layout the sparse kernels read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import formats as F
+
+
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    vals = tuple(int(v) for v in value)
+    if len(vals) != 2:
+        raise ValueError(f"{name}: expected an int or a pair, got {value!r}")
+    return vals
+
+
+def _padding4(padding):
+    """PyTorch-style padding (int or (pad_h, pad_w)) or (top, left, bottom, right)."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding: string padding {padding!r} is not supported; give ints")
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 4
+    vals = tuple(int(v) for v in padding)
+    if len(vals) == 2:
+        return vals[0], vals[1], vals[0], vals[1]
+    if len(vals) == 4:
+        return vals
+    raise ValueError(f"padding: expected an int, (pad_h, pad_w) or (top, left, bottom, right), got {padding!r}")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a conv layer's shapes that the kernel is specialised on."""
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kh: int
+    kw: int
+    stride: tuple
+    pad: tuple  # top, left, bottom, right
+    dilation: tuple
+
+    @classmethod
+    def create(cls, x_shape, w_shape, stride=1, padding=0, dilation=1):
+        if len(x_shape) != 4:
+            raise ValueError(f"x: expected NCHW (rank 4), got shape {tuple(x_shape)}")
+        if len(w_shape) != 4:
+            raise ValueError(f"weight: expected OIHW (rank 4), got shape {tuple(w_shape)}")
+        n, c, h, w = (int(s) for s in x_shape)
+        k, wc, kh, kw = (int(s) for s in w_shape)
+        if wc != c:
+            raise ValueError(f"weight has {wc} input channels but x has {c} (shapes {tuple(w_shape)}, {tuple(x_shape)})")
+        geo = cls(n, c, h, w, k, kh, kw, _pair(stride, "stride"), _padding4(padding), _pair(dilation, "dilation"))
+        if min(geo.stride) < 1 or min(geo.dilation) < 1 or min(geo.pad) < 0:
+            raise ValueError(f"stride and dilation must be >= 1 and padding >= 0: {geo.stride}, {geo.dilation}, {geo.pad}")
+        if min(n, c, h, w) < 1:
+            raise ValueError(f"x: shape {tuple(x_shape)} has an empty dimension")
+        if geo.out_height < 1 or geo.out_width < 1:
+            raise ValueError(f"output would be empty: input {h}x{w}, kernel {kh}x{kw}, "
+                             f"padding {geo.pad}, dilation {geo.dilation}")
+        return geo
+
+    @property
+    def out_height(self):
+        return (self.height + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def out_width(self):
+        return (self.width + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def phases(self):
+        return self.stride[0] * self.stride[1]
+
+    @property
+    def phase_height(self):
+        return self.out_height + (self.kh - 1) * self.dilation[0] // self.stride[0]
+
+    @property
+    def phase_width(self):
+        return self.out_width + (self.kw - 1) * self.dilation[1] // self.stride[1]
+
+    @property
+    def flat_size(self):
+        return self.in_channels * self.phases * self.phase_height * self.phase_width
+
+    @property
+    def out_shape(self):
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    def band_height(self, band_rows: int | None) -> int:
+        """Phase rows a band of ``band_rows`` output rows reads (None: the whole image)."""
+        return self.phase_height if band_rows is None else band_rows + self.phase_height - self.out_height
+
+    def offsets(self, cols: np.ndarray, band_rows: int | None = None) -> np.ndarray:
+        """Map weight columns (c, r, s) to their window start in ``x_flat`` (in a band's
+        layout when the kernel lays out the input per band of ``band_rows`` output rows)."""
+        c, rs = np.divmod(cols.astype(np.int64), self.kh * self.kw)
+        r, s = np.divmod(rs, self.kw)
+        rr, ss = r * self.dilation[0], s * self.dilation[1]
+        sh, sw = self.stride
+        q = (rr % sh) * sw + ss % sw
+        off = ((c * self.phases + q) * self.band_height(band_rows) + rr // sh) * self.phase_width + ss // sw
+        return off.astype(F.INDEX_DTYPE)

@@ -1,0 +1,149 @@
+"""Layers and the functional API: a kernel built for one input shape with its weights on the
+device (``SparseLayer``, ``DenseConvLayer``), and ``sparse_conv2d`` / ``sparse_linear`` /
+``dense_conv2d``, which build once per (shapes, weights, target) and cache."""
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+import tvm
+
+from . import formats as F
+from . import dense, kernels
+from .ops import kernel_inputs
+from .target import resolve_target
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(spec, target_json: str):
+    target = tvm.target.Target(target_json)
+    return _build(kernels.default_schedule(kernels.prim_func(spec), spec), target)
+
+
+def _build(sch, target):
+    return tvm.compile(tvm.IRModule({"main": kernels.lower(sch)}), target=target).jit()["main"]
+
+
+class KernelLayer:
+    """A compiled kernel with its constant arrays on the device, callable on numpy arrays.
+    Subclasses set ``spec``, ``arrays``, ``x_shape``, ``target`` and ``_func``."""
+
+    def _upload(self):
+        self._params = [tvm.runtime.tensor(a, tvm.cpu()) for a in self.arrays]
+
+    def __call__(self, x) -> np.ndarray:
+        x = F.as_weight(x, "x")
+        if x.shape != self.x_shape:
+            raise ValueError(f"x: shape {x.shape}, but this layer was built for {self.x_shape}")
+        return self.runner(x)().numpy()
+
+    def runner(self, x):
+        """A no-argument callable that runs the kernel on ``x`` with preallocated arrays, for
+        timing the kernel alone; it returns the output as a TVM tensor."""
+        dev = tvm.cpu()
+        args = [tvm.runtime.tensor(F.as_weight(x, "x").reshape(self.spec.x_shape), dev), *self._params,
+                tvm.runtime.empty(self.spec.out_shape, "float32", dev)]
+        out = args[-1]._create_view(self.spec.layer_out_shape)
+
+        def run():
+            self._func(*args)
+            return out
+        return run
+
+
+class SparseLayer(KernelLayer):
+    """A sparse conv2d or linear layer built for one input shape: weights held in the kernel's
+    layout on the device, callable on numpy arrays."""
+
+    def __init__(self, kind, weight, x_shape, bias=None, fmt="csr", block=None, activation=None,
+                 target=None, stride=1, padding=0, dilation=1, groups=1, tuning_db=None):
+        if groups != 1:
+            raise NotImplementedError(
+                f"groups={groups}: sparse kernels support groups=1 only; grouped and depthwise "
+                "convs stay dense (the importer keeps them as dense layers)")
+        self.target = resolve_target(target)
+        self.sparse = weight if isinstance(weight, F.SparseMatrix) else F.to_format(weight, fmt, block)
+        self.bias = None if bias is None else F.as_weight(bias, "bias")
+        if self.bias is not None and self.bias.shape != (self.sparse.rows,):
+            raise ValueError(f"bias: shape {self.bias.shape}, expected ({self.sparse.rows},) for "
+                             f"{self.sparse.rows} output channels")
+        self.spec, self.arrays = kernel_inputs(kind, self.sparse, x_shape, self.bias, activation, self.target,
+                                               stride=stride, padding=padding, dilation=dilation)
+        self.x_shape = tuple(int(s) for s in x_shape)
+        self._upload()
+        sch, self.tuned = None, False
+        if tuning_db is not None:
+            from .tuning import best_schedule
+            sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
+        self._func = _build(sch, self.target) if self.tuned else _compiled(self.spec, str(self.target))
+
+
+class DenseConvLayer(KernelLayer):
+    """A conv2d layer computed by the dense direct-conv kernel (``dense.py``), for one input shape."""
+
+    def __init__(self, weight, x_shape, bias=None, activation=None, target=None, stride=1, padding=0, dilation=1):
+        self.target = resolve_target(target)
+        weight = F.as_weight(weight)
+        if weight.ndim != 4:
+            raise ValueError(f"weight: expected OIHW (rank 4), got shape {weight.shape}")
+        bias = None if bias is None else F.as_weight(bias, "bias")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: shape {bias.shape}, expected ({weight.shape[0]},) for "
+                             f"{weight.shape[0]} output channels")
+        self.spec, self.arrays = dense.dense_inputs(weight, x_shape, bias, activation, self.target,
+                                                    stride=stride, padding=padding, dilation=dilation)
+        self.x_shape = tuple(int(s) for s in x_shape)
+        self._upload()
+        self._func = _compiled(self.spec, str(self.target))
+
+
+def _layer_key(kind, weight, x_shape, bias, fmt, block, activation, target, conv_args):
+    w = F.as_weight(weight)
+    b = None if bias is None else F.as_weight(bias, "bias")
+    digest = hashlib.sha1(w.tobytes()).hexdigest() + ("" if b is None else hashlib.sha1(b.tobytes()).hexdigest())
+    return (kind, w.shape, digest, tuple(x_shape), fmt, None if block is None else F._check_block(block), activation,
+            str(resolve_target(target)), conv_args)
+
+
+_LAYERS: dict = {}
+
+
+def _cached_layer(kind, x, weight, bias, fmt, block, activation, target, **conv_args) -> tuple[KernelLayer, np.ndarray]:
+    x = F.as_weight(x, "x")
+    key = _layer_key(kind, weight, x.shape, bias, fmt, block, activation, target, tuple(sorted(conv_args.items())))
+    if key not in _LAYERS:
+        if len(_LAYERS) >= 64:  # bounded: drop the oldest
+            _LAYERS.pop(next(iter(_LAYERS)))
+        _LAYERS[key] = DenseConvLayer(weight, x.shape, bias, activation, target, **conv_args) \
+            if kind == "dense_conv2d" else SparseLayer(kind, weight, x.shape, bias, fmt, block, activation, target,
+                                                       **conv_args)
+    return _LAYERS[key], x
+
+
+def sparse_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, fmt="csr", block=None,
+                  activation=None, target=None) -> np.ndarray:
+    """conv2d (NCHW, OIHW weight) computed by the sparse kernel; equals
+    ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
+    (shapes, weight pattern, target) and caches."""
+    if groups != 1:
+        raise NotImplementedError(f"groups={groups}: sparse conv2d supports groups=1 only; "
+                                  "run grouped/depthwise convs dense")
+    layer, x = _cached_layer("conv2d", x, weight, bias, fmt, block, activation, target,
+                             stride=stride, padding=padding, dilation=dilation)
+    return layer(x)
+
+
+def sparse_linear(x, weight, bias=None, fmt="csr", block=None, activation=None, target=None) -> np.ndarray:
+    """``x @ weight.T + bias`` (then the activation) computed by the sparse kernel."""
+    layer, x = _cached_layer("linear", x, weight, bias, fmt, block, activation, target)
+    return layer(x)
+
+
+def dense_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None, target=None) -> np.ndarray:
+    """conv2d (NCHW, OIHW weight, groups=1) computed by the dense direct-conv kernel; equals
+    ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
+    (shapes, weights, target) and caches."""
+    layer, x = _cached_layer("dense_conv2d", x, weight, bias, None, None, activation, target,
+                             stride=stride, padding=padding, dilation=dilation)
+    return layer(x)

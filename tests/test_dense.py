@@ -1,0 +1,123 @@
+"""fscnn_tvm.dense_conv2d (the dense direct-conv kernel) against torch.nn.functional.conv2d."""
+import numpy as np
+import pytest
+import tvm
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from fscnn_tvm import dense, dense_conv2d
+from fscnn_tvm.layer import DenseConvLayer
+from test_ops import assert_matches, host_avx2, out_size, pad4, pair, rng, torch_conv  # noqa: F401 - rng: fixture
+
+channels = st.integers(1, 40) | st.sampled_from([3, 16, 17, 32, 33, 64])
+two_ints = lambda lo, hi: st.tuples(st.integers(lo, hi), st.integers(lo, hi))  # noqa: E731
+TARGETS = [None, {"kind": "llvm"}] + (["llvm -mcpu=haswell"] if host_avx2() else [])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    n=st.integers(1, 3), c=channels, k=channels,
+    h=st.integers(1, 20), w=st.integers(1, 24),
+    kh=st.integers(1, 7), kw=st.integers(1, 7),
+    stride=st.integers(1, 3) | two_ints(1, 3),
+    padding=st.integers(0, 3) | two_ints(0, 3) | st.tuples(*[st.integers(0, 3)] * 4),
+    dilation=st.integers(1, 2) | two_ints(1, 2),
+    has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    seed=st.integers(0, 2**32 - 1), target=st.sampled_from(TARGETS),
+)
+def test_dense_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, has_bias, activation, seed,
+                               target):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((k, c, kh, kw)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = pair(stride), pair(dilation), pad4(padding)
+    if out_size(h, pt, pb, kh, sh, dh) < 1 or out_size(w, pl, pr, kw, sw, dw) < 1:
+        event("empty output")
+        with pytest.raises(ValueError, match="output would be empty"):
+            dense_conv2d(x, weight, bias, stride, padding, dilation, activation, target)
+        return
+    spec = dense.make_dense_spec(x.shape, weight.shape, has_bias, activation, tvm.target.Target(
+        {"kind": "llvm", "mcpu": "haswell"} if target else {"kind": "llvm"}), stride, padding, dilation)
+    event(f"packs input: {spec.packs}; flattened: {spec.flat_hw is not None}")
+    out = dense_conv2d(x, weight, bias, stride, padding, dilation, activation, target)
+    assert_matches(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(n=st.integers(1, 3), c=channels, k=channels, h=st.integers(1, 30), w=st.integers(1, 30),
+       stride=st.integers(1, 3) | two_ints(1, 3), has_bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_pointwise_property(n, c, k, h, w, stride, has_bias, seed):
+    """1x1 convs without padding: flattened (stride 1) and read in place where the tiles fit."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((k, c, 1, 1)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
+    spec = dense.make_dense_spec(x.shape, weight.shape, has_bias, "relu", tvm.target.Target({"kind": "llvm"}),
+                                 stride)
+    event(f"packs input: {spec.packs}; flattened: {spec.flat_hw is not None}")
+    out = dense_conv2d(x, weight, bias, stride, activation="relu", target={"kind": "llvm"})
+    assert_matches(out, torch_conv(x, weight, bias, stride, activation="relu"))
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((1, 3, 32, 32), dict(k=64, kh=3, padding=1)),                # a CIFAR stem
+    ((1, 3, 45, 45), dict(k=64, kh=7, stride=2, padding=3)),      # an ImageNet stem, odd size
+    ((2, 64, 14, 14), dict(k=256, kh=1)),                         # pointwise, flattened, no packing
+    ((1, 64, 15, 15), dict(k=24, kh=1, stride=2)),                # pointwise stride 2: reads the input in place
+    ((1, 32, 7, 7), dict(k=10, kh=3, padding=1)),                 # K not a whole vector block
+])
+def test_dense_layers_of_real_models(rng, shape, kwargs):
+    k, kh = kwargs.pop("k"), kwargs.pop("kh")
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((k, shape[1], kh, kh)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    layer = DenseConvLayer(w, x.shape, b, "relu", **kwargs)
+    assert_matches(layer(x), torch_conv(x, w, b, kwargs.get("stride", 1), kwargs.get("padding", 0),
+                                        activation="relu"))
+
+
+def test_pointwise_conv_reads_its_input_in_place():
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    spec = dense.make_dense_spec((1, 256, 56, 56), (64, 256, 1, 1), False, None, target)
+    assert spec.flat_hw == (56, 56) and spec.ic_bn == 1 and not spec.packs
+    assert "x_pack" not in dense.prim_func(spec).script()
+    padded = dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), False, None, target, padding=1)
+    assert padded.packs and padded.ic_bn == 16
+
+
+@pytest.mark.parametrize("lanes,registers", [(8, 16), (16, 32), (4, 16)])
+@pytest.mark.parametrize("out_channels,width", [(64, 56), (64, 7), (10, 14), (512, 28), (3, 224), (256, 3136)])
+def test_register_tile_fits_the_registers(lanes, registers, out_channels, width):
+    oc_bn, reg_n = dense.register_tile(out_channels, width, lanes, registers)
+    vectors = oc_bn // lanes
+    assert oc_bn % lanes == 0 and vectors in (1, 2)
+    assert vectors * reg_n + vectors + 1 <= registers  # accumulators, weight vectors, one broadcast
+    assert reg_n >= (registers - vectors - 1) // vectors * 2 // 3
+
+
+def test_packed_weight_round_trips(rng):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    w = rng.standard_normal((20, 48, 3, 3)).astype(np.float32)
+    spec = dense.make_dense_spec((1, 48, 9, 9), w.shape, False, None, target, padding=1)
+    packed = dense.pack_weight(spec, w)
+    assert packed.shape == spec.w_pack_shape
+    kb, cb, r, s, ci, ko = 1, 2, 0, 2, 5, 3
+    assert packed[kb, cb, r, s, ci, ko] == w[kb * spec.oc_bn + ko, cb * spec.ic_bn + ci, r, s]
+    assert not packed[1, :, :, :, :, 20 - spec.oc_bn:].any()  # channels past K are zero
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(activation="gelu"), "activation"),
+    (dict(bias=np.ones(3, np.float32)), "bias: shape"),
+])
+def test_bad_arguments(rng, kwargs, pattern):
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=pattern):
+        dense_conv2d(x, w, **kwargs)
+
+
+def test_wrong_input_channels(rng):
+    with pytest.raises(ValueError, match="input channels"):
+        dense_conv2d(rng.standard_normal((1, 3, 8, 8)), rng.standard_normal((5, 4, 3, 3)))
