@@ -47,7 +47,8 @@ def _import(args):
     from . import bench, compile as build, import_torch
     threads = bench.set_threads(args.threads)
     model, example, name = load_model(args)
-    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target)
+    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target,
+                            measure=not args.no_measure)
     print(imported)
     compiled = build(imported, tuning_log=args.tuning_log)
     if example is not None:
@@ -76,7 +77,8 @@ def _tune(args):
     from . import bench, import_torch, tuning
     bench.set_threads(args.threads)
     model, example, name = load_model(args)
-    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target)
+    imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target,
+                            measure=not args.no_measure)
     print(imported)
     log_dir = args.log or os.path.join("tuning_logs", name)
     rpc = (args.rpc, args.rpc_key) if args.rpc else None
@@ -96,7 +98,8 @@ def _compare(args):
     from . import bench, compare
     result = compare.compare_model(args.model, args.program, args.input_size, args.sparsity, args.fmt, args.block,
                                    args.prune, args.tuning_log, args.trials, args.batch, args.threads, args.budget,
-                                   args.threshold, args.target, per_layer=args.per_layer, progress=sys.stdout)
+                                   args.threshold, args.target, per_layer=args.per_layer, progress=sys.stdout,
+                                   measure=not args.no_measure)
     print()
     print(compare.format_model_report(result))
     out_dir = args.out_dir
@@ -197,6 +200,9 @@ def _source_args(p, sparsity):
     p.add_argument("--block", type=_block, default=None, help="block shape for BSR / block pruning, e.g. 8x1")
     p.add_argument("--fmt", choices=["auto", "csr", "bsr"], default="auto")
     p.add_argument("--threshold", type=_sparsity, default=0.5, help="rewrite layers at least this sparse")
+    p.add_argument("--no-measure", action="store_true",
+                   help="rewrite every conv over the threshold; by default one runs sparse only where its "
+                        "sparse kernel is faster than the dense kernel, timed on this CPU")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver3' (default: from CPU flags)")

@@ -137,7 +137,7 @@ E2E_ROUNDS = 20
 def compare_model(model_name="vgg16_cifar", program=None, input_size=None, sparsities=(0.9,), fmt="auto",
                   block=None, prune_mode="layer", tuning_log=None, trials=0, batch=1, threads=None,
                   budget_s=0.5, threshold=0.5, target=None, per_layer=True, progress=None,
-                  check=bench.check_close, engines=ENGINES) -> dict:
+                  check=bench.check_close, engines=ENGINES, measure=True) -> dict:
     """Prune (zoo models), import, tune or load logs, check, and time PyTorch dense, TVM dense
     and TVM sparse, end to end and per conv/linear layer, at each sparsity. ``engines`` can
     drop "tvm_dense" (e.g. when it is untuned and would only take time)."""
@@ -176,7 +176,7 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             if sparsity > 0:
                 prune.prune_model(model, sparsity, prune_mode, block)
         say(f"== sparsity {sparsity:.2f}: importing")
-        sparse_imp = import_torch(source, example, threshold, fmt, block, target)
+        sparse_imp = import_torch(source, example, threshold, fmt, block, target, measure=measure)
         dense_imp = import_torch(source, example, target=target, sparse=False)
         if trials:
             say(f"   tuning dense ({trials} trials) and sparse ({trials} trials) into {log_dir}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dense, kernels, ops
+from . import dense, kernels, ops, pick
 from . import formats as F
 from .bench import table
 
@@ -340,10 +340,13 @@ def _emit_dense(bb, chain: Chain, target, funcs: dict, kernels_: dict, layer: st
 
 
 def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
-                 target=None, sparse=True) -> ImportedModel:
+                 target=None, sparse=True, measure=True) -> ImportedModel:
     """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
     ExportedProgram, and rewrite each pruned conv/linear layer to the sparse kernels.
-    ``sparse=False`` rewrites nothing (BatchNorm is still folded): the dense baseline."""
+    Convs that stay dense run our dense kernel. ``measure``: a conv at or over the threshold runs
+    sparse only if its sparse kernel is faster than the dense one, timed here (when the target is
+    this machine; else the threshold alone decides). ``sparse=False`` rewrites nothing (BatchNorm
+    is still folded): the dense baseline."""
     import torch
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -397,7 +400,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                     chain.head = _substitute(chain.head, remap)
                     remap[b.var] = _emit_chain(bb, chain, len(report), names,
                                                sparsity_threshold if sparse else None, fmt, block,
-                                               target, funcs, kernels, report)
+                                               target, funcs, kernels, report, measure and pick.on_host(target))
                 else:
                     remap[b.var] = bb.emit(_substitute(b.value, remap))
             out = bb.emit_output(_substitute(main.body.body, remap))
@@ -407,7 +410,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels)
 
 
-def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report):
+def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):
     name = names[index] if index < len(names) else f"{chain.kind}{index}"
     shape = tuple(chain.weight.shape) if chain.weight is not None else \
         tuple(int(s) for s in chain.head.args[1].ty.shape)
@@ -415,6 +418,13 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
     reason = _dense_reason(chain, threshold)
     if reason is None:
         layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
+        if measure and _runs_dense_kernel(chain):
+            sparse_ms, dense_ms = pick.time_conv(chain.weight, tuple(int(s) for s in chain.x.ty.shape), _bias(chain),
+                                                 chain.activation, layer_fmt, layer_block, target,
+                                                 **_kernel_conv_args(chain))
+            if dense_ms < sparse_ms:
+                reason = f"dense kernel faster here: {dense_ms:.3g} ms vs {sparse_ms:.3g} ms sparse"
+    if reason is None:
         out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:

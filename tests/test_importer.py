@@ -64,7 +64,7 @@ def test_mixed_model_rewrites_where_it_should(batch):
     model = _mixed()
     # 33x13 input: "down" gives 16x6 maps, which the pointwise conv runs on flattened.
     x, w_in = torch.randn(batch, 3, 33, 13), torch.randn(24, 24, 1, 1)
-    imported = fscnn_tvm.import_torch(model, (x, w_in))
+    imported = fscnn_tvm.import_torch(model, (x, w_in), measure=False)
     rows = {r.name: r for r in imported.report}
     assert [k.spec.flat_hw for k in imported.kernels.values() if "pointwise" in k.layers] == [(16, 6)]
     assert rows["stem"].rewritten and rows["stem"].fused == ["bias", "bn", "relu"]
@@ -81,6 +81,44 @@ def test_mixed_model_rewrites_where_it_should(batch):
     out = compiled(x, w_in)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("sparse_ms,dense_ms,runs_sparse", [(2.0, 1.0, False), (1.0, 2.0, True)])
+def test_measured_choice_keeps_the_faster_kernel(monkeypatch, sparse_ms, dense_ms, runs_sparse):
+    """The choice follows the timings (stubbed here: tests do not assert speed); either way the
+    output matches and a dense choice says why."""
+    from fscnn_tvm import pick
+    calls = []
+    monkeypatch.setattr(pick, "time_conv", lambda *a, **k: calls.append(a) or (sparse_ms, dense_ms))
+    model = _mixed()
+    x, w_in = torch.randn(1, 3, 9, 9), torch.randn(24, 24, 1, 1)
+    imported = fscnn_tvm.import_torch(model, (x, w_in))
+    rows = {r.name: r for r in imported.report}
+    assert len(calls) == 3  # stem, down, pointwise: the convs over the threshold; not fc, grouped, dense_one
+    for name in ("stem", "down", "pointwise"):
+        assert rows[name].rewritten == runs_sparse
+        assert runs_sparse or "dense kernel faster here: 1 ms vs 2 ms sparse" == rows[name].reason
+    assert rows["fc"].rewritten
+    ref = model(x, w_in).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, w_in), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_measured_choice_times_real_kernels():
+    from fscnn_tvm import pick
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * (rng.random((16, 8, 3, 3)) > 0.8)
+    sparse_ms, dense_ms = pick.time_conv(w, (1, 8, 12, 12), None, "relu", "csr", None,
+                                         fscnn_tvm.resolve_target(None), stride=1, padding=(1, 1, 1, 1), dilation=1)
+    assert 0 < sparse_ms < 1e3 and 0 < dense_ms < 1e3
+
+
+def test_no_timing_for_another_cpu(monkeypatch):
+    from fscnn_tvm import pick
+    monkeypatch.setattr(pick, "time_conv", lambda *a, **k: pytest.fail("timed a kernel for another CPU"))
+    model = _mixed()
+    imported = fscnn_tvm.import_torch(model, (torch.randn(1, 3, 9, 9), torch.randn(24, 24, 1, 1)),
+                                      target={"kind": "llvm", "mcpu": "x86-64"})
+    assert {r.name for r in imported.report if r.rewritten} >= {"stem", "down", "pointwise"}
 
 
 def test_threshold_one_keeps_everything_dense_and_still_matches():
@@ -123,7 +161,7 @@ def test_auto_format_picks_bsr_for_block_pruned_weights():
 def test_export_and_load_in_a_fresh_process_without_torch(tmp_path):
     model = _mixed()
     x, w_in = torch.randn(1, 3, 11, 11), torch.randn(24, 24, 1, 1)
-    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x, w_in)))
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x, w_in), measure=False))
     lib = tmp_path / "mixed.so"
     compiled.export_library(lib)
     np.save(tmp_path / "x.npy", x.numpy())

@@ -36,7 +36,7 @@ def _check(compiled, model, x):
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
 def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
     model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,), fmt=fmt, block=(4, 1) if fmt == "bsr" else None)
+    imported = fscnn_tvm.import_torch(model, (x,), fmt=fmt, block=(4, 1) if fmt == "bsr" else None, measure=False)
     assert len(imported.kernels) == 3 and all(r.rewritten for r in imported.report)
     log_dir = str(tmp_path / "log")
     result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
@@ -74,7 +74,7 @@ def test_dense_tasks_are_tuned_and_applied(tmp_path):
 
 def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, caplog):
     model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
     log_dir = str(tmp_path / "log")
     tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
     path = os.path.join(log_dir, RECORDS)
@@ -99,7 +99,7 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
                             torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
 prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
-imported = fscnn_tvm.import_torch(model, (torch.randn(1, 8, 10, 10),), fmt="csr")
+imported = fscnn_tvm.import_torch(model, (torch.randn(1, 8, 10, 10),), fmt="csr", measure=False)
 tuning.tune(imported, trials=400, log_dir=sys.argv[1], dense=False, trials_per_iter=4)
 """
 
@@ -135,7 +135,7 @@ def test_a_killed_job_keeps_its_records_and_resumes(tmp_path):
                                 torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
     prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
     x = torch.randn(1, 8, 10, 10)
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
     resumed = tuning.tune(imported, trials=kept, log_dir=log_dir, dense=False)
     assert sum(resumed.records_before.values()) == kept  # nothing lost, nothing re-tuned
     assert resumed.records == resumed.records_before
@@ -215,7 +215,7 @@ def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
     port, key, procs = _start_tracker_and_servers(2)
     try:
         model, x = _model()
-        imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+        imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
         log_dir = str(tmp_path / "log")
         result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False, rpc=(f"127.0.0.1:{port}", key))
         assert all(n > 0 for n in result.records.values())
@@ -226,7 +226,7 @@ def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
 
 def test_bad_arguments(tmp_path):
     model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,))
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     for bad in (0, -5, 2.5, "10"):
         with pytest.raises(ValueError, match="trials"):
             tuning.tune(imported, trials=bad, log_dir=str(tmp_path / "log"))
@@ -237,7 +237,7 @@ def test_bad_arguments(tmp_path):
 def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
     from fscnn_tvm import runtime
     model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr")
+    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
     log_dir = str(tmp_path / "log")
     tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
     shipped = tmp_path / "schedules"
@@ -263,11 +263,11 @@ def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_again
     program = str(tmp_path / "small.pt2")
     torch.export.save(torch.export.export(model, (x,)), program)
     log_dir = str(tmp_path / "log")
-    assert cli(["tune", "--program", program, "--trials", "12", "--log", log_dir]) == 0
+    assert cli(["tune", "--program", program, "--trials", "12", "--log", log_dir, "--no-measure"]) == 0
     out = capsys.readouterr().out
     assert "tuning the dense module's conv/matmul ops" in out and "best_ms" in out
     db = tuning.open_database(log_dir)
-    sparse = fscnn_tvm.import_torch(torch.export.load(program), (x,))
+    sparse = fscnn_tvm.import_torch(torch.export.load(program), (x,), measure=False)
     baseline = fscnn_tvm.import_torch(torch.export.load(program), (x,), sparse=False)
     for imported in (sparse, baseline):
         counts = {t.name: tuning._records_for(db, t.mod)

@@ -15,7 +15,7 @@ def test_zoo_model_pruned_to_90_matches_pytorch(name, batch):
     model, shape = zoo.get_model(name)
     pruned = prune.prune_magnitude(model, 0.9)
     x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(batch))
-    imported = fscnn_tvm.import_torch(model, (x,))
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     rows = {r.name: r for r in imported.report}
     assert len(rows) == len(pruned.layers) + len(pruned.skipped)  # every conv/linear is reported
     for layer in pruned.layers:  # every pruned layer went sparse...
@@ -32,7 +32,8 @@ def test_zoo_model_pruned_to_90_matches_pytorch(name, batch):
 
 def test_cli_import_zoo_and_program(tmp_path, capsys):
     lib = tmp_path / "v.so"
-    assert cli(["import", "--model", "vgg16_cifar", "--sparsity", "0.9", "--time", "0", "--out", str(lib)]) == 0
+    assert cli(["import", "--model", "vgg16_cifar", "--sparsity", "0.9", "--time", "0", "--no-measure",
+                "--out", str(lib)]) == 0
     out = capsys.readouterr().out
     assert "features.2" in out and "14 of 15 conv/linear layers run sparse" in out
     assert "output matches PyTorch" in out and lib.exists()

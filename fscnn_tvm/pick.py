@@ -1,0 +1,47 @@
+"""Sparse or dense, by measurement. A conv sparse enough for the sparse kernel still runs dense
+when our dense kernel is faster on this CPU: where the break-even sparsity lies depends on the
+layer's shape and on the CPU (measured at 90 % on an AVX2 Zen 3, the sparse kernel's rate per
+nonzero was 3-6x below the dense kernel's rate), so no threshold fits every layer and machine.
+Both kernels are built with their default schedules and timed on the layer's shape, alternately,
+taking each one's fastest run (the choice should not depend on a neighbour's burst)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import formats as F
+from .layer import DenseConvLayer, SparseLayer
+from .target import host_target_dict
+
+BUDGET_S = 0.04  # per kernel and round
+ROUNDS = 3
+
+
+def on_host(target) -> bool:
+    """Whether ``target`` is this machine's CPU (only then does timing here say anything)."""
+    host = host_target_dict()
+    return str(target.attrs.get("mcpu", "")) == host.get("mcpu", "") and target.kind.name == "llvm"
+
+
+def _fastest(run, budget_s) -> float:
+    best, start, runs = float("inf"), time.perf_counter(), 0
+    while runs < 3 or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+    return best * 1e3
+
+
+def time_conv(weight, x_shape, bias, activation, fmt, block, target, **conv_args) -> tuple[float, float]:
+    """(sparse ms, dense ms): the fastest run of each kernel on this layer, default schedules."""
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    sparse = SparseLayer("conv2d", F.to_format(weight, fmt, block), x_shape, bias, activation=activation,
+                         target=target, **conv_args).runner(x)
+    dense = DenseConvLayer(weight, x_shape, bias, activation, target, **conv_args).runner(x)
+    best = {"sparse": float("inf"), "dense": float("inf")}
+    for _ in range(ROUNDS):
+        best["sparse"] = min(best["sparse"], _fastest(sparse, BUDGET_S))
+        best["dense"] = min(best["dense"], _fastest(dense, BUDGET_S))
+    return best["sparse"], best["dense"]
