@@ -22,9 +22,8 @@ from tvm import te
 
 from .decisions import FixedDecisions
 from .geometry import ConvGeometry
+from .ops import ACTIVATIONS, activate
 from .target import vector_lanes, vector_registers
-
-ACTIVATIONS = (None, "relu")
 
 
 @dataclass(frozen=True)
@@ -172,9 +171,7 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
 
     def value(n, k, oh, ow):
         v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
-        if bias is not None:
-            v = v + bias[k]
-        return te.max(v, tvm.tirx.const(0.0, "float32")) if spec.activation == "relu" else v
+        return activate(v + bias[k] if bias is not None else v, spec.activation)
 
     out = te.compute(spec.out_shape, value, name="out")
     return [x, w] + ([bias] if bias is not None else []) + [out]

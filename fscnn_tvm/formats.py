@@ -246,6 +246,24 @@ def to_csr(weight) -> CSR:
     return CSR(mat[rows, cols], cols, indptr, shape)
 
 
+def grouped_to_csr(weight, groups: int) -> CSR:
+    """CSR of a grouped conv weight (K, C/groups, kh, kw) as the block-diagonal (K, C, kh, kw)
+    weight it stands for (a depthwise conv: one channel's kh*kw taps per row), built without
+    the dense block-diagonal matrix. Zero weights are dropped like any others."""
+    w = as_weight(weight)
+    if w.ndim != 4:
+        raise ValueError(f"weight: expected a grouped conv weight (K, C/groups, kh, kw), got shape {w.shape}")
+    k, per_group, kh, kw = w.shape
+    if groups < 1 or k % groups:
+        raise ValueError(f"groups={groups} must divide the {k} output channels")
+    mat = w.reshape(k, per_group * kh * kw)
+    rows, cols = np.nonzero(mat)
+    indptr = np.zeros(k + 1, INDEX_DTYPE)
+    np.cumsum(np.bincount(rows, minlength=k), out=indptr[1:])
+    shifted = cols + rows // (k // groups) * per_group * kh * kw
+    return CSR(mat[rows, cols], shifted, indptr, (k, per_group * groups, kh, kw))
+
+
 def to_bsr(weight, block=(4, 1)) -> BSR:
     """BSR with ``block=(bo, bi)``: bo output channels x bi columns. A block is kept when any
     of its values is nonzero."""

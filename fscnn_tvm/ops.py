@@ -29,7 +29,7 @@ from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F40
 from .geometry import ConvGeometry, _padding4, _pair  # noqa: F401 - part of ops' API
 from .target import vector_lanes, vector_registers
 
-ACTIVATIONS = (None, "relu")
+ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
 # nonzero loop and let layers of one shape and similar density share a compiled kernel.
 ELL_WIDTH_MULTIPLE = 4
@@ -90,13 +90,18 @@ def epilogue_compute(acc, out_shape, bias, activation):
 
     def value(n, k, *hw):
         v = acc[n, k // bo, k % bo, hw[0], hw[1]] if hw else acc[n, k // bo, k % bo, 0, 0]
-        if bias is not None:
-            v = v + bias[k]
-        if activation == "relu":
-            v = te.max(v, tvm.tirx.const(0.0, "float32"))
-        return v
+        return activate(v + bias[k] if bias is not None else v, activation)
 
     return te.compute(out_shape, value, name="out")
+
+
+def activate(v, activation):
+    """``v`` through one of ACTIVATIONS (fused into every kernel's epilogue)."""
+    if activation in ("relu", "relu6"):
+        v = te.max(v, tvm.tirx.const(0.0, "float32"))
+    if activation == "relu6":
+        v = te.min(v, tvm.tirx.const(6.0, "float32"))
+    return v
 
 
 @dataclass(frozen=True)
