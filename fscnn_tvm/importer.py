@@ -201,6 +201,16 @@ def _match_head(var, value, graph: _Graph) -> Chain | None:
     return None
 
 
+def _per_channel(shape, channels: int, kind: str) -> bool:
+    """Whether a constant of ``shape`` added to the layer's output is one value per output channel:
+    (K, 1, 1) or (1, K, 1, 1) after a conv, (K,) or (1, K) after a linear. Anything else broadcasts
+    along other axes (a (K,) vector added to NCHW runs along the width; an (N, 1) column along the
+    batch) and stays an add."""
+    shape = tuple(int(d) for d in shape)
+    allowed = {(channels, 1, 1), (1, channels, 1, 1)} if kind == "conv2d" else {(channels,), (1, channels)}
+    return shape in allowed
+
+
 def _extend(chain: Chain, graph: _Graph):
     """Absorb bias add, BatchNorm and ReLU that follow the head, in that order when present."""
     out_ch = chain.weight.shape[0]
@@ -213,7 +223,8 @@ def _extend(chain: Chain, graph: _Graph):
         if name == "relax.add" and chain.activation is None:
             other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
             b = graph.const_of(other)
-            if b is None or b.size != out_ch or (chain.kind == "conv2d" and b.ndim == 4 and b.shape[2:] != (1, 1)):
+            # The shape as added (after any reshape const_of saw through) decides what it broadcasts along.
+            if b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
                 return
             chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
             chain.fused.append("bias")

@@ -209,3 +209,30 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         fscnn_tvm.load(tmp_path / "missing.so")
     with pytest.raises(ValueError, match="not a compiled"):
         fscnn_tvm.load(junk)
+
+
+class _AddsAfterLayers(torch.nn.Module):
+    """Constants that have as many elements as output channels but broadcast along other axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(8 * 8 * 8, 4, bias=False)
+        self.register_buffer("row", torch.randn(8))            # (K,) on NCHW runs along the width (W == K)
+        self.register_buffer("wide", torch.randn(1, 1, 1, 8))  # along the width, 4-d
+        self.register_buffer("column", torch.randn(4, 1))      # along the batch of the linear (N == K)
+
+    def forward(self, x):
+        y = self.conv(x) + self.row
+        y = self.conv(y[:, :3]) + self.wide
+        return self.fc(y.flatten(1)) + self.column
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_constants_that_are_not_per_channel_are_not_folded_into_the_bias(sparse):
+    model = _prune_(_AddsAfterLayers().eval(), 0.8)
+    x = torch.randn(4, 3, 8, 8)
+    imported = fscnn_tvm.import_torch(model, (x,), sparse=sparse, measure=False)
+    assert not any("bias" in r.fused for r in imported.report)
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
