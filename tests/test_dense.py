@@ -22,7 +22,7 @@ TARGETS = [None, {"kind": "llvm"}] + (["llvm -mcpu=haswell"] if host_avx2() else
     stride=st.integers(1, 3) | two_ints(1, 3),
     padding=st.integers(0, 3) | two_ints(0, 3) | st.tuples(*[st.integers(0, 3)] * 4),
     dilation=st.integers(1, 2) | two_ints(1, 2),
-    has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
     seed=st.integers(0, 2**32 - 1), target=st.sampled_from(TARGETS),
 )
 def test_dense_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, has_bias, activation, seed,
@@ -121,3 +121,19 @@ def test_bad_arguments(rng, kwargs, pattern):
 def test_wrong_input_channels(rng):
     with pytest.raises(ValueError, match="input channels"):
         dense_conv2d(rng.standard_normal((1, 3, 8, 8)), rng.standard_normal((5, 4, 3, 3)))
+
+
+@pytest.mark.parametrize("shape,w_shape,kwargs", [
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
+    ((1, 256, 14, 14), (1024, 256, 1, 1), {}),
+    ((1, 3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3)),
+])
+def test_avx512_kernels_build(shape, w_shape, kwargs):
+    """The AVX-512 tile (two 16-lane channel vectors, 10-14 pixels) lowers and compiles; this
+    machine may not run it, so only the build is checked here (the AVX2 and generic tiles run above)."""
+    from fscnn_tvm import kernels
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    spec = dense.make_dense_spec(shape, w_shape, True, "relu6", target, **kwargs)
+    assert spec.oc_bn == 32 and 2 * spec.reg_n + 3 <= 32
+    sch = kernels.default_schedule(kernels.prim_func(spec), spec)
+    assert tvm.compile(tvm.IRModule({"main": kernels.lower(sch)}), target=target) is not None

@@ -421,3 +421,23 @@ def test_as_weight_names_argument():
     assert out.dtype == np.float32 and out.flags.c_contiguous
     out = F.as_weight(np.arange(12, dtype=np.float64).reshape(3, 4).T, "x")
     assert out.dtype == np.float32 and out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("k,c,groups,kh", [(8, 8, 8, 3), (12, 6, 3, 3), (4, 4, 1, 1), (6, 4, 2, 5)])
+def test_grouped_csr_is_the_block_diagonal_weight(k, c, groups, kh):
+    rng = np.random.default_rng(k * c + groups)
+    w = rng.standard_normal((k, c // groups, kh, kh)).astype(np.float32)
+    w[rng.random(w.shape) < 0.3] = 0.0
+    full = np.zeros((k, c, kh, kh), np.float32)
+    for g in range(groups):
+        rows, cols = slice(g * k // groups, (g + 1) * k // groups), slice(g * c // groups, (g + 1) * c // groups)
+        full[rows, cols] = w[rows]
+    csr = F.grouped_to_csr(w, groups)
+    assert csr.shape == (k, c, kh, kh) and csr.nnz == np.count_nonzero(w)
+    np.testing.assert_array_equal(csr.to_dense(), full)
+
+
+@pytest.mark.parametrize("groups", [0, 5])
+def test_grouped_csr_rejects_groups_that_do_not_divide(groups):
+    with pytest.raises(ValueError, match="groups"):
+        F.grouped_to_csr(np.ones((8, 1, 3, 3), np.float32), groups)

@@ -41,18 +41,20 @@ def torch_conv(x, w, b=None, stride=1, padding=0, dilation=1, activation=None):
     wt = torch.as_tensor(np.asarray(w), dtype=torch.float64)
     bt = None if b is None else torch.as_tensor(np.asarray(b), dtype=torch.float64)
     y = TF.conv2d(xt, wt, bt, stride=pair(stride), padding=0, dilation=pair(dilation))
+    return activated(y, activation).numpy()
+
+
+def activated(y, activation):
     if activation == "relu":
-        y = torch.relu(y)
-    return y.numpy()
+        return torch.relu(y)
+    return y.clamp(0.0, 6.0) if activation == "relu6" else y
 
 
 def torch_linear(x, w, b=None, activation=None):
     bt = None if b is None else torch.as_tensor(np.asarray(b), dtype=torch.float64)
     y = TF.linear(torch.as_tensor(np.asarray(x), dtype=torch.float64),
                   torch.as_tensor(np.asarray(w), dtype=torch.float64), bt)
-    if activation == "relu":
-        y = torch.relu(y)
-    return y.numpy()
+    return activated(y, activation).numpy()
 
 
 def assert_matches(out, ref):
@@ -90,7 +92,7 @@ fmt_block = st.one_of(
     padding=st.integers(0, 3) | two_ints(0, 3) | st.tuples(*[st.integers(0, 3)] * 4),
     dilation=st.integers(1, 2) | two_ints(1, 2),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
-    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
     seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8),
 )
 def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
@@ -132,7 +134,7 @@ def check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb,
     n=st.integers(1, 4), fin=st.integers(1, 300) | st.sampled_from(PRIMES),
     fout=st.integers(1, 300) | st.sampled_from(PRIMES),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
-    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu"]),
+    fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_linear_property(n, fin, fout, sparsity, fb, has_bias, activation, seed):
@@ -639,3 +641,26 @@ def test_vgg16_first_sparse_layer_runs_banded(fmt, block):
     layer = fscnn_tvm.SparseLayer("conv2d", w, x.shape, fmt=fmt, block=block, padding=1, activation="relu")
     assert layer.spec.band_rows == 7
     assert_matches(layer(x), torch_conv(x, w, padding=1, activation="relu"))
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(n=st.integers(1, 2), per_group=st.integers(1, 3), groups=st.integers(1, 12), mult=st.integers(1, 2),
+       hw=st.integers(3, 16), kh=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       sparsity=st.sampled_from([0.0, 0.5]), activation=st.sampled_from([None, "relu6"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_grouped_conv_on_the_block_diagonal_csr(n, per_group, groups, mult, hw, kh, stride, padding, sparsity,
+                                                 activation, seed):
+    """Grouped and depthwise convs (``per_group`` = 1) on the sparse kernel via ``grouped_to_csr``."""
+    rng = np.random.default_rng(seed)
+    c, k = per_group * groups, per_group * groups * mult
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = sparse_weight(rng, (k, per_group, kh, kh), sparsity)
+    b = rng.standard_normal(k).astype(np.float32)
+    if out_size(hw, padding, padding, kh, stride, 1) < 1:
+        return
+    from fscnn_tvm.formats import grouped_to_csr
+    out = layer.SparseLayer("conv2d", grouped_to_csr(w, groups), x.shape, b, activation=activation,
+                            stride=stride, padding=padding)(x)
+    ref = TF.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(),
+                    stride, padding, 1, groups)
+    assert_matches(out, activated(ref, activation).numpy())
