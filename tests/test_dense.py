@@ -14,7 +14,7 @@ two_ints = lambda lo, hi: st.tuples(st.integers(lo, hi), st.integers(lo, hi))  #
 TARGETS = [None, {"kind": "llvm"}] + (["llvm -mcpu=haswell"] if host_avx2() else [])
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(
     n=st.integers(1, 3), c=channels, k=channels,
     h=st.integers(1, 20), w=st.integers(1, 24),
@@ -44,7 +44,7 @@ def test_dense_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation,
     assert_matches(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(n=st.integers(1, 3), c=channels, k=channels, h=st.integers(1, 30), w=st.integers(1, 30),
        stride=st.integers(1, 3) | two_ints(1, 3), has_bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_pointwise_property(n, c, k, h, w, stride, has_bias, seed):
