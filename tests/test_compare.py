@@ -82,6 +82,6 @@ def test_layer_command_checks_and_times_every_engine(tmp_path, capsys):
                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     engines = [r["engine"] for r in result["rows"]]
-    assert engines[0] == "pytorch dense" and "tvm sparse csr" in engines and "tvm dense (untuned)" in engines
+    assert engines[0] == "pytorch dense" and "tvm sparse csr" in engines and "tvm dense (ours)" in engines
     assert all(r["median_ms"] > 0 and r["runs"] >= 10 for r in result["rows"])
     assert "vs_best_dense" in capsys.readouterr().out
