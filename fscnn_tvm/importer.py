@@ -1,11 +1,11 @@
-"""PyTorch model -> Relax -> pruned conv/linear layers rewritten to the sparse kernels.
+"""PyTorch model -> Relax -> conv/linear layers rewritten to our kernels.
 
 ``torch.export`` then TVM's Relax frontend give one dataflow block of Relax calls. We walk it
-once, recognise each layer *chain* (conv2d or linear, then optionally bias add, eval-mode
-BatchNorm and ReLU, each intermediate used only by the next step), fold BatchNorm into the
-weight and bias (scaling keeps zeros zero), and emit the chain either as one ``call_tir`` of
-the sparse kernel (bias and ReLU fused) or as dense Relax ops. One small matcher per layer
-kind, as in TVM's own frontends.
+once, recognise each layer *chain* (conv2d or linear, then optionally a per-channel bias add,
+eval-mode BatchNorm and ReLU/ReLU6, each intermediate used only by the next step), fold BatchNorm
+into the weight and bias (scaling keeps zeros zero), and hand the chain to ``emit``: one
+``call_tir`` of the sparse or dense kernel (bias and activation fused), or dense Relax ops. One
+small matcher per layer kind, as in TVM's own frontends.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dense, kernels, ops, pick
-from . import formats as F
+from . import pick
+from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
+                   kernel_conv_args, runs_dense_kernel)
 from .bench import table
 
 FUSED_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.clip": "relu6"}  # clip: only clip(x, 0, 6)
@@ -41,22 +42,13 @@ class LayerReport:
 
 
 @dataclass
-class Kernel:
-    """A kernel of the module (sparse, or the dense conv kernel): its spec, the weight arrays of
-    its first layer (what tuning measures on), and every layer that calls it."""
-    spec: ops.KernelSpec | dense.DenseConvSpec
-    arrays: list
-    layers: list
-
-
-@dataclass
 class ImportedModel:
     mod: object  # tvm.IRModule; our kernels unscheduled (``compile`` schedules them)
     report: list
     input_shapes: list
     num_outputs: int
     target: object
-    kernels: dict = field(default_factory=dict)  # function name -> Kernel
+    kernels: dict = field(default_factory=dict)  # function name -> emit.Kernel
 
     def __str__(self):
         rows = [{"layer": r.name, "kind": r.kind, "shape": "x".join(map(str, r.weight_shape)),
@@ -255,137 +247,6 @@ def _is_relu6(clip) -> bool:
     return [getattr(b, "value", b) for b in bounds] == [0.0, 6.0]
 
 
-# ----------------------------------------------------------------------------- decisions
-
-def choose_format(weight: np.ndarray, fmt: str, block) -> tuple[str, tuple | None]:
-    """``auto``: BSR when whole blocks are mostly full (the block-pruned case), else CSR."""
-    if fmt != "auto":
-        return fmt, (tuple(block) if block is not None else ((4, 1) if fmt == "bsr" else None))
-    candidates = [tuple(block)] if block is not None else [(8, 1), (4, 1)]
-    nnz = np.count_nonzero(weight)
-    for cand in candidates:
-        bsr = F.to_bsr(weight, cand)
-        if nnz and nnz / (bsr.nnz_blocks * cand[0] * cand[1]) >= 0.7:
-            return "bsr", cand
-    return "csr", None
-
-
-def _dense_reason(chain: Chain, threshold: float | None) -> str | None:
-    attrs = chain.head.attrs
-    if threshold is None:
-        return "dense baseline"
-    if chain.weight is None:
-        return "weight is a graph input, not a constant"
-    if chain.kind == "conv2d":
-        if int(attrs.groups) != 1:
-            return f"groups={int(attrs.groups)} (grouped/depthwise)"
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
-            return f"layout {attrs.data_layout}/{attrs.kernel_layout}: only NCHW/OIHW"
-        if chain.weight.dtype != np.float32 or chain.x.ty.dtype != "float32":
-            return "not float32"
-    sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size
-    if sparsity < threshold:
-        return f"sparsity {sparsity:.2f} < threshold {threshold:.2f}"
-    return None
-
-
-# ----------------------------------------------------------------------------- emission
-
-def _emit_sparse(bb, chain: Chain, fmt, block, target, funcs: dict, kernels_: dict, layer: str):
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
-    spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, _bias(chain),
-                                      chain.activation, target, **_kernel_conv_args(chain))
-    return _emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer)
-
-
-def _emit_kernel(bb, chain: Chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str):
-    """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec)."""
-    from tvm import relax
-    if spec not in funcs:
-        # Unscheduled here: ``compile`` applies a tuned or the default schedule.
-        name = f"{prefix}_{len(funcs)}"
-        funcs[spec] = bb.add_func(kernels.prim_func(spec).with_attr("global_symbol", name), name)
-        kernels_[name] = Kernel(spec, weights, [])
-    kernels_[funcs[spec].name_hint].layers.append(layer)
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
-    x = chain.x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(chain.x, spec.x_shape))
-    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
-                                 relax.TensorType(spec.out_shape, "float32")))
-    return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
-
-
-def _bias(chain: Chain):
-    return None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
-
-
-def _kernel_conv_args(chain: Chain) -> dict:
-    """stride, padding (t, l, b, r) and dilation, as our kernels take them."""
-    return {k: v for k, v in _conv_args(chain).items() if k != "groups"}
-
-
-def _our_conv(chain: Chain) -> bool:
-    """Whether our kernels can run this conv chain (NCHW/OIHW float32, constant weight)."""
-    if chain.kind != "conv2d" or chain.weight is None:
-        return False
-    a = chain.head.attrs
-    return (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW") \
-        and chain.weight.dtype == np.float32 and chain.x.ty.dtype == "float32"
-
-
-def _runs_dense_kernel(chain: Chain) -> bool:
-    """Whether a chain left dense runs our dense conv kernel."""
-    return _our_conv(chain) and int(chain.head.attrs.groups) == 1
-
-
-def _grouped_kernel(chain: Chain, target, measure: bool) -> tuple[bool, str]:
-    """Whether a grouped/depthwise conv runs our sparse kernel on its block-diagonal weight
-    (else TVM's grouped conv), and why. Measured on 3x3 depthwise convs of MobileNetV2 (AVX2,
-    2 threads): stride 1 at 14x14 and up 1.1-3.5x faster than TVM's, stride 2 and 7x7 slower;
-    so it is timed here, and without timing the stride decides."""
-    if not _our_conv(chain):
-        return False, ""
-    if not measure:
-        ours = tuple(int(s) for s in chain.head.attrs.strides) == (1, 1)
-        return ours, "block-diagonal CSR kernel" if ours else "TVM's grouped conv (stride > 1)"
-    ours_ms, tvm_ms = pick.time_grouped(chain.weight, int(chain.head.attrs.groups),
-                                        tuple(int(s) for s in chain.x.ty.shape), _bias(chain), chain.activation,
-                                        target, **_kernel_conv_args(chain))
-    times = f"{min(ours_ms, tvm_ms):.3g} ms vs {max(ours_ms, tvm_ms):.3g} ms"
-    return (True, f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
-        (False, f"TVM's grouped conv (faster here: {times})")
-
-
-def _emit_dense(bb, chain: Chain, target, funcs: dict, kernels_: dict, layer: str, grouped_ours: bool = False):
-    """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
-    (bias and activation fused) where it applies, a grouped conv on our sparse kernel when
-    ``grouped_ours``, else dense Relax ops."""
-    from tvm import relax
-    if grouped_ours:
-        spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
-                                          tuple(int(s) for s in chain.x.ty.shape), _bias(chain), chain.activation,
-                                          target, **_kernel_conv_args(chain))
-        return _emit_kernel(bb, chain, spec, weights, "grouped_conv2d", funcs, kernels_, layer)
-    if _runs_dense_kernel(chain):
-        spec, weights = dense.dense_inputs(chain.weight, tuple(int(s) for s in chain.x.ty.shape), _bias(chain),
-                                           chain.activation, target, **_kernel_conv_args(chain))
-        return _emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
-    if chain.kind == "conv2d":
-        a = chain.head.attrs
-        y = bb.emit(relax.op.nn.conv2d(chain.x, relax.const(chain.weight.astype(np.float32)), strides=a.strides,
-                                       padding=a.padding, dilation=a.dilation, groups=a.groups))
-        bias_shape = (1, -1, 1, 1)
-    else:
-        y = bb.emit(relax.op.matmul(chain.x, relax.const(np.ascontiguousarray(chain.weight.T))))
-        bias_shape = (1, -1)
-    if chain.bias is not None:
-        y = bb.emit(relax.op.add(y, relax.const(np.asarray(chain.bias, np.float32).reshape(bias_shape))))
-    if chain.activation == "relu":
-        y = bb.emit(relax.op.nn.relu(y))
-    elif chain.activation == "relu6":
-        y = bb.emit(relax.op.clip(y, 0.0, 6.0))
-    return y
-
-
 def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
                  target=None, sparse=True, measure=True) -> ImportedModel:
     """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
@@ -462,39 +323,31 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
     shape = tuple(chain.weight.shape) if chain.weight is not None else \
         tuple(int(s) for s in chain.head.args[1].ty.shape)
     sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size if chain.weight is not None else 0.0
-    reason = _dense_reason(chain, threshold)
+    reason = dense_reason(chain, threshold)
     if reason is None:
         layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
-        if measure and _runs_dense_kernel(chain):
-            sparse_ms, dense_ms = pick.time_conv(chain.weight, tuple(int(s) for s in chain.x.ty.shape), _bias(chain),
+        if measure and runs_dense_kernel(chain):
+            sparse_ms, dense_ms = pick.time_conv(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
                                                  chain.activation, layer_fmt, layer_block, target,
-                                                 **_kernel_conv_args(chain))
+                                                 **kernel_conv_args(chain))
             if dense_ms < sparse_ms:
                 reason = f"dense kernel faster here: {dense_ms:.3g} ms vs {sparse_ms:.3g} ms sparse"
     if reason is None:
-        out = _emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
+        out = emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:
         grouped_ours = False
         if chain.kind == "conv2d" and chain.weight is not None and int(chain.head.attrs.groups) > 1:
-            grouped_ours, how = _grouped_kernel(chain, target, measure)
+            grouped_ours, how = grouped_kernel(chain, target, measure)
             reason += f": {how}" if how else ""
-        out = _emit_dense(bb, chain, target, funcs, kernels, name, grouped_ours) if chain.weight is not None \
+        out = emit_dense(bb, chain, target, funcs, kernels, name, grouped_ours) if chain.weight is not None \
             else bb.emit(chain.head)
         label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
                               list(chain.fused), tuple(int(s) for s in chain.x.ty.shape), chain.weight,
                               None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1),
-                              chain.activation, _conv_args(chain), layer_block if reason is None else None))
+                              chain.activation, conv_args_of(chain), layer_block if reason is None else None))
     return out
-
-
-def _conv_args(chain) -> dict:
-    if chain.kind != "conv2d":
-        return {}
-    a = chain.head.attrs
-    return {"stride": tuple(int(s) for s in a.strides), "padding": tuple(int(p) for p in a.padding),
-            "dilation": tuple(int(d) for d in a.dilation), "groups": int(a.groups)}
 
 
 def _substitute(expr, remap):

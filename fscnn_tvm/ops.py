@@ -26,7 +26,7 @@ from tvm import te
 
 from . import formats as F
 from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F401 - part of ops' API
-from .geometry import ConvGeometry, _padding4, _pair  # noqa: F401 - part of ops' API
+from .geometry import ConvGeometry
 from .target import vector_lanes, vector_registers
 
 ACTIVATIONS = (None, "relu", "relu6")

@@ -1,0 +1,159 @@
+"""From a matched layer chain to the module: which kernel runs it (format, sparse or dense, our
+grouped kernel or TVM's), and its ``call_tir`` with the kernel's constant arrays. Each kernel is
+added to the module once per spec and remembered as a ``Kernel`` (what tuning works on)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dense, kernels, ops, pick
+from . import formats as F
+
+
+@dataclass
+class Kernel:
+    """A kernel of the module (sparse, or the dense conv kernel): its spec, the weight arrays of
+    its first layer (what tuning measures on), and every layer that calls it."""
+    spec: ops.KernelSpec | dense.DenseConvSpec
+    arrays: list
+    layers: list
+
+
+# ----------------------------------------------------------------------------- decisions
+
+def choose_format(weight: np.ndarray, fmt: str, block) -> tuple[str, tuple | None]:
+    """``auto``: BSR when whole blocks are mostly full (the block-pruned case), else CSR."""
+    if fmt != "auto":
+        return fmt, (tuple(block) if block is not None else ((4, 1) if fmt == "bsr" else None))
+    candidates = [tuple(block)] if block is not None else [(8, 1), (4, 1)]
+    nnz = np.count_nonzero(weight)
+    for cand in candidates:
+        bsr = F.to_bsr(weight, cand)
+        if nnz and nnz / (bsr.nnz_blocks * cand[0] * cand[1]) >= 0.7:
+            return "bsr", cand
+    return "csr", None
+
+
+def dense_reason(chain, threshold: float | None) -> str | None:
+    attrs = chain.head.attrs
+    if threshold is None:
+        return "dense baseline"
+    if chain.weight is None:
+        return "weight is a graph input, not a constant"
+    if chain.kind == "conv2d":
+        if int(attrs.groups) != 1:
+            return f"groups={int(attrs.groups)} (grouped/depthwise)"
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+            return f"layout {attrs.data_layout}/{attrs.kernel_layout}: only NCHW/OIHW"
+        if chain.weight.dtype != np.float32 or chain.x.ty.dtype != "float32":
+            return "not float32"
+    sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size
+    if sparsity < threshold:
+        return f"sparsity {sparsity:.2f} < threshold {threshold:.2f}"
+    return None
+
+
+# ----------------------------------------------------------------------------- emission
+
+def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, layer: str):
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, bias_of(chain),
+                                      chain.activation, target, **kernel_conv_args(chain))
+    return emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer)
+
+
+def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str):
+    """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec)."""
+    from tvm import relax
+    if spec not in funcs:
+        # Unscheduled here: ``compile`` applies a tuned or the default schedule.
+        name = f"{prefix}_{len(funcs)}"
+        funcs[spec] = bb.add_func(kernels.prim_func(spec).with_attr("global_symbol", name), name)
+        kernels_[name] = Kernel(spec, weights, [])
+    kernels_[funcs[spec].name_hint].layers.append(layer)
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    x = chain.x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(chain.x, spec.x_shape))
+    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
+                                 relax.TensorType(spec.out_shape, "float32")))
+    return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
+
+
+def bias_of(chain):
+    return None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
+
+
+def kernel_conv_args(chain) -> dict:
+    """stride, padding (t, l, b, r) and dilation, as our kernels take them."""
+    return {k: v for k, v in conv_args_of(chain).items() if k != "groups"}
+
+
+def our_conv(chain) -> bool:
+    """Whether our kernels can run this conv chain (NCHW/OIHW float32, constant weight)."""
+    if chain.kind != "conv2d" or chain.weight is None:
+        return False
+    a = chain.head.attrs
+    return (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW") \
+        and chain.weight.dtype == np.float32 and chain.x.ty.dtype == "float32"
+
+
+def runs_dense_kernel(chain) -> bool:
+    """Whether a chain left dense runs our dense conv kernel."""
+    return our_conv(chain) and int(chain.head.attrs.groups) == 1
+
+
+def grouped_kernel(chain, target, measure: bool) -> tuple[bool, str]:
+    """Whether a grouped/depthwise conv runs our sparse kernel on its block-diagonal weight
+    (else TVM's grouped conv), and why. Measured on 3x3 depthwise convs of MobileNetV2 (AVX2,
+    2 threads): stride 1 at 14x14 and up 1.1-3.5x faster than TVM's, stride 2 and 7x7 slower;
+    so it is timed here, and without timing the stride decides."""
+    if not our_conv(chain):
+        return False, ""
+    if not measure:
+        ours = tuple(int(s) for s in chain.head.attrs.strides) == (1, 1)
+        return ours, "block-diagonal CSR kernel" if ours else "TVM's grouped conv (stride > 1)"
+    ours_ms, tvm_ms = pick.time_grouped(chain.weight, int(chain.head.attrs.groups),
+                                        tuple(int(s) for s in chain.x.ty.shape), bias_of(chain), chain.activation,
+                                        target, **kernel_conv_args(chain))
+    times = f"{min(ours_ms, tvm_ms):.3g} ms vs {max(ours_ms, tvm_ms):.3g} ms"
+    return (True, f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
+        (False, f"TVM's grouped conv (faster here: {times})")
+
+
+def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped_ours: bool = False):
+    """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
+    (bias and activation fused) where it applies, a grouped conv on our sparse kernel when
+    ``grouped_ours``, else dense Relax ops."""
+    from tvm import relax
+    if grouped_ours:
+        spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
+                                          tuple(int(s) for s in chain.x.ty.shape), bias_of(chain), chain.activation,
+                                          target, **kernel_conv_args(chain))
+        return emit_kernel(bb, chain, spec, weights, "grouped_conv2d", funcs, kernels_, layer)
+    if runs_dense_kernel(chain):
+        spec, weights = dense.dense_inputs(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
+                                           chain.activation, target, **kernel_conv_args(chain))
+        return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
+    if chain.kind == "conv2d":
+        a = chain.head.attrs
+        y = bb.emit(relax.op.nn.conv2d(chain.x, relax.const(chain.weight.astype(np.float32)), strides=a.strides,
+                                       padding=a.padding, dilation=a.dilation, groups=a.groups))
+        bias_shape = (1, -1, 1, 1)
+    else:
+        y = bb.emit(relax.op.matmul(chain.x, relax.const(np.ascontiguousarray(chain.weight.T))))
+        bias_shape = (1, -1)
+    if chain.bias is not None:
+        y = bb.emit(relax.op.add(y, relax.const(np.asarray(chain.bias, np.float32).reshape(bias_shape))))
+    if chain.activation == "relu":
+        y = bb.emit(relax.op.nn.relu(y))
+    elif chain.activation == "relu6":
+        y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+    return y
+
+
+def conv_args_of(chain) -> dict:
+    if chain.kind != "conv2d":
+        return {}
+    a = chain.head.attrs
+    return {"stride": tuple(int(s) for s in a.strides), "padding": tuple(int(p) for p in a.padding),
+            "dilation": tuple(int(d) for d in a.dilation), "groups": int(a.groups)}
