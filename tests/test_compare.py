@@ -25,7 +25,7 @@ def program(tmp_path_factory):
 
 def test_json_markdown_plot_cover_every_layer(program, tmp_path):
     out = tmp_path / "r.json"
-    assert cli(["compare", "--program", program, "--sparsity", "0.8", "--budget", "0.05",
+    assert cli(["compare", "--program", program, "--sparsity", "0.8", "--budget", "0.05", "--no-measure",
                 "--json", str(out), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]) == 0
     result = json.loads(out.read_text())
     for key in ("model", "batch", "machine", "points", "break_even_end_to_end", "break_even_per_layer"):
@@ -49,7 +49,7 @@ def test_disagreeing_engines_stop_before_timing(program, monkeypatch):
     real_call = layer.SparseLayer.__call__
     monkeypatch.setattr(layer.SparseLayer, "__call__", lambda self, x: real_call(self, x) + 1.0)
     with pytest.raises(bench.OutputMismatch, match="tvm_sparse"):
-        compare.compare_model(program=program, sparsities=[0.8], budget_s=0.01)
+        compare.compare_model(program=program, sparsities=[0.8], budget_s=0.01, measure=False)
 
 
 def test_check_close_catches_a_wrong_result():

@@ -14,7 +14,7 @@ two_ints = lambda lo, hi: st.tuples(st.integers(lo, hi), st.integers(lo, hi))  #
 TARGETS = [None, {"kind": "llvm"}] + (["llvm -mcpu=haswell"] if host_avx2() else [])
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=80, deadline=None, database=None)
 @given(
     n=st.integers(1, 3), c=channels, k=channels,
     h=st.integers(1, 20), w=st.integers(1, 24),

@@ -83,7 +83,7 @@ fmt_block = st.one_of(
 )
 
 
-@settings(max_examples=250, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(
     n=st.integers(1, 4), c=channels, k=channels,
     h=st.integers(1, 20), w=st.integers(1, 20),
