@@ -94,36 +94,14 @@ def _tvm_dense_layer(layer, target, db):
     """One layer run dense as the whole dense model runs it: a conv on our dense kernel, anything
     else as its own Relax module compiled like the model (same fused workload, so a model's tuning
     log applies)."""
-    from tvm import relax
-
-    from .layer import DenseConvLayer
+    from .layer import DenseConvLayer, relax_layer_module
     from .runtime import CompiledModel, compile_module
-    if layer.kind == "conv2d" and layer.conv_args["groups"] == 1:
-        a = layer.conv_args
+    a = layer.conv_args
+    if layer.kind == "conv2d" and a["groups"] == 1:
         return DenseConvLayer(layer.weight, layer.x_shape, layer.bias, layer.activation, target, a["stride"],
                               a["padding"], a["dilation"])
-    x = relax.Var("x", relax.TensorType(layer.x_shape, "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            w = relax.const(np.ascontiguousarray(layer.weight, dtype=np.float32))
-            if layer.kind == "conv2d":
-                a = layer.conv_args
-                y = bb.emit(relax.op.nn.conv2d(x, w, strides=a["stride"], padding=a["padding"],
-                                               dilation=a["dilation"], groups=a["groups"]))
-                shape = (1, -1, 1, 1)
-            else:
-                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(layer.weight.T))))
-                shape = (1, -1)
-            if layer.bias is not None:
-                y = bb.emit(relax.op.add(y, relax.const(layer.bias.reshape(shape))))
-            if layer.activation == "relu":
-                y = bb.emit(relax.op.nn.relu(y))
-            elif layer.activation == "relu6":
-                y = bb.emit(relax.op.clip(y, 0.0, 6.0))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return CompiledModel(compile_module(bb.get(), target, db), [tuple(layer.x_shape)])
+    module = relax_layer_module(layer.x_shape, layer.kind, layer.weight, layer.bias, layer.activation, a)
+    return CompiledModel(compile_module(module, target, db), [tuple(layer.x_shape)])
 
 
 def _checked(fns: dict, ref, check, engines) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import dense, kernels, ops, pick
 from . import formats as F
+from .layer import relax_layer
 
 
 @dataclass
@@ -112,9 +113,8 @@ def grouped_kernel(chain, target, measure: bool) -> tuple[bool, str]:
     if not measure:
         ours = tuple(int(s) for s in chain.head.attrs.strides) == (1, 1)
         return ours, "block-diagonal CSR kernel" if ours else "TVM's grouped conv (stride > 1)"
-    ours_ms, tvm_ms = pick.time_grouped(chain.weight, int(chain.head.attrs.groups),
-                                        tuple(int(s) for s in chain.x.ty.shape), bias_of(chain), chain.activation,
-                                        target, **kernel_conv_args(chain))
+    ours_ms, tvm_ms = pick.time_grouped(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
+                                        chain.activation, target, conv_args_of(chain))
     times = f"{min(ours_ms, tvm_ms):.3g} ms vs {max(ours_ms, tvm_ms):.3g} ms"
     return (True, f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
         (False, f"TVM's grouped conv (faster here: {times})")
@@ -124,7 +124,6 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
     """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
     (bias and activation fused) where it applies, a grouped conv on our sparse kernel when
     ``grouped_ours``, else dense Relax ops."""
-    from tvm import relax
     if grouped_ours:
         spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
                                           tuple(int(s) for s in chain.x.ty.shape), bias_of(chain), chain.activation,
@@ -134,21 +133,7 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         spec, weights = dense.dense_inputs(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
                                            chain.activation, target, **kernel_conv_args(chain))
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
-    if chain.kind == "conv2d":
-        a = chain.head.attrs
-        y = bb.emit(relax.op.nn.conv2d(chain.x, relax.const(chain.weight.astype(np.float32)), strides=a.strides,
-                                       padding=a.padding, dilation=a.dilation, groups=a.groups))
-        bias_shape = (1, -1, 1, 1)
-    else:
-        y = bb.emit(relax.op.matmul(chain.x, relax.const(np.ascontiguousarray(chain.weight.T))))
-        bias_shape = (1, -1)
-    if chain.bias is not None:
-        y = bb.emit(relax.op.add(y, relax.const(np.asarray(chain.bias, np.float32).reshape(bias_shape))))
-    if chain.activation == "relu":
-        y = bb.emit(relax.op.nn.relu(y))
-    elif chain.activation == "relu6":
-        y = bb.emit(relax.op.clip(y, 0.0, 6.0))
-    return y
+    return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
 
 
 def conv_args_of(chain) -> dict:

@@ -98,6 +98,39 @@ class DenseConvLayer(KernelLayer):
         self._func = _compiled(self.spec, str(self.target))
 
 
+def relax_layer(bb, x, kind, weight, bias, activation, conv_args):
+    """One conv2d (``conv_args``: stride, padding (t, l, b, r), dilation, groups) or linear layer as
+    TVM's own dense Relax ops, emitted into ``bb``: the op, bias add, activation."""
+    from tvm import relax
+    if kind == "conv2d":
+        y = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ascontiguousarray(weight, dtype=np.float32)),
+                                       strides=conv_args["stride"], padding=conv_args["padding"],
+                                       dilation=conv_args["dilation"], groups=conv_args["groups"]))
+        bias_shape = (1, -1, 1, 1)
+    else:
+        y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
+        bias_shape = (1, -1)
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.const(np.asarray(bias, np.float32).reshape(bias_shape))))
+    if activation == "relu":
+        y = bb.emit(relax.op.nn.relu(y))
+    elif activation == "relu6":
+        y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+    return y
+
+
+def relax_layer_module(x_shape, kind, weight, bias, activation, conv_args):
+    """``relax_layer`` as a module of its own, one input ``x``."""
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(tuple(x_shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax_layer(bb, x, kind, weight, bias, activation, conv_args))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def _layer_key(kind, weight, x_shape, bias, fmt, block, activation, target, conv_args):
     w = F.as_weight(weight)
     b = None if bias is None else F.as_weight(bias, "bias")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from . import formats as F
-from .layer import DenseConvLayer, SparseLayer
+from .layer import DenseConvLayer, SparseLayer, relax_layer_module
 from .target import host_target_dict
 
 BUDGET_S = 0.04  # per kernel and round
@@ -54,28 +54,19 @@ def time_conv(weight, x_shape, bias, activation, fmt, block, target, **conv_args
     return _race(sparse, DenseConvLayer(weight, x_shape, bias, activation, target, **conv_args).runner(x))
 
 
-def time_grouped(weight, groups, x_shape, bias, activation, target, stride, padding, dilation) -> tuple[float, float]:
-    """(ours ms, TVM's ms) for a grouped conv: our sparse kernel on the block-diagonal weight
-    against TVM's grouped conv (its lowering, parallelised as ``compile`` does it)."""
+def time_grouped(weight, x_shape, bias, activation, target, conv_args) -> tuple[float, float]:
+    """(ours ms, TVM's ms) for a grouped conv (``conv_args``: stride, padding, dilation, groups):
+    our sparse kernel on the block-diagonal weight against TVM's grouped conv (its lowering,
+    parallelised as ``compile`` does it)."""
     import tvm
     from tvm import relax
 
     from .runtime import compile_module
     x = _input(x_shape)
-    ours = SparseLayer("conv2d", F.grouped_to_csr(weight, groups), x_shape, bias, activation=activation, target=target,
-                       stride=stride, padding=padding, dilation=dilation).runner(x)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(weight), strides=stride, padding=padding,
-                                           dilation=dilation, groups=groups))
-            if bias is not None:
-                y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
-            if activation is not None:
-                y = bb.emit(relax.op.clip(y, 0.0, 6.0) if activation == "relu6" else relax.op.nn.relu(y))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    vm = relax.VirtualMachine(compile_module(bb.get(), target), tvm.cpu())
+    kernel_args = {k: v for k, v in conv_args.items() if k != "groups"}
+    ours = SparseLayer("conv2d", F.grouped_to_csr(weight, conv_args["groups"]), x_shape, bias, activation=activation,
+                       target=target, **kernel_args).runner(x)
+    module = relax_layer_module(x_shape, "conv2d", weight, bias, activation, conv_args)
+    vm = relax.VirtualMachine(compile_module(module, target), tvm.cpu())
     args = [tvm.runtime.tensor(x)]
     return _race(ours, lambda: vm["main"](*args))
