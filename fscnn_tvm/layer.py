@@ -60,8 +60,8 @@ class SparseLayer(KernelLayer):
                  target=None, stride=1, padding=0, dilation=1, groups=1, tuning_db=None):
         if groups != 1:
             raise NotImplementedError(
-                f"groups={groups}: sparse kernels support groups=1 only; grouped and depthwise "
-                "convs stay dense (the importer keeps them as dense layers)")
+                f"groups={groups}: pass a grouped weight as formats.grouped_to_csr(weight, {groups}) (its "
+                "block-diagonal CSR, which the sparse kernel runs) and groups=1")
         self.target = resolve_target(target)
         self.sparse = weight if isinstance(weight, F.SparseMatrix) else F.to_format(weight, fmt, block)
         self.bias = None if bias is None else F.as_weight(bias, "bias")
@@ -160,8 +160,8 @@ def sparse_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
     (shapes, weight pattern, target) and caches."""
     if groups != 1:
-        raise NotImplementedError(f"groups={groups}: sparse conv2d supports groups=1 only; "
-                                  "run grouped/depthwise convs dense")
+        raise NotImplementedError(f"groups={groups}: sparse_conv2d takes groups=1; for a grouped conv use "
+                                  f"SparseLayer('conv2d', formats.grouped_to_csr(weight, {groups}), x.shape, ...)")
     layer, x = _cached_layer("conv2d", x, weight, bias, fmt, block, activation, target,
                              stride=stride, padding=padding, dilation=dilation)
     return layer(x)
