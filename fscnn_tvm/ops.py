@@ -27,7 +27,7 @@ from tvm import te
 from . import formats as F
 from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F401 - part of ops' API
 from .geometry import ConvGeometry
-from .target import vector_lanes, vector_registers
+from .target import Caches, caches, vector_lanes, vector_registers
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -123,6 +123,7 @@ class KernelSpec:
     # (``geo`` is then that 1 x H*W image): one padded row end instead of H of them.
     flat_hw: tuple | None = None
     registers: int = 16  # SIMD registers of the target (vector_registers): how big a register tile fits
+    line_vectors: int = 1  # vectors of ``lanes`` floats in one cache line of the target
     # Output rows per band when the input is laid out band by band inside the parallel loop
     # (``band_rows_for``); None: one layout pass over the whole input first.
     band_rows: int | None = None
@@ -190,16 +191,22 @@ def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
         # BSR: one block row (bo channels) by up to 8 // bo vectors. Measured on VGG16 layers
         # with 8x1 blocks at 90 %: filling more accumulators (2 rows or 2 vectors) was 0.66-1.21x.
         return 1, 1, _largest_divisor(n_vectors, max(1, 8 // bo))
-    # CSR: up to 4 channels x as many rows as the registers hold (at most 7): each channel's
-    # weight broadcast and offset load then serve more FMAs. Measured at 90 % on VGG16 3x3 and
-    # ResNet-50 layers: with AVX-512 (32 registers) 4 x 7 rows beat 4 x <=4 by 0.95-1.10x on
-    # maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2 (16) 4 x 4 beat 4 x 2 by
-    # 0.98-1.18x, spills and all; 4 x 4 had beaten one row of up to 8 vectors by 10-50 %. A
-    # one-row image (a flattened pointwise conv) spans vectors instead, as many as the
-    # registers hold besides a broadcast, a load and two spares.
+    # CSR: up to 4 channels x whole vectors along a row, up to one cache line (then each
+    # nonzero's window loads whole lines, and a tile spans fewer rows of the input, which
+    # matters where the input band lives in L2), x as many rows as the registers hold (at
+    # most 7): each channel's weight broadcast and offset load then serve more FMAs. Measured
+    # at 90 %: with AVX-512 (32 registers, a line is one vector) 4 x 7 rows beat 4 x <=4 by
+    # 0.95-1.10x on maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2 (16, a line
+    # is two vectors) 4 x 2 rows x 2 vectors beat 4 x 4 x 1 by 1.1-1.3x on 28-112-wide maps
+    # (e.g. 512->512 at 28, 256->512 at 28, stride-2 layers), where 56-wide rows (7 vectors)
+    # keep 4 x 4 x 1. A one-row image (a flattened pointwise conv) spans vectors instead, as
+    # many as the registers hold besides a broadcast, a load and two spares.
     channels = _largest_divisor(n_kb, 4)
-    rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // channels))
-    return channels, rows, _largest_divisor(n_vectors, (spec.registers - 4) // channels) if rows == 1 else 1
+    vectors = _largest_divisor(n_vectors, spec.line_vectors)
+    rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))
+    if rows > 1:
+        return channels, rows, vectors
+    return channels, 1, _largest_divisor(n_vectors, (spec.registers - 4) // channels)
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -207,7 +214,9 @@ def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
 # "channels": parallel over channel tiles, each sweeping all rows (input re-read per tile).
 # "rows+channels": row tiles outermost, so all channel tiles of a band of rows reuse that
 # band of input while it is in cache: what large feature maps need.
-VARIANTS = ("channels", "channels+rows", "rows+channels")
+# "tiles": every tile coordinate (rows, pixel vectors) outside the channel tiles, so the
+# channel tiles of one pixel tile run back to back on the input slab that tile reads.
+VARIANTS = ("channels", "channels+rows", "rows+channels", "tiles")
 # A spec with ``band_rows`` has one: "bands", parallel over bands of rows, each band laying out
 # its input and then running all its channel tiles.
 BANDED = ("bands",)
@@ -220,6 +229,18 @@ def variants(spec: KernelSpec) -> tuple:
     return BANDED if spec.band_rows else VARIANTS
 
 
+def default_variant(spec: KernelSpec) -> str:
+    """A one-row image (a flattened pointwise conv) runs "tiles": its row tile is the whole
+    image, whose input (C x H*W) rarely fits L2, and each channel tile would re-read all of it;
+    pixel tiles outermost keep one tile's slab of every input channel in L1 while all channel
+    tiles use it. Measured at 90 %, AVX2: 1.5x on 512->128 at 28x28 (0.93x, within the noise,
+    on 1024->256 at 14x14). Other maps run row tiles outermost."""
+    options = variants(spec)
+    if spec.kind == "conv2d" and spec.geo.out_height == 1 and "tiles" in options:
+        return "tiles"
+    return "rows+channels" if "rows+channels" in options else options[-1]
+
+
 def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecisions(),
                     variant: str | None = None, seed: int | None = None) -> tvm.s_tir.Schedule:
     """Register-blocked schedule. Conv: a tile of (channels x output rows x whole vectors of
@@ -229,8 +250,8 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     (batch, channel tiles[, row tiles]). Linear: block rows in parallel.
     ``decide`` fixes or samples the tile sizes (``seed``: of the sampling, 1 .. 2**31-1; None: random) and
     whether each tile's nonzero loop is bounded (TILE_BOUND); ``variant`` (one of ``variants(spec)``,
-    default the last) picks the parallel loop."""
-    variant = variant or variants(spec)[-1]
+    default ``default_variant``) picks the parallel loop."""
+    variant = variant or default_variant(spec)
     if variant not in variants(spec):
         raise ValueError(f"variant {variant!r}: this kernel's variants are {variants(spec)}")
     sch = tvm.s_tir.Schedule(func, seed=seed)
@@ -256,11 +277,14 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
         elif variant == "rows+channels":
             sch.reorder(n, oh_o, kb_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
             par = sch.fuse(n, oh_o, kb_o)
+        elif variant == "tiles":
+            sch.reorder(n, oh_o, ow_o, kb_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+            par = sch.fuse(n, oh_o, ow_o, kb_o)
         else:
             sch.reorder(n, kb_o, oh_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
             par = sch.fuse(n, kb_o, oh_o) if variant == "channels+rows" else sch.fuse(n, kb_o)
         sch.vectorize(ow_v)
-        tile_loop, inner = ow_o, (kb_i, oh_i, io, ow_u)
+        tile_loop, inner = par if variant == "tiles" else ow_o, (kb_i, oh_i, io, ow_u)
     else:
         sch.reorder(kb_o, n, oh, ow, w_o, red_i, w_i, kb_i, io)
         par, tile_loop, inner = kb_o, n, (kb_i,)
@@ -414,8 +438,12 @@ def kernel_func(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
 # ----------------------------------------------------------------------------- build and run
 
 def choose_lanes(out_width: int, native: int) -> int:
-    """Vector width for the output rows: native or half, whichever pads the row least."""
-    options = [v for v in (native, native // 2) if v >= 1]
+    """Vector width for the output rows: native or half, whichever pads the row least. Never
+    below 8 lanes while the native width is 8 or more: a 128-bit op costs what a 256-bit one
+    does on every AVX2 and AVX-512 CPU, so 4-lane rows do the same work in more ops
+    (measured at 90 % on AVX2, 28-wide rows, where 4 lanes pad nothing: 8 lanes 1.02-1.20x on
+    3x3 layers, 1.44x on a 1x1 conv, which then runs flattened)."""
+    options = [v for v in (native, native // 2) if v >= min(native, 8)]
     return min(options, key=lambda v: (-(-out_width // v) * v, -v))
 
 
@@ -432,23 +460,20 @@ def _flattens(geo: ConvGeometry, native: int) -> bool:
     return n_vectors * native < per_row and any(n_vectors % v == 0 for v in range(4, 9))
 
 
-# Lay the input out band by band when the whole layout would not fit the two cores' L2 caches
-# (2 x 1 MiB on the Zen 4 measured): the pass then writes and the tiles re-read it from memory.
-# A band is at most half an L2, and there are at least 4 bands to share between threads.
-# Measured at 90 %, default schedules, AVX-512, against the whole-image layout: VGG16 64->64
-# at 224 CSR 1.20-1.27x, 8x1 BSR 1.07x; 128->128 at 112 BSR 1.47x, CSR 1.04x; 256->256 at 56
-# 1.0-1.1x; ResNet-50's 256->64 1x1 at 56 3.2-4.3x.
-BAND_MIN_BYTES = 2 << 20
-BAND_MAX_BYTES = 512 << 10
-
-
-def band_rows_for(geo: ConvGeometry) -> int | None:
-    """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None."""
-    if geo.flat_size * 4 <= BAND_MIN_BYTES:
+def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
+    """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None.
+    The input is laid out band by band when the whole layout would not fit the cores' L2
+    caches together (the pass would write it to memory and the tiles re-read it from there);
+    a band is at most half of one core's L2, and there are at least 4 bands to share between
+    threads. Measured at 90 %, default schedules, on a Zen 4 (1 MiB L2 per core, 2 cores)
+    against the whole-image layout: VGG16 64->64 at 224 CSR 1.20-1.27x, 8x1 BSR 1.07x;
+    128->128 at 112 BSR 1.47x, CSR 1.04x; 256->256 at 56 1.0-1.1x; ResNet-50's 256->64 1x1 at
+    56 3.2-4.3x."""
+    if geo.flat_size * 4 <= cache.l2 * cache.cores:
         return None
     row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
     fits = [r for r in range(1, geo.out_height // 4 + 1)
-            if geo.out_height % r == 0 and geo.band_height(r) * row_bytes <= BAND_MAX_BYTES]
+            if geo.out_height % r == 0 and geo.band_height(r) * row_bytes <= cache.l2 // 2]
     return max(fits, default=None)
 
 
@@ -465,7 +490,8 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
         return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                           has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
-                          band_rows=band_rows_for(geo))
+                          line_vectors=max(1, caches(target).line // (4 * lanes)),
+                          band_rows=band_rows_for(geo, caches(target)))
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
     if len(weight_shape) != 2:

@@ -7,10 +7,12 @@ feature flags the OS reports in /proc/cpuinfo.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import re
+from dataclasses import dataclass
 
 import tvm
 
@@ -124,21 +126,91 @@ def resolve_target(target=None) -> tvm.target.Target:
     return result
 
 
+def features(target: tvm.target.Target) -> frozenset:
+    """The CPU features LLVM enables for ``target`` (its ``mcpu``/``mattr``)."""
+    return _features(str(target))
+
+
+@functools.lru_cache(maxsize=64)
+def _features(target_json: str) -> frozenset:
+    return frozenset(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(target_json)))
+
+
 def vector_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of one SIMD register for the target's CPU."""
-    return mcpu_lanes(str(target.attrs.get("mcpu", "")))
+    """float32 lanes of the widest SIMD register the target's features allow."""
+    found = features(target)
+    if "avx512f" in found:
+        return 16
+    return 8 if "avx" in found else 4
 
 
 def vector_registers(target: tvm.target.Target) -> int:
     """SIMD registers of the target's CPU: 32 with AVX-512 and on AArch64, else 16."""
     aarch64 = str(target.attrs.get("mtriple", "")).startswith("aarch64")
-    return 32 if aarch64 or vector_lanes(target) >= 16 else 16
+    return 32 if aarch64 or "avx512f" in features(target) else 16
 
 
 def mcpu_lanes(mcpu: str) -> int:
     """float32 lanes of one SIMD register of an LLVM CPU name (4 when unknown)."""
-    if mcpu in ("znver4", "znver5", "skylake-avx512", "icelake-server", "sapphirerapids", "cascadelake"):
-        return 16
-    if mcpu in ("znver3", "znver2", "znver1", "haswell", "broadwell", "skylake", "alderlake"):
-        return 8
-    return 4
+    spec = {"kind": "llvm", "num-cores": 1}
+    if mcpu and tvm.target.codegen.llvm_is_valid_cpu(mcpu, ""):
+        spec["mcpu"] = mcpu
+    return vector_lanes(tvm.target.Target(spec))
+
+
+@dataclass(frozen=True)
+class Caches:
+    """Data cache bytes per core and the cache line, for the kernels' blocking policies."""
+    l1d: int
+    l2: int
+    line: int
+    cores: int
+
+
+# For a target that is not this machine: the smallest per-core caches of the x86 CPUs with
+# AVX2 or AVX-512 (Zen 2-5, Haswell and later), so blocking errs towards bands that fit,
+# and their 64-byte line.
+CROSS_CACHES = (32 << 10, 512 << 10, 64)
+
+
+def caches(target: tvm.target.Target) -> Caches:
+    """Per-core L1d and L2 sizes and the line size from the OS when ``target`` is this
+    machine's CPU, else CROSS_CACHES; cores from the target's num-cores."""
+    cores = int(target.attrs.get("num-cores", 1))
+    host = host_target_dict()
+    if str(target.attrs.get("mcpu", "")) != host.get("mcpu", "") or target.kind.name != "llvm":
+        return Caches(*CROSS_CACHES, cores)
+    return Caches(*sysfs_caches(), cores)
+
+
+@functools.lru_cache(maxsize=4)
+def sysfs_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> tuple[int, int, int]:
+    """(L1d, L2, line) bytes per core of the first CPU as sysfs describes them (a cache shared
+    by several CPUs counts its share); CROSS_CACHES for what sysfs does not say."""
+    sizes = dict(zip((1, 2, "line"), CROSS_CACHES))
+    for index in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        try:
+            read = lambda name: open(os.path.join(root, index, name)).read().strip()  # noqa: E731
+            level, kind = int(read("level")), read("type")
+            if level in (1, 2) and kind in ("Data", "Unified"):
+                sizes[level] = _bytes(read("size")) // max(1, len(_cpu_list(read("shared_cpu_list"))))
+            if level == 1 and kind == "Data":
+                sizes["line"] = int(read("coherency_line_size"))
+        except (OSError, ValueError):
+            continue
+    return sizes[1], sizes[2], sizes["line"]
+
+
+def _bytes(text: str) -> int:
+    """'512K' / '2048K' / '1M' (sysfs cache sizes) as bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-1,4' -> [0, 1, 4]."""
+    cpus = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import fscnn_tvm
 from fscnn_tvm import layer, ops, sparse_conv2d, sparse_linear
 from fscnn_tvm.formats import to_csr
-from fscnn_tvm.target import cpu_info, isa
+from fscnn_tvm.target import Caches, cpu_info, isa
 
 PRIMES = [2, 3, 5, 7, 11, 13, 17]
 
@@ -100,7 +100,7 @@ def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, spars
     """``band`` > 0: the input laid out band by band, with any band height that divides the output."""
     with pytest.MonkeyPatch.context() as patch:
         if band:
-            patch.setattr(ops, "band_rows_for", lambda geo: banded(geo, band))
+            patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, band))
         check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
 
 
@@ -384,7 +384,7 @@ def test_sampled_schedules_match_pytorch(seed, variant, fmt):
     x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
         if variant in ops.BANDED:
-            patch.setattr(ops, "band_rows_for", lambda geo: banded(geo, seed))
+            patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, seed))
         out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
     assert_matches(out, torch_conv(x, w, b, stride=2, padding=1, activation="relu"))
     wl, xl = _uneven_rows(rng, (19, 40)), rng.standard_normal((3, 40)).astype(np.float32)
@@ -614,21 +614,27 @@ def test_default_tile_divides_the_layer_and_fits_the_registers(rng, mcpu, regist
     assert channels * rows * vectors <= registers
 
 
-@pytest.mark.parametrize("x_shape,w_shape,conv,rows", [
-    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), 7),  # bands of 7 + 2 halo rows: 509 KiB
-    ((1, 128, 112, 112), (128, 128, 3, 3), dict(padding=1), 4),
-    ((1, 256, 56, 56), (64, 256, 1, 1), {}, 8),  # no halo
-    ((1, 256, 56, 56), (512, 256, 1, 1), dict(stride=2), 4),  # 4 phases per row
-    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), None),  # 1.8 MiB: fits two L2s
-    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), None),
+ZEN4 = Caches(32 << 10, 1 << 20, 64, 2)  # per core: 32 KiB L1d, 1 MiB L2; 64-byte lines; 2 cores
+ZEN3 = Caches(32 << 10, 512 << 10, 64, 2)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,conv,cache,rows", [
+    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), ZEN4, 7),  # bands of 7 + 2 halo rows: 509 KiB
+    ((1, 128, 112, 112), (128, 128, 3, 3), dict(padding=1), ZEN4, 4),
+    ((1, 256, 56, 56), (64, 256, 1, 1), {}, ZEN4, 8),  # no halo
+    ((1, 256, 56, 56), (512, 256, 1, 1), dict(stride=2), ZEN4, 4),  # 4 phases per row
+    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), ZEN4, None),  # 1.8 MiB: fits two L2s
+    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), ZEN3, 2),  # ... but not two of half the size
+    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), ZEN3, 2),
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), ZEN3, None),
 ])
-def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, rows):
+def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, cache, rows):
     geo = ops.ConvGeometry.create(x_shape, w_shape, **conv)
-    assert ops.band_rows_for(geo) == rows
+    assert ops.band_rows_for(geo, cache) == rows
     if rows:
         row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
         assert geo.out_height % rows == 0 and geo.out_height // rows >= 4
-        assert geo.band_height(rows) * row_bytes <= ops.BAND_MAX_BYTES < geo.band_height(rows + 1) * row_bytes \
+        assert geo.band_height(rows) * row_bytes <= cache.l2 // 2 < geo.band_height(rows + 1) * row_bytes \
             or geo.out_height % (rows + 1)
 
 
@@ -664,3 +670,12 @@ def test_grouped_conv_on_the_block_diagonal_csr(n, per_group, groups, mult, hw, 
     ref = TF.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(),
                     stride, padding, 1, groups)
     assert_matches(out, activated(ref, activation).numpy())
+
+
+@pytest.mark.parametrize("width,native,lanes", [
+    (28, 8, 8), (12, 8, 8), (7, 8, 8), (224, 8, 8),  # AVX2: 4-lane ops cost what 8-lane ones do
+    (56, 16, 8), (28, 16, 16), (24, 16, 8), (14, 16, 16), (224, 16, 16),  # AVX-512: half width where it pads less
+    (6, 4, 4), (3, 4, 4),  # 128-bit SIMD: nothing narrower
+])
+def test_choose_lanes(width, native, lanes):
+    assert ops.choose_lanes(width, native) == lanes

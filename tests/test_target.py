@@ -181,7 +181,8 @@ def test_cpu_info_parses_flags(monkeypatch, tmp_path):
     assert info["flags"] == {"fpu", "sse4_2", "avx2", "fma"}  # the first CPU only
 
 
-@pytest.mark.parametrize("mcpu,lanes", [("znver4", 16), ("skylake-avx512", 16), ("znver3", 8), ("haswell", 8),
+@pytest.mark.parametrize("mcpu,lanes", [("znver4", 16), ("skylake-avx512", 16), ("sapphirerapids", 16),
+                                        ("znver3", 8), ("haswell", 8), ("alderlake", 8), ("sandybridge", 8),
                                         ("x86-64-v2", 4), (None, 4)])
 def test_vector_lanes(mcpu, lanes):
     spec = {"kind": "llvm", "num-cores": 1}
@@ -194,3 +195,33 @@ def test_vector_lanes(mcpu, lanes):
                                              ({"mtriple": "aarch64-linux-gnu"}, 32)])
 def test_vector_registers(attrs, registers):
     assert vector_registers(tvm.target.Target({"kind": "llvm", "num-cores": 1, **attrs})) == registers
+
+
+def _fake_cache(root, index, level, kind, size, shared, line=64):
+    d = root / f"index{index}"
+    d.mkdir(parents=True)
+    for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared),
+                        ("coherency_line_size", line)):
+        (d / name).write_text(f"{value}\n")
+
+
+def test_sysfs_caches_per_core(tmp_path):
+    _fake_cache(tmp_path, 0, 1, "Data", "48K", "0", line=128)
+    _fake_cache(tmp_path, 1, 1, "Instruction", "32K", "0")
+    _fake_cache(tmp_path, 2, 2, "Unified", "4096K", "0-1")  # one L2 shared by two CPUs: half each
+    _fake_cache(tmp_path, 3, 3, "Unified", "105M", "0-55")
+    assert T.sysfs_caches(str(tmp_path)) == (48 << 10, 2 << 20, 128)
+
+
+def test_sysfs_caches_fall_back_where_sysfs_says_nothing(tmp_path):
+    _fake_cache(tmp_path, 0, 1, "Data", "garbage", "0")
+    assert T.sysfs_caches(str(tmp_path)) == T.CROSS_CACHES
+    assert T.sysfs_caches(str(tmp_path / "missing")) == T.CROSS_CACHES
+
+
+def test_caches_of_another_cpu_are_the_cross_defaults():
+    host = resolve_target(None)
+    assert T.caches(host).cores == int(host.attrs["num-cores"])
+    other = "znver4" if host.attrs.get("mcpu") != "znver4" else "haswell"
+    cross = T.caches(resolve_target(f"llvm -mcpu={other}"))
+    assert (cross.l1d, cross.l2, cross.line) == T.CROSS_CACHES
