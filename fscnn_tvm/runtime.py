@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 import tvm
@@ -23,8 +24,21 @@ class CompiledModel:
 
     def __init__(self, executable, input_shapes=None):
         self.executable = executable
-        self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.input_shapes = input_shapes
+        # A VM keeps the registers of the call in progress in the VM object itself: two threads
+        # calling one VM corrupt each other's frames (register-file check failures, then a
+        # segfault). Each thread gets its own VM, made on its first call, so calls from several
+        # threads run concurrently.
+        self._local = threading.local()
+        self._main()  # a module that is not a Relax executable fails here, not on the first call
+
+    def _main(self):
+        """The calling thread's entry function."""
+        local = self._local
+        if not hasattr(local, "main"):
+            local.vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            local.main = local.vm["main"]
+        return local.main
 
     def _inputs(self, inputs):
         arrays = []
@@ -41,12 +55,13 @@ class CompiledModel:
         return arrays
 
     def runner(self, *inputs):
-        """A no-argument callable running the model on ``inputs`` (converted once), for timing."""
+        """A no-argument callable running the model on ``inputs`` (converted once), for timing;
+        it runs on the VM of the thread that calls it."""
         args = self._inputs(inputs)
-        return lambda: self.vm["main"](*args)
+        return lambda: self._main()(*args)
 
     def __call__(self, *inputs):
-        return _to_numpy(self.vm["main"](*self._inputs(inputs)))
+        return _to_numpy(self._main()(*self._inputs(inputs)))
 
     def export_library(self, path):
         """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch."""

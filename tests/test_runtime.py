@@ -1,4 +1,6 @@
-"""runtime: what compile does to operators that no record schedules."""
+"""runtime: what compile does to operators that no record schedules; calls from several threads."""
+import threading
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -34,3 +36,30 @@ def test_unscheduled_operators_run_parallel_and_stay_correct():
     out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
     ref = np.maximum(x + y, 0).reshape(1, 8, 6, 2, 6, 2).max(axis=(3, 5))
     np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_one_compiled_model_called_from_many_threads_at_once():
+    model = runtime.CompiledModel(runtime.compile_module(ResidualAndPool, resolve_target(None)))
+    rng = np.random.default_rng(0)
+    inputs = [tuple(rng.standard_normal((1, 8, 12, 12)).astype(np.float32) for _ in range(2)) for _ in range(8)]
+    expected = [model(*xy) for xy in inputs]  # one thread
+    start, results, errors = threading.Barrier(8), {}, []
+
+    def work(i):
+        try:
+            start.wait()
+            run = model.runner(*inputs[i])
+            results[i] = [model(*inputs[i]) for _ in range(10)]
+            run()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for i in range(8):
+        for out in results[i]:
+            np.testing.assert_array_equal(out, expected[i])
