@@ -9,12 +9,25 @@ import numpy as np
 from . import formats as F
 
 
+def _ints(value, name, expected):
+    """``value`` as a tuple of ints, from one int or a sequence of ints; anything else is an
+    error naming the argument (``int()`` would truncate 1.5 silently)."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if is_int(value):
+        return (int(value),)
+    if isinstance(value, (tuple, list, np.ndarray)) and all(is_int(v) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
 def _pair(value, name):
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    vals = tuple(int(v) for v in value)
+    expected = "an int or a pair of ints"
+    vals = _ints(value, name, expected)
+    if len(vals) == 1:
+        return vals * 2
     if len(vals) != 2:
-        raise ValueError(f"{name}: expected an int or a pair, got {value!r}")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return vals
 
 
@@ -22,14 +35,15 @@ def _padding4(padding):
     """PyTorch-style padding (int or (pad_h, pad_w)) or (top, left, bottom, right)."""
     if isinstance(padding, str):
         raise ValueError(f"padding: string padding {padding!r} is not supported; give ints")
-    if isinstance(padding, (int, np.integer)):
-        return (int(padding),) * 4
-    vals = tuple(int(v) for v in padding)
+    expected = "an int, (pad_h, pad_w) or (top, left, bottom, right) of ints"
+    vals = _ints(padding, "padding", expected)
+    if len(vals) == 1:
+        return vals * 4
     if len(vals) == 2:
         return vals[0], vals[1], vals[0], vals[1]
     if len(vals) == 4:
         return vals
-    raise ValueError(f"padding: expected an int, (pad_h, pad_w) or (top, left, bottom, right), got {padding!r}")
+    raise ValueError(f"padding: expected {expected}, got {padding!r}")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class ImportedModel:
     num_outputs: int
     target: object
     kernels: dict = field(default_factory=dict)  # function name -> emit.Kernel
+    notes: list = field(default_factory=list)  # lines for the report about the import as a whole
 
     def __str__(self):
         rows = [{"layer": r.name, "kind": r.kind, "shape": "x".join(map(str, r.weight_shape)),
@@ -57,7 +58,8 @@ class ImportedModel:
                  "reason": r.reason} for r in self.report]
         sparse = sum(r.rewritten for r in self.report)
         return (table(rows, ["layer", "kind", "shape", "sparsity", "format", "sparse", "fused", "reason"])
-                + f"\n{sparse} of {len(self.report)} conv/linear layers run sparse")
+                + f"\n{sparse} of {len(self.report)} conv/linear layers run sparse"
+                + "".join(f"\nnote: {n}" for n in self.notes))
 
 
 # ----------------------------------------------------------------------------- export
@@ -67,26 +69,37 @@ def export_torch(model, example_inputs):
     import torch
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise TypeError("example_inputs: a torch.nn.Module is traced on example inputs; pass a tensor or a tuple "
+                        "of tensors (or pass a torch.export.ExportedProgram instead of the module)")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs \
+            or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError(f"example_inputs: expected a tensor or a tuple of tensors, got {example_inputs!r:.80}")
     example_inputs = tuple(example_inputs)
-    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError("example_inputs: expected a tensor or a tuple of tensors")
-    model = model.eval()
+    # Traced in eval mode (BatchNorm on running statistics, dropout off: inference), then each
+    # module's own flag is put back: the model is the user's, and may be training.
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     try:
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as err:
-        shapes = [tuple(t.shape) for t in example_inputs]
-        raise ValueError(f"the model does not run on example inputs of shape {shapes}: "
-                         f"{type(err).__name__}: {err}") from None
-    try:
-        return torch.export.export(model, example_inputs)
-    except Exception as err:
-        raise ValueError(f"torch.export could not capture the model ({type(err).__name__}): "
-                         f"{str(err).splitlines()[0] if str(err) else ''}. Make forward() traceable "
-                         "(no data-dependent Python control flow) or export it yourself and pass "
-                         "the ExportedProgram") from None
+        try:
+            with torch.no_grad():
+                model(*example_inputs)
+        except Exception as err:
+            shapes = [tuple(t.shape) for t in example_inputs]
+            raise ValueError(f"the model does not run on example inputs of shape {shapes}: "
+                             f"{type(err).__name__}: {err}") from None
+        try:
+            return torch.export.export(model, example_inputs)
+        except Exception as err:
+            raise ValueError(f"torch.export could not capture the model ({type(err).__name__}): "
+                             f"{str(err).splitlines()[0] if str(err) else ''}. Make forward() traceable "
+                             "(no data-dependent Python control flow) or export it yourself and pass "
+                             "the ExportedProgram") from None
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def load_program(path):
@@ -266,10 +279,14 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     if fmt not in ("auto", "csr", "bsr"):
         raise ValueError(f"fmt: expected 'auto', 'csr' or 'bsr', got {fmt!r}")
     target = resolve_target(target)
+    notes = []
     if isinstance(model, torch.export.ExportedProgram):
         program = model
     else:
         program = export_torch(model, example_inputs)
+        if any(m.training for m in model.modules()):
+            notes.append("the model is in training mode: it was imported as in eval mode, BatchNorm folded with its "
+                         "running statistics (the model's mode is unchanged)")
     try:
         mod = from_exported_program(program, keep_params_as_input=False)
     except Exception as err:
@@ -315,7 +332,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         bb.emit_func_output(out)
     num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
     shapes = [tuple(int(s) for s in p.ty.shape) for p in main.params]
-    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels)
+    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels, notes)
 
 
 def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 import tvm
@@ -23,8 +25,21 @@ class CompiledModel:
 
     def __init__(self, executable, input_shapes=None):
         self.executable = executable
-        self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.input_shapes = input_shapes
+        # A VM keeps the registers of the call in progress in the VM object itself: two threads
+        # calling one VM corrupt each other's frames (register-file check failures, then a
+        # segfault). Each thread gets its own VM, made on its first call, so calls from several
+        # threads run concurrently.
+        self._local = threading.local()
+        self._main()  # a module that is not a Relax executable fails here, not on the first call
+
+    def _main(self):
+        """The calling thread's entry function."""
+        local = self._local
+        if not hasattr(local, "main"):
+            local.vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            local.main = local.vm["main"]
+        return local.main
 
     def _inputs(self, inputs):
         arrays = []
@@ -41,23 +56,72 @@ class CompiledModel:
         return arrays
 
     def runner(self, *inputs):
-        """A no-argument callable running the model on ``inputs`` (converted once), for timing."""
+        """A no-argument callable running the model on ``inputs`` (converted once), for timing;
+        it runs on the VM of the thread that calls it."""
         args = self._inputs(inputs)
-        return lambda: self.vm["main"](*args)
+        return lambda: self._main()(*args)
 
     def __call__(self, *inputs):
-        return _to_numpy(self.vm["main"](*self._inputs(inputs)))
+        return _to_numpy(self._main()(*self._inputs(inputs)))
 
     def export_library(self, path):
-        """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch."""
-        self.executable.export_library(str(path))
-        if self.input_shapes:
-            with open(_shapes_path(path), "w") as f:
-                json.dump([list(s) for s in self.input_shapes], f)
+        """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch. Beside it,
+        ``path + ".inputs"`` holds the input shapes and the library's sha256, which ``load``
+        checks: a truncated library would otherwise kill the loading process (SIGBUS)."""
+        path = str(path)
+        if not path.endswith(".so"):
+            raise ValueError(f"export_library: {path} must end in .so (a shared library is what load() reads)")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"export_library: directory {directory} does not exist")
+        # Both files go to temporary names first and the library is renamed last: a failed
+        # export leaves no library, and an earlier export stays whole until the new one is.
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"export_library: directory {directory} is not writable")
+        lib_tmp = os.path.join(directory, f".{os.path.basename(path)[:-3]}.{os.getpid()}-{threading.get_ident()}.so")
+        side_tmp = lib_tmp + ".inputs"
+        try:
+            self.executable.export_library(lib_tmp)
+            with open(side_tmp, "w") as f:
+                json.dump({"input_shapes": [list(s) for s in self.input_shapes] if self.input_shapes else None,
+                           "sha256": _sha256(lib_tmp)}, f)
+            os.replace(side_tmp, _sidecar_path(path))
+            os.replace(lib_tmp, path)
+        finally:
+            for leftover in (lib_tmp, side_tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
 
 
-def _shapes_path(path):
+def _sidecar_path(path):
     return str(path) + ".inputs"
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sidecar(path):
+    """(input shapes or None, sha256 or None) from a library's sidecar; older exports wrote
+    only the list of shapes."""
+    sidecar = _sidecar_path(path)
+    if not os.path.exists(sidecar):
+        return None, None
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+        if isinstance(meta, list):
+            meta = {"input_shapes": meta}
+        shapes, digest = meta.get("input_shapes"), meta.get("sha256")
+        shapes = None if shapes is None else [tuple(int(n) for n in s) for s in shapes]
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{sidecar} (the input shapes and checksum of {path}) is damaged ({err}); re-export the "
+                         f"library, or delete this file to load it unchecked") from None
+    return shapes, digest
 
 
 def _to_numpy(result):
@@ -211,16 +275,17 @@ def _parallelize_unscheduled(mod):
 
 
 def load(path) -> CompiledModel:
-    """Load a library written by ``CompiledModel.export_library``."""
+    """Load a library written by ``CompiledModel.export_library``, checked against the sha256
+    written beside it (a library exported without one loads unchecked)."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
+    shapes, digest = _read_sidecar(path)
+    if digest is not None and _sha256(path) != digest:
+        raise ValueError(f"{path} is damaged or changed since export (its sha256 differs from the one in "
+                         f"{_sidecar_path(path)}); re-export it")
     try:
         lib = tvm.runtime.load_module(path)
     except Exception as err:
         raise ValueError(f"{path} is not a compiled fscnn-tvm library ({str(err).splitlines()[0]})") from None
-    shapes = None
-    if os.path.exists(_shapes_path(path)):
-        with open(_shapes_path(path)) as f:
-            shapes = [tuple(s) for s in json.load(f)]
     return CompiledModel(lib, shapes)

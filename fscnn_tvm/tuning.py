@@ -25,6 +25,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
 from .target import resolve_target
+from .tuning_log import open_database
 
 log = logging.getLogger("fscnn_tvm.tuning")
 ARGS_DIR = "args"
@@ -129,36 +130,6 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
 
 # ----------------------------------------------------------------------------- the job
 
-def open_database(log_dir: str) -> ms.database.JSONDatabase:
-    """The job's JSON database, reading past any truncated or corrupt line with a warning."""
-    os.makedirs(log_dir, exist_ok=True)
-    for fname in ("database_workload.json", "database_tuning_record.json"):
-        _drop_bad_lines(os.path.join(log_dir, fname))
-    return ms.database.JSONDatabase(work_dir=log_dir)
-
-
-def _drop_bad_lines(path: str):
-    """A job killed mid-write can leave a partial last line; keep every complete record."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    good = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line if line.endswith("\n") else line + "\n")
-        except json.JSONDecodeError:
-            log.warning("%s: line %d is not valid JSON (truncated or corrupt); skipped", path, number)
-    if len(good) != len(lines):
-        os.replace(path, path + ".bad")
-        with open(path, "w") as f:
-            f.writelines(good)
-        log.warning("%s: kept %d good record(s); the original is saved as %s.bad", path, len(good), path)
-
-
 def _records(db, mod) -> list:
     return db.get_top_k(db.commit_workload(mod), 10**6) if db.has_workload(mod) else []
 
@@ -217,7 +188,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: must be a positive int, got {trials!r}")
     target = resolve_target(target) if target is not None else imported.target
-    db = open_database(log_dir)
+    db = open_database(log_dir, write=True)
     args_dir = os.path.join(log_dir, ARGS_DIR)
     tasks = extract_tasks(imported, args_dir, dense)
     if not tasks:

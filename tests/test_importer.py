@@ -211,6 +211,29 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         fscnn_tvm.load(junk)
 
 
+def test_import_leaves_the_models_training_flags_as_they_were():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).train()
+    model[2].eval()  # flags differ per module: each is put back
+    flags = lambda: [m.training for m in model.modules()]  # noqa: E731
+    before = flags()
+    imported = fscnn_tvm.import_torch(model, (torch.randn(1, 3, 8, 8),), measure=False)
+    assert flags() == before
+    assert "training mode" in str(imported) and "BatchNorm folded with its running statistics" in str(imported)
+    with pytest.raises(ValueError, match="does not run on example inputs"):  # restored on errors too
+        fscnn_tvm.import_torch(model, (torch.randn(1, 5, 8, 8),))
+    assert flags() == before
+    assert "training mode" not in str(fscnn_tvm.import_torch(model.eval(), (torch.randn(1, 3, 8, 8),), measure=False))
+
+
+def test_a_module_without_example_inputs_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError, match="example_inputs: a torch.nn.Module is traced on example inputs"):
+        fscnn_tvm.import_torch(model)
+    for bad in (5, "x", (torch.randn(1, 3, 8, 8), 2)):
+        with pytest.raises(TypeError, match="example_inputs: expected a tensor or a tuple of tensors"):
+            fscnn_tvm.import_torch(model, bad)
+
+
 class _AddsAfterLayers(torch.nn.Module):
     """Constants that have as many elements as output channels but broadcast along other axes."""
 

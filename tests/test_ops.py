@@ -490,6 +490,11 @@ def test_string_padding(padding):
     (dict(stride=0), r"stride and dilation must be >= 1"),
     (dict(dilation=0), r"stride and dilation must be >= 1"),
     (dict(stride=(1, 2, 3)), r"stride: expected an int or a pair"),
+    (dict(padding=1.5), r"padding: expected an int, .* got 1.5"),
+    (dict(padding=(1, 1.5)), r"padding: expected"),  # not truncated to (1, 1)
+    (dict(padding=True), r"padding: expected"),
+    (dict(stride=1.5), r"stride: expected an int or a pair of ints, got 1.5"),
+    (dict(dilation=(1, None)), r"dilation: expected"),
 ])
 def test_bad_geometry(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -1,5 +1,15 @@
-"""runtime: what compile does to operators that no record schedules."""
+"""runtime: what compile does to operators that no record schedules; calls from several threads;
+exported libraries, their checksum and their sidecar."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -34,3 +44,95 @@ def test_unscheduled_operators_run_parallel_and_stay_correct():
     out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
     ref = np.maximum(x + y, 0).reshape(1, 8, 6, 2, 6, 2).max(axis=(3, 5))
     np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_one_compiled_model_called_from_many_threads_at_once():
+    model = runtime.CompiledModel(runtime.compile_module(ResidualAndPool, resolve_target(None)))
+    rng = np.random.default_rng(0)
+    inputs = [tuple(rng.standard_normal((1, 8, 12, 12)).astype(np.float32) for _ in range(2)) for _ in range(8)]
+    expected = [model(*xy) for xy in inputs]  # one thread
+    start, results, errors = threading.Barrier(8), {}, []
+
+    def work(i):
+        try:
+            start.wait()
+            run = model.runner(*inputs[i])
+            results[i] = [model(*inputs[i]) for _ in range(10)]
+            run()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for i in range(8):
+        for out in results[i]:
+            np.testing.assert_array_equal(out, expected[i])
+
+
+def _exported(tmp_path):
+    """ResidualAndPool compiled and exported as model.so, with its inputs and outputs."""
+    model = runtime.CompiledModel(runtime.compile_module(ResidualAndPool, resolve_target(None)),
+                                  [(1, 8, 12, 12), (1, 8, 12, 12)])
+    x, y = (np.random.default_rng(i).standard_normal((1, 8, 12, 12)).astype(np.float32) for i in range(2))
+    lib = str(tmp_path / "model.so")
+    model.export_library(lib)
+    return lib, (x, y), model(x, y)
+
+
+def test_export_writes_a_checksum_and_load_refuses_a_damaged_library(tmp_path):
+    lib, inputs, expected = _exported(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["model.so", "model.so.inputs"]  # no temporary files left
+    with open(lib + ".inputs") as f:
+        assert len(json.load(f)["sha256"]) == 64
+    np.testing.assert_array_equal(runtime.load(lib)(*inputs), expected)
+    # Truncated as by a full disk or an interrupted copy: loading it used to die of SIGBUS,
+    # so it is loaded in a child process.
+    damaged = str(tmp_path / "damaged.so")
+    with open(lib, "rb") as f:
+        data = f.read()
+    with open(damaged, "wb") as f:
+        f.write(data[: len(data) // 2])
+    shutil.copy(lib + ".inputs", damaged + ".inputs")
+    code = f"import fscnn_tvm\nfscnn_tvm.load({damaged!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"ValueError: {damaged} is damaged or changed since export" in proc.stderr and "re-export it" in proc.stderr
+
+
+def test_libraries_without_a_checksum_load_and_a_damaged_sidecar_is_named(tmp_path):
+    lib, inputs, expected = _exported(tmp_path)
+    with open(lib + ".inputs", "w") as f:  # what earlier versions wrote: only the input shapes
+        json.dump([[1, 8, 12, 12], [1, 8, 12, 12]], f)
+    model = runtime.load(lib)
+    np.testing.assert_array_equal(model(*inputs), expected)
+    with pytest.raises(ValueError, match="compiled for"):
+        model(inputs[0][:, :4], inputs[1])
+    os.remove(lib + ".inputs")
+    np.testing.assert_array_equal(runtime.load(lib)(*inputs), expected)
+    for junk in ("{not json", '{"input_shapes": 5}'):
+        with open(lib + ".inputs", "w") as f:
+            f.write(junk)
+        with pytest.raises(ValueError, match=re.escape(f"{lib}.inputs (the input shapes and checksum of {lib}) is "
+                                                       "damaged")):
+            runtime.load(lib)
+
+
+def test_export_errors_are_clear_and_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    model = runtime.CompiledModel(runtime.compile_module(ResidualAndPool, resolve_target(None)))
+    with pytest.raises(ValueError, match="must end in .so"):
+        model.export_library(tmp_path / "model.lib")
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(FileNotFoundError, match=f"directory {missing} does not exist"):
+        model.export_library(missing / "model.so")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime.json, "dump", disk_full)  # the sidecar write fails
+    with pytest.raises(OSError, match="No space left"):
+        model.export_library(tmp_path / "model.so")
+    assert os.listdir(tmp_path) == []

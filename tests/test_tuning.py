@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import tvm_ffi
 
 import fscnn_tvm
 from fscnn_tvm import prune, tuning
@@ -72,7 +73,25 @@ def test_dense_tasks_are_tuned_and_applied(tmp_path):
     _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
 
 
-def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, caplog):
+def _bad_lines(good_line):
+    """Lines a log can end up with: cut off, not JSON, JSON of the wrong shape or types, a
+    record of a workload that is not there, a trace TVM cannot apply."""
+    index, (trace, secs, target, args) = json.loads(good_line)
+    record = lambda *r: json.dumps([index, list(r)])  # noqa: E731
+    return ["this is not json", good_line[: len(good_line) // 2], '{"workload": 0}', "null", "[0]", "[0, [1, 2]]",
+            json.dumps([str(index), [trace, secs, target, args]]), json.dumps([99, [trace, secs, target, args]]),
+            record(trace, "fast", target, args), record(trace, secs, 5, args), record(trace, secs, target, [5]),
+            record(trace, secs, target, args).replace(json.dumps(secs[0]), "NaN", 1),
+            record([[["NoSuchInstruction", [], [], []]], []], secs, target, args),
+            record(trace, secs, {"kind": "no-such-target"}, args)]
+
+
+def _snapshot(directory):
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
+
+
+def test_damaged_log_lines_are_left_out_and_a_log_that_is_only_read_is_not_rewritten(tmp_path, caplog):
     model, x = _model()
     imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
     log_dir = str(tmp_path / "log")
@@ -80,16 +99,60 @@ def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, caplog):
     path = os.path.join(log_dir, RECORDS)
     with open(path) as f:
         good = [line for line in f if line.strip()]
+    bad = _bad_lines(good[0].strip())
     with open(path, "a") as f:
-        f.write("this is not json\n")
-        f.write(good[0][: len(good[0]) // 2])  # a record cut off mid-write
-    with caplog.at_level("WARNING", logger="fscnn_tvm.tuning"):
-        compiled = fscnn_tvm.compile(imported, tuning_log=log_dir)
-    assert f"line {len(good) + 1} is not valid JSON" in caplog.text
-    assert f"line {len(good) + 2} is not valid JSON" in caplog.text
+        f.writelines(line + "\n" for line in bad)
+    before = _snapshot(log_dir)
+    # Read-only (root ignores the mode bits, hence the snapshot: compile must not write either way).
+    for p in [path, os.path.join(log_dir, "database_workload.json"), log_dir]:
+        os.chmod(p, 0o555 if p == log_dir else 0o444)
+    try:
+        with caplog.at_level("WARNING", logger="fscnn_tvm.tuning"):
+            compiled = fscnn_tvm.compile(imported, tuning_log=log_dir)
+            fscnn_tvm.compile(imported, tuning_log=log_dir)
+    finally:
+        os.chmod(log_dir, 0o755)
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warnings) == 1 and f"{len(bad)} line(s) left out" in warnings[0], warnings  # once per log
     _check(compiled, model, x)
+    assert _snapshot(log_dir) == before
+    # A tuning job opens the log to write: it rewrites it without the bad lines, keeps the original.
+    os.chmod(path, 0o644)
+    os.chmod(os.path.join(log_dir, "database_workload.json"), 0o644)
+    tuning.open_database(log_dir, write=True)
     with open(path) as f:
-        assert sum(1 for line in f if line.strip()) == len(good)
+        assert f.readlines() == good
+    assert _snapshot(log_dir)[RECORDS + ".bad"] == before[RECORDS]
+
+
+def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_named(tmp_path):
+    import shutil
+    from tvm.s_tir import meta_schedule as ms
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(os.path.join(fscnn_tvm.runtime.SHIPPED, "resnet18_s90_avx2"), log_dir)
+    workloads = os.path.join(log_dir, "database_workload.json")
+
+    def workload_of_each_trace(db):
+        return {str(r.trace): tvm_ffi.structural_hash(r.workload.mod) for r in db.get_all_tuning_records()}
+
+    expected = workload_of_each_trace(ms.database.JSONDatabase(work_dir=log_dir))
+    with open(workloads) as f:
+        lines = f.readlines()
+    lost = ms.database.Workload.from_json(json.loads(lines[2])).mod
+    lines[2] = '{"not": "a workload"}\n'  # the records of this workload go; the later ones are renumbered
+    with open(workloads, "w") as f:
+        f.writelines(lines)
+    for write in (False, True):
+        loaded = workload_of_each_trace(tuning.open_database(log_dir, write=write))
+        assert loaded == {t: h for t, h in expected.items() if h != tvm_ffi.structural_hash(lost)}
+        assert 0 < len(loaded) < len(expected)
+    os.remove(workloads)
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    with pytest.raises(FileNotFoundError, match="database_workload.json is missing"):
+        fscnn_tvm.compile(imported, tuning_log=log_dir)
+    with pytest.raises(FileNotFoundError, match="database_workload.json is missing"):
+        tuning.tune(imported, trials=4, log_dir=log_dir)
 
 
 KILL_SCRIPT = """

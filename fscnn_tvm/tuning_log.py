@@ -1,0 +1,147 @@
+"""Opening a tuning log (meta_schedule's JSON database: a workload file and a records file,
+one JSON value per line) without letting a damaged line crash or disable it.
+
+TVM's loader trusts each line: a record line of the wrong shape (an object, ``null``) is
+dereferenced as an array and segfaults; other wrong shapes, an out-of-range workload index or
+a trace TVM cannot apply raise and leave the whole log unusable. Such lines come from a job
+killed mid-write, hand edits or other tools, so we check the lines first and load the rest.
+A record names its workload by line number in the workload file, so dropping a workload line
+renumbers the records after it and drops the records that pointed at it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+
+from tvm.s_tir import meta_schedule as ms
+
+log = logging.getLogger("fscnn_tvm.tuning")
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+_BAD_LINE = (ValueError, TypeError, RuntimeError)  # what json and TVM's parsers raise on a bad line
+_warned = set()
+
+
+def open_database(log_dir: str, write: bool = False):
+    """The log's records as a meta_schedule database, lines TVM cannot load left out with one
+    warning per log. ``write`` (a tuning job appends to the log): the files are rewritten
+    without those lines, the originals kept as ``.bad``. Otherwise the log is only read: it is
+    loaded into memory and its files are left as they are (it may be read-only or shared)."""
+    paths = os.path.join(log_dir, WORKLOADS), os.path.join(log_dir, RECORDS)
+    if not os.path.exists(paths[0]) and _lines(paths[1]):
+        raise FileNotFoundError(f"{paths[0]} is missing: the records in {paths[1]} refer to its lines; restore it, "
+                                f"or tune again into an empty directory")
+    if write:
+        os.makedirs(log_dir, exist_ok=True)
+    kept, dropped = _loadable(*paths)
+    if not any(dropped.values()) and (write or all(map(os.path.exists, paths))):
+        with contextlib.suppress(*_BAD_LINE):  # else a well-formed line TVM cannot load: found below
+            return ms.database.JSONDatabase(work_dir=log_dir)
+    kept, dropped = _loadable(*paths, parse=True)
+    _warn(log_dir, paths, dropped, write)
+    if write:
+        for path in paths:
+            _rewrite(path, kept[path])
+        return ms.database.JSONDatabase(work_dir=log_dir)
+    return _in_memory(kept[paths[0]], kept[paths[1]])
+
+
+def _lines(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.readlines()
+
+
+def _loadable(workload_path, record_path, parse=False):
+    """({path: lines TVM can load}, {path: numbers of the lines left out}). ``parse``: each
+    record is parsed by TVM too (applying its trace), not only checked for shape."""
+    kept, dropped = {workload_path: [], record_path: []}, {workload_path: [], record_path: []}
+    workloads, renumber = [], {}
+    for number, line in enumerate(_lines(workload_path)):
+        try:
+            value = _json(line)
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+                raise ValueError("not [hash, module]")
+            workloads.append(ms.database.Workload.from_json(value))
+        except _BAD_LINE:
+            dropped[workload_path].append(number + 1)
+            continue
+        renumber[number] = len(kept[workload_path])
+        kept[workload_path].append(line if line.endswith("\n") else line + "\n")
+    for number, line in enumerate(_lines(record_path)):
+        try:
+            value = _json(line)
+            index, record = value if isinstance(value, list) and len(value) == 2 else (None, None)
+            if type(index) is not int or index not in renumber or not _is_record(record):
+                raise ValueError("not [workload line, record]")
+            if parse:
+                ms.database.TuningRecord.from_json(record, workloads[renumber[index]])
+        except _BAD_LINE:
+            dropped[record_path].append(number + 1)
+            continue
+        if renumber[index] != index:
+            line = json.dumps([renumber[index], record], separators=(",", ":"))
+        kept[record_path].append(line if line.endswith("\n") else line + "\n")
+    return kept, dropped
+
+
+def _json(line):
+    """A line's JSON value; NaN and Infinity are not JSON to TVM's parser."""
+    def reject(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(line, parse_constant=reject)
+
+
+def _is_record(record) -> bool:
+    """The shape of a TuningRecord's JSON: [[instructions, decisions], run_secs or null,
+    target config or null, argument infos or null]."""
+    if not (isinstance(record, list) and len(record) == 4):
+        return False
+    trace, secs, target, args = record
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(trace, list) and len(trace) == 2 and all(isinstance(t, list) for t in trace)
+            and all(isinstance(i, list) and len(i) == 4 and isinstance(i[0], str) for i in trace[0])
+            and all(isinstance(d, list) and len(d) == 2 and type(d[0]) is int for d in trace[1])
+            and (secs is None or isinstance(secs, list) and all(map(number, secs)))
+            and (target is None or isinstance(target, dict))
+            and (args is None or isinstance(args, list) and all(isinstance(a, list) and a for a in args)))
+
+
+def _warn(log_dir, paths, dropped, write):
+    if not any(dropped.values()):
+        return
+    key = (os.path.abspath(log_dir), *((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths if os.path.exists(p)))
+    if key in _warned:
+        return
+    _warned.add(key)
+    where = "; ".join(f"{os.path.basename(p)} line(s) {', '.join(map(str, n[:5]))}{', ...' if len(n) > 5 else ''}"
+                      for p, n in dropped.items() if n)
+    log.warning("%s: %d line(s) left out: not a complete workload or record, or a record whose workload line is "
+                "gone (%s); %s", log_dir, sum(map(len, dropped.values())), where,
+                "the originals are kept as *.bad" if write else "the files are left unchanged")
+
+
+def _rewrite(path, lines):
+    if _lines(path) == lines:
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    if os.path.exists(path):
+        os.replace(path, path + ".bad")
+    os.replace(path + ".tmp", path)
+
+
+def _in_memory(workload_lines, record_lines):
+    """The given lines loaded by TVM (from a temporary copy) into a MemoryDatabase."""
+    db = ms.database.MemoryDatabase()
+    with tempfile.TemporaryDirectory(prefix="fscnn-log-") as tmp:
+        for name, lines in ((WORKLOADS, workload_lines), (RECORDS, record_lines)):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.writelines(lines)
+        for record in ms.database.JSONDatabase(work_dir=tmp).get_all_tuning_records():
+            db.commit_workload(record.workload.mod)
+            db.commit_tuning_record(record)
+    return db
