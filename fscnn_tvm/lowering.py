@@ -1,0 +1,128 @@
+"""The TIR rewrite applied to every scheduled sparse kernel (``lower_sparse``): what the kernel
+does that TE cannot say. The epilogue stores table channel k to output channel ``w_perm[k]``,
+and each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
+(``w_length``). TVM's Python API has no statement mutator, hence the small rebuild below, which
+knows every statement kind a scheduled kernel holds and refuses any other: a rewrite that
+silently skipped a node it cannot see into would leave channels unpermuted."""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import tvm
+
+from .decisions import TILE_BOUND
+
+
+def _for_with(loop, body=None, extent=None, annotations=None):
+    """``loop`` with its body, extent or annotations replaced."""
+    return tvm.tirx.For(loop.loop_var, loop.min, loop.extent if extent is None else extent, loop.kind,
+                        loop.body if body is None else body, loop.thread_binding,
+                        loop.annotations if annotations is None else annotations)
+
+
+def _block_with(block, body):
+    """``block`` with its body replaced."""
+    from tvm.s_tir.stmt import SBlock
+    return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
+                  block.alloc_buffers, block.match_buffers, block.annotations)
+
+
+# Statements without statements inside.
+LEAVES = (tvm.tirx.BufferStore, tvm.tirx.Evaluate)
+
+
+def _rebuild(stmt, post):
+    """``stmt`` rebuilt bottom-up with ``post(node)`` replacing each node (None keeps it).
+    Knows the statements a scheduled sparse kernel holds; any other kind is an error."""
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    tirx = tvm.tirx
+    new = stmt
+    if isinstance(stmt, tirx.For):
+        body = _rebuild(stmt.body, post)
+        if not body.same_as(stmt.body):
+            new = _for_with(stmt, body=body)
+    elif isinstance(stmt, tirx.SeqStmt):
+        seq = [_rebuild(s, post) for s in stmt.seq]
+        if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
+            new = tirx.SeqStmt(seq)
+    elif isinstance(stmt, SBlockRealize):
+        block = _rebuild(stmt.block, post)
+        if not block.same_as(stmt.block):
+            new = SBlockRealize(stmt.iter_values, stmt.predicate, block)
+    elif isinstance(stmt, SBlock):
+        body = _rebuild(stmt.body, post)
+        if not body.same_as(stmt.body):
+            new = _block_with(stmt, body)
+    elif not isinstance(stmt, LEAVES):
+        raise NotImplementedError(f"lower_sparse: a scheduled kernel holds a {type(stmt).__name__}, which the "
+                                  "rewrite does not know how to look into")
+    replaced = post(new)
+    return new if replaced is None else replaced
+
+
+def _visit(stmt, found):
+    """Every node under ``stmt`` (itself included) into ``found``, children first."""
+    _rebuild(stmt, lambda node: found.append(node))
+    return found
+
+
+def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel as it runs: the epilogue stores table channel k to output channel
+    ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
+    its register tile (``w_length``), so a tile of short rows skips the table's padding. Other
+    functions pass through unchanged."""
+    from tvm.s_tir.stmt import SBlock
+    tirx = tvm.tirx
+    params = {p.name: p for p in func.params}
+    if "w_perm" not in params:
+        return func
+
+    permuted = []
+
+    def post(node):
+        if isinstance(node, SBlock) and node.name_hint == "out":
+            store = node.body
+            if not isinstance(store, tirx.BufferStore):
+                raise NotImplementedError(f"lower_sparse: the epilogue block holds a {type(store).__name__}, "
+                                          "not the one store it permutes")
+            index = list(store.indices)
+            index[1] = params["w_perm"][index[1]]
+            permuted.append(node)
+            return _block_with(node, tirx.BufferStore(store.buffer, store.value, index))
+        if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
+            annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
+            extent = _tile_bound(node, params["w_length"]) if int(node.annotations[TILE_BOUND]) else node.extent
+            return _for_with(node, extent=extent, annotations=annotations)
+        return None
+
+    body = _rebuild(func.body, post)
+    if len(permuted) != 1:
+        raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
+    return func.with_body(body)
+
+
+def _tile_bound(loop, w_length):
+    """ceil(longest row of the tile / slots per iteration of ``loop``): the update block's
+    block-row binding evaluated at every value of the loops inside ``loop`` it depends on."""
+    from tvm.s_tir.stmt import SBlockRealize
+    nodes = _visit(loop.body, [])
+    update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
+    kb_binding, width = update.iter_values[1], int(update.block.iter_vars[5].dom.extent)
+    depends = tvm.tirx.analysis.undefined_vars(kb_binding)
+    inner = [n for n in nodes if isinstance(n, tvm.tirx.For)
+             and any(v.same_as(n.loop_var) for v in depends)]
+    rows = []
+    for values in itertools.product(*(range(int(n.extent)) for n in inner)):
+        analyzer = tvm.sym.Analyzer()
+        for n, v in zip(inner, values):
+            analyzer.bind(n.loop_var, v)
+        rows.append(w_length[analyzer.simplify(kb_binding)])
+    longest = functools.reduce(tvm.tirx.max, rows)
+    per_iteration = width // int(loop.extent)
+    return tvm.tirx.floordiv(longest + per_iteration - 1, per_iteration) if per_iteration > 1 else longest
+
+
+def kernel_func(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
+    """A scheduled sparse kernel, lowered to what runs."""
+    return lower_sparse(sch.mod["main"])
