@@ -34,13 +34,21 @@ def _check(compiled, model, x):
     np.testing.assert_allclose(compiled(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("fmt", ["csr", "bsr"])
-def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
+def _tuned(tmp_path, fmt):
     model, x = _model()
     imported = fscnn_tvm.import_torch(model, (x,), fmt=fmt, block=(4, 1) if fmt == "bsr" else None, measure=False)
     assert len(imported.kernels) == 3 and all(r.rewritten for r in imported.report)
     log_dir = str(tmp_path / "log")
-    result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    return model, x, imported, log_dir, tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+
+
+@pytest.fixture(scope="module")
+def csr_log(tmp_path_factory):
+    """One small CSR tuning job, shared by the tests that only read its log (or copy it)."""
+    return _tuned(tmp_path_factory.mktemp("csr"), "csr")
+
+
+def _check_tuned(model, x, imported, log_dir, result, tmp_path):
     assert all(n > 0 for n in result.records.values()), result.records  # every kernel was measured
     rows = result.summary(imported.target)
     assert all(np.isfinite(r["best_ms"]) and r["best_ms"] > 0 for r in rows)
@@ -57,6 +65,14 @@ def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
     # The same budget again: nothing left to tune, no new records.
     again = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
     assert again.records == result.records
+
+
+def test_tuned_csr_kernels_match_pytorch_and_the_log_is_reused(csr_log, tmp_path):
+    _check_tuned(*csr_log, tmp_path)
+
+
+def test_tuned_bsr_kernels_match_pytorch_and_the_log_is_reused(tmp_path):
+    _check_tuned(*_tuned(tmp_path, "bsr"), tmp_path)
 
 
 def test_dense_tasks_are_tuned_and_applied(tmp_path):
@@ -91,11 +107,11 @@ def _snapshot(directory):
             for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
 
 
-def test_damaged_log_lines_are_left_out_and_a_log_that_is_only_read_is_not_rewritten(tmp_path, caplog):
-    model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
+def test_damaged_log_lines_are_left_out_and_a_log_that_is_only_read_is_not_rewritten(csr_log, tmp_path, caplog):
+    import shutil
+    model, x, imported, tuned_dir, _ = csr_log
     log_dir = str(tmp_path / "log")
-    tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    shutil.copytree(tuned_dir, log_dir)
     path = os.path.join(log_dir, RECORDS)
     with open(path) as f:
         good = [line for line in f if line.strip()]
@@ -167,6 +183,16 @@ tuning.tune(imported, trials=400, log_dir=sys.argv[1], dense=False, trials_per_i
 """
 
 
+def _kill_script_model():
+    """KILL_SCRIPT's model and input, imported here."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
+    x = torch.randn(1, 8, 10, 10)
+    return model, x, fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
+
+
 def test_a_killed_job_keeps_its_records_and_resumes(tmp_path):
     log_dir = str(tmp_path / "log")
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, log_dir], stdout=subprocess.DEVNULL,
@@ -193,12 +219,7 @@ def test_a_killed_job_keeps_its_records_and_resumes(tmp_path):
         except json.JSONDecodeError:
             pass  # at most the line being written at the kill
     assert kept >= 6 and kept >= len(lines) - 1
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
-    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
-    x = torch.randn(1, 8, 10, 10)
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
+    model, x, imported = _kill_script_model()
     resumed = tuning.tune(imported, trials=kept, log_dir=log_dir, dense=False)
     assert sum(resumed.records_before.values()) == kept  # nothing lost, nothing re-tuned
     assert resumed.records == resumed.records_before
@@ -248,11 +269,13 @@ def _stop(procs):
 
 
 RPC_SCRIPT = KILL_SCRIPT.replace("trials=400, log_dir=sys.argv[1], dense=False, trials_per_iter=4",
-                                 "trials=24, log_dir=sys.argv[1], dense=False, trials_per_iter=4, "
+                                 "trials=12, log_dir=sys.argv[1], dense=False, trials_per_iter=4, "
                                  "rpc=(sys.argv[2], sys.argv[3])")
 
 
-def test_rpc_server_dying_mid_job_leaves_the_job_to_the_other(tmp_path):
+def test_rpc_measurement_goes_on_when_a_server_dies_mid_job(tmp_path):
+    """Candidates measured on servers registered with a loopback tracker; one of the two dies
+    after the first records, the job finishes on the other, and its records apply."""
     port, key, procs = _start_tracker_and_servers(2)
     log_dir = str(tmp_path / "log")
     try:
@@ -269,22 +292,11 @@ def test_rpc_server_dying_mid_job_leaves_the_job_to_the_other(tmp_path):
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output[-3000:]
         records = [line for line in open(path) if line.strip()]
-        assert len(records) >= 20  # the job went on and finished on the remaining server
+        assert len(records) >= 12  # the job went on and finished its budget on the remaining server
     finally:
         _stop(procs)
-
-
-def test_rpc_measurement_through_a_loopback_tracker(tmp_path):
-    port, key, procs = _start_tracker_and_servers(2)
-    try:
-        model, x = _model()
-        imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
-        log_dir = str(tmp_path / "log")
-        result = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False, rpc=(f"127.0.0.1:{port}", key))
-        assert all(n > 0 for n in result.records.values())
-        _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
-    finally:
-        _stop(procs)
+    model, x, imported = _kill_script_model()
+    _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
 
 
 def test_bad_arguments(tmp_path):
@@ -297,12 +309,9 @@ def test_bad_arguments(tmp_path):
         fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
 
 
-def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
+def test_shipped_schedules_apply_on_their_cpu_only(csr_log, tmp_path, caplog):
     from fscnn_tvm import runtime
-    model, x = _model()
-    imported = fscnn_tvm.import_torch(model, (x,), fmt="csr", measure=False)
-    log_dir = str(tmp_path / "log")
-    tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
+    _, _, imported, log_dir, _ = csr_log
     shipped = tmp_path / "schedules"
     count = tuning.ship(log_dir, str(shipped / "small"), imported.target)
     assert count == 3  # the best record of each of the three kernels
