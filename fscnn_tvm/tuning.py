@@ -187,6 +187,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     registered with a TVM RPC tracker. ``progress``: a stream for the progress lines."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: must be a positive int, got {trials!r}")
+    _check_log_dir(log_dir)
     target = resolve_target(target) if target is not None else imported.target
     db = open_database(log_dir, write=True)
     args_dir = os.path.join(log_dir, ARGS_DIR)
@@ -220,6 +221,14 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
                           "failed to build or run (see the warnings above)")
     return result
+
+
+def _check_log_dir(log_dir):
+    if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
+        raise ValueError(f"log_dir: must be a directory path for the tuning log, got {log_dir!r}")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"log_dir: {log_dir} is a file; give a directory for the tuning log (it is created "
+                         "if missing)")
 
 
 @dataclass

@@ -297,6 +297,21 @@ def test_bad_arguments(tmp_path):
         fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
 
 
+def test_log_dir_that_is_a_file_or_none_is_named(tmp_path, capsys):
+    from fscnn_tvm.cli import main as cli
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    a_file = tmp_path / "log.txt"
+    a_file.write_text("not a directory")
+    for bad in (str(a_file), None, ""):
+        with pytest.raises(ValueError, match="log_dir"):
+            tuning.tune(imported, trials=4, log_dir=bad)
+    program = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(model, (x,)), program)
+    assert cli(["tune", "--program", program, "--trials", "4", "--log", str(a_file), "--no-measure"]) == 2
+    assert f"log_dir: {a_file} is a file" in capsys.readouterr().err
+
+
 def test_shipped_schedules_apply_on_their_cpu_only(tmp_path, caplog):
     from fscnn_tvm import runtime
     model, x = _model()
