@@ -180,6 +180,40 @@ class Progress(ms.measure_callback.PyMeasureCallback):
             log.info(line)
 
 
+@derived_object
+class Budgeted(ms.search_strategy.PySearchStrategy):
+    """A search whose batches stop at the job's budget. The task scheduler checks its trial
+    count only before asking a task for a batch and then measures the whole batch, so a job
+    overshot by up to a batch (8 trials asked, 10 measured)."""
+
+    def __init__(self, search, budget: list):
+        super().__init__()
+        self.search, self.budget = search, budget
+
+    def _initialize_with_tune_context(self, context):
+        self.search._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+        self.search.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self):
+        self.search.post_tuning()
+
+    def generate_measure_candidates(self):
+        candidates = self.search.generate_measure_candidates() if self.budget[0] > 0 else None
+        if candidates is None:
+            return None
+        candidates = list(candidates)[:self.budget[0]]
+        self.budget[0] -= len(candidates)
+        return candidates
+
+    def notify_runner_results(self, measure_candidates, results):
+        self.search.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return Budgeted(self.search.clone(), self.budget)
+
+
 def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", target=None, rpc=None,
          dense: bool = True, trials_per_iter: int = 16, seed: int | None = 0, progress=None) -> "TuneResult":
     """Tune ``imported``'s sparse kernels (and its dense conv/matmul ops with ``dense``) with
@@ -207,9 +241,10 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     if remaining <= 0:
         log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, sum(before.values()), len(tasks))
         return result
+    budget = [remaining]  # shared by the tasks' searches
     contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space,
-                               search_strategy=ms.search_strategy.EvolutionarySearch(
-                                   population_size=128, genetic_num_iters=2, init_min_unmeasured=32),
+                               search_strategy=Budgeted(ms.search_strategy.EvolutionarySearch(
+                                   population_size=128, genetic_num_iters=2, init_min_unmeasured=32), budget),
                                task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads="physical")
                 for i, t in enumerate(tasks)]
     # Small budgets over many tasks: smaller batches, so every task gets measured at all.

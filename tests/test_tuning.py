@@ -1,5 +1,6 @@
 """Tuning jobs with small budgets: tuned kernels stay correct, logs resume, survive a kill and
 corruption, and candidates can be measured through a TVM RPC tracker on loopback."""
+import io
 import json
 import os
 import signal
@@ -58,6 +59,22 @@ def test_tuned_kernels_match_pytorch_and_the_log_is_reused(tmp_path, fmt):
     # The same budget again: nothing left to tune, no new records.
     again = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
     assert again.records == result.records
+
+
+def test_a_job_ends_at_its_trial_budget(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
+    imported = fscnn_tvm.import_torch(model, (torch.randn(1, 8, 10, 10),), fmt="csr", measure=False)
+    assert len(imported.kernels) == 2
+    log_dir, progress = str(tmp_path / "log"), io.StringIO()
+    # Two default schedules, then 6 trials in batches of 4 over two tasks: the scheduler measured
+    # a whole second batch (10 records).
+    result = tuning.tune(imported, trials=8, log_dir=log_dir, dense=False, trials_per_iter=4, progress=progress)
+    assert sum(result.records.values()) == 8, result.records
+    assert " 6/6 trials" in progress.getvalue().splitlines()[-1]
+    with open(os.path.join(log_dir, RECORDS)) as f:
+        assert sum(1 for line in f if line.strip()) == 8
 
 
 def test_dense_tasks_are_tuned_and_applied(tmp_path):
