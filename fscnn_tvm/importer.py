@@ -10,6 +10,7 @@ small matcher per layer kind, as in TVM's own frontends.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,7 +314,12 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             notes.append("the model is in training mode: it was imported as in eval mode, BatchNorm folded with its "
                          "running statistics (the model's mode is unchanged)")
     try:
-        mod = from_exported_program(program, keep_params_as_input=False)
+        with warnings.catch_warnings():
+            # torch's run_decompositions, called by the frontend, deep-copies its tree specs and
+            # warns about its own deprecated LeafSpec check on every import.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning, module="copyreg")
+            mod = from_exported_program(program, keep_params_as_input=False)
     except Exception as err:
         raise ValueError(f"TVM's Relax frontend could not translate the program "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

@@ -1,6 +1,7 @@
 """Importer: PyTorch -> Relax -> sparse rewrite, compared with PyTorch end to end."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,13 @@ def test_a_module_without_example_inputs_is_a_clear_error():
     for bad in (5, "x", (torch.randn(1, 3, 8, 8), 2)):
         with pytest.raises(TypeError, match="example_inputs: expected a tensor or a tuple of tensors"):
             fscnn_tvm.import_torch(model, bad)
+
+
+def test_import_shows_no_torch_deprecation_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fscnn_tvm.import_torch(_small_float_model(), (torch.randn(1, 3, 8, 8),), measure=False)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def _small_float_model():
