@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="PyTorch dense vs TVM dense vs TVM sparse, end to end and per layer, "
                                        "over sparsity levels; table, JSON, Markdown and a plot")
     _source_args(p, _sparsity_list)
-    p.add_argument("--input-size", type=int, default=None, help="VGG16 input size: 32 or 224")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="VGG16 input size: 32 or 224 (the other zoo models take 224)")
     p.add_argument("--tuning-log", default=None, help="tuning log directory to use (and extend with --trials)")
     p.add_argument("--trials", type=int, default=0, help="tuning trials for each of the dense and sparse modules "
                                                          "(0: no tuning: given log or default schedules)")

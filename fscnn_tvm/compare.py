@@ -308,13 +308,29 @@ def markdown_report(result: dict) -> str:
 
 def plot(result: dict, path: str):
     """Speedup over the best dense vs sparsity: one line per layer group (same weight shape),
-    one for end to end, and the 1x line."""
+    one for end to end, and the 1x line; with one sparsity, one bar per layer and end to end.
+    Returns the (closed) figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     points = sorted(result["points"], key=lambda p: p["sparsity"])
-    xs = [p["sparsity"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(points) == 1:  # lines over one x value would be a column of dots
+        _layer_bars(ax, points[0])
+    else:
+        _group_lines(ax, points, plt)
+    ax.axhline(1.0, color="red", linestyle="--", linewidth=1, label="1x (best dense)")
+    ax.set_ylabel("speedup over best dense")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['model']}: TVM sparse vs best dense ({result['machine']['threads']} threads)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def _group_lines(ax, points, plt):
     ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))  # more groups than tab10 has colours
     groups: dict = {}
     for p in points:
@@ -324,14 +340,17 @@ def plot(result: dict, path: str):
         sx = sorted(by_s)
         ax.plot(sx, [float(np.exp(np.mean(np.log(by_s[s])))) for s in sx], marker=".", linewidth=1, alpha=0.7,
                 label=label)
-    ax.plot(xs, [p["end_to_end"]["speedup"] for p in points], marker="o", color="black", linewidth=2.5,
-            label="end to end")
-    ax.axhline(1.0, color="red", linestyle="--", linewidth=1, label="1x (best dense)")
+    ax.plot([p["sparsity"] for p in points], [p["end_to_end"]["speedup"] for p in points], marker="o",
+            color="black", linewidth=2.5, label="end to end")
     ax.set_xlabel("sparsity")
-    ax.set_ylabel("speedup over best dense")
-    ax.set_yscale("log")
-    ax.set_title(f"{result['model']}: TVM sparse vs best dense ({result['machine']['threads']} threads)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def _layer_bars(ax, point):
+    rows = point["layers"]
+    labels = [r["layer"] for r in rows] + ["end to end"]
+    colors = ["tab:blue" if r["format"] != "dense" else "tab:gray" for r in rows] + ["black"]
+    speedups = [r["speedup"] for r in rows] + [point["end_to_end"]["speedup"]]
+    # From the 1x line: a win rises above it, a loss hangs below it.
+    ax.bar(range(len(labels)), [s - 1.0 for s in speedups], bottom=1.0, color=colors)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    ax.set_xlabel(f"layer at sparsity {point['sparsity']:.2f} (grey: left dense)")

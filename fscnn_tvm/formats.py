@@ -15,19 +15,26 @@ import numpy as np
 INDEX_DTYPE = np.int32
 
 
-def as_weight(weight, name: str = "weight") -> np.ndarray:
-    """Return ``weight`` (numpy array or torch tensor) as a finite float32 numpy array."""
-    if hasattr(weight, "detach"):  # torch.Tensor, without importing torch here
-        weight = weight.detach().cpu().numpy()
+def as_array(value, name: str) -> np.ndarray:
+    """Return ``value`` (numpy array or torch tensor) as a float32 numpy array."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu().numpy()
     try:
-        arr = np.asarray(weight)
+        arr = np.asarray(value)
     except Exception as err:  # ragged lists and the like
         raise ValueError(f"{name}: cannot be read as an array ({err})") from None
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ValueError(f"{name}: dtype {arr.dtype} cannot be cast to float32")
     if np.iscomplexobj(arr):
         raise ValueError(f"{name}: complex dtype {arr.dtype} cannot be cast to float32")
-    arr = np.asarray(arr, dtype=np.float32, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+    return np.asarray(arr, dtype=np.float32, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+
+
+def as_weight(weight, name: str = "weight") -> np.ndarray:
+    """Return ``weight`` (or a bias) as a finite float32 numpy array. A NaN or inf weight is an
+    error naming the tensor: it comes from a broken model and would turn every output it reads
+    non-finite. Inputs are not checked (``as_array``; see ``fscnn_tvm.layer``)."""
+    arr = as_array(weight, name)
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or inf); prune or fix them first")

@@ -10,6 +10,7 @@ small matcher per layer kind, as in TVM's own frontends.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,30 @@ def export_torch(model, example_inputs):
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _check_float32(model):
+    """Only float32 models import: half-precision weights and quantized modules failed deep in
+    torch.export or TVM's frontend, with errors that did not say so."""
+    import torch
+    if isinstance(model, torch.export.ExportedProgram):
+        tensors, modules = {**model.state_dict, **model.constants}.items(), []
+    elif isinstance(model, torch.nn.Module):
+        tensors, modules = [*model.named_parameters(), *model.named_buffers()], model.named_modules()
+    else:
+        return  # export_torch names a model of the wrong type
+    quantized = [name or "the model itself" for name, m in modules
+                 if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))]
+    if quantized:
+        raise ValueError(f"model: quantized modules ({', '.join(quantized[:3])}) are not supported; fscnn-tvm runs "
+                         "float32 models and gets its speed from sparsity: prune the float model instead of "
+                         "quantizing it")
+    other = {name: t.dtype for name, t in tensors
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32}
+    if other:
+        name, dtype = next(iter(other.items()))
+        raise ValueError(f"model: only float32 models are supported, {name} is {dtype} ({len(other)} tensors "
+                         "are not float32); convert the model with model.float() (and its inputs with .float())")
 
 
 def load_program(path):
@@ -279,6 +304,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     if fmt not in ("auto", "csr", "bsr"):
         raise ValueError(f"fmt: expected 'auto', 'csr' or 'bsr', got {fmt!r}")
     target = resolve_target(target)
+    _check_float32(model)
     notes = []
     if isinstance(model, torch.export.ExportedProgram):
         program = model
@@ -288,7 +314,12 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             notes.append("the model is in training mode: it was imported as in eval mode, BatchNorm folded with its "
                          "running statistics (the model's mode is unchanged)")
     try:
-        mod = from_exported_program(program, keep_params_as_input=False)
+        with warnings.catch_warnings():
+            # torch's run_decompositions, called by the frontend, deep-copies its tree specs and
+            # warns about its own deprecated LeafSpec check on every import.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning, module="copyreg")
+            mod = from_exported_program(program, keep_params_as_input=False)
     except Exception as err:
         raise ValueError(f"TVM's Relax frontend could not translate the program "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

@@ -1,6 +1,12 @@
 """Layers and the functional API: a kernel built for one input shape with its weights on the
 device (``SparseLayer``, ``DenseConvLayer``), and ``sparse_conv2d`` / ``sparse_linear`` /
-``dense_conv2d``, which build once per (shapes, weights, target) and cache."""
+``dense_conv2d``, which build once per (shapes, weights, target) and cache.
+
+Non-finite inputs: neither these nor a compiled model check inputs (a pass over every input on
+the hot path). A NaN or inf in the input gives non-finite outputs only where a nonzero weight
+reads it: the sparse kernels skip zero weights, so a NaN/inf that meets only pruned weights
+vanishes, where dense PyTorch propagates it (0 * NaN = NaN). Weights and biases must be finite.
+"""
 from __future__ import annotations
 
 import functools
@@ -33,7 +39,7 @@ class KernelLayer:
         self._params = [tvm.runtime.tensor(a, tvm.cpu()) for a in self.arrays]
 
     def __call__(self, x) -> np.ndarray:
-        x = F.as_weight(x, "x")
+        x = F.as_array(x, "x")
         if x.shape != self.x_shape:
             raise ValueError(f"x: shape {x.shape}, but this layer was built for {self.x_shape}")
         return self.runner(x)().numpy()
@@ -42,7 +48,7 @@ class KernelLayer:
         """A no-argument callable that runs the kernel on ``x`` with preallocated arrays, for
         timing the kernel alone; it returns the output as a TVM tensor."""
         dev = tvm.cpu()
-        args = [tvm.runtime.tensor(F.as_weight(x, "x").reshape(self.spec.x_shape), dev), *self._params,
+        args = [tvm.runtime.tensor(F.as_array(x, "x").reshape(self.spec.x_shape), dev), *self._params,
                 tvm.runtime.empty(self.spec.out_shape, "float32", dev)]
         out = args[-1]._create_view(self.spec.layer_out_shape)
 
@@ -143,7 +149,7 @@ _LAYERS: dict = {}
 
 
 def _cached_layer(kind, x, weight, bias, fmt, block, activation, target, **conv_args) -> tuple[KernelLayer, np.ndarray]:
-    x = F.as_weight(x, "x")
+    x = F.as_array(x, "x")
     key = _layer_key(kind, weight, x.shape, bias, fmt, block, activation, target, tuple(sorted(conv_args.items())))
     if key not in _LAYERS:
         if len(_LAYERS) >= 64:  # bounded: drop the oldest

@@ -7,6 +7,7 @@ feature flags the OS reports in /proc/cpuinfo.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -123,7 +124,23 @@ def resolve_target(target=None) -> tvm.target.Target:
         raise ValueError(f"target: kind {result.kind.name!r} is not supported; fscnn-tvm targets CPUs ('llvm')")
     if "num-cores" not in result.attrs:
         raise ValueError("target: needs 'num-cores' (meta_schedule refuses targets without it)")
+    _check_mcpu(result)
     return result
+
+
+def _check_mcpu(target: tvm.target.Target):
+    """TVM accepts any mcpu; LLVM only prints a line at build time and builds generic code."""
+    mcpu, triple = str(target.attrs.get("mcpu", "")), str(target.attrs.get("mtriple", ""))
+    if not mcpu or tvm.target.codegen.llvm_is_valid_cpu(mcpu, triple):
+        return
+    known = tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}
+                                                                        if triple else "llvm"))
+    close = difflib.get_close_matches(mcpu, [str(c) for c in known], n=3)
+    llvm = f"TVM's LLVM {tvm.target.codegen.llvm_version_major()}" + (f" for mtriple={triple!r}" if triple else "")
+    raise ValueError(f"target: mcpu={mcpu!r} is not a CPU that {llvm} knows"
+                     + (f" (did you mean {', '.join(close)}?)" if close else "")
+                     + "; list them with: python -c \"import tvm; print(*tvm.target.codegen.llvm_get_cpu_archlist("
+                     "tvm.target.Target('llvm')))\", or leave mcpu out for this machine's")
 
 
 def features(target: tvm.target.Target) -> frozenset:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +23,7 @@ from functools import partial
 import numpy as np
 import tvm
 from tvm.ir.utils import derived_object
+from tvm.rpc import base as rpc_base
 from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
@@ -177,6 +180,40 @@ class Progress(ms.measure_callback.PyMeasureCallback):
             log.info(line)
 
 
+@derived_object
+class Budgeted(ms.search_strategy.PySearchStrategy):
+    """A search whose batches stop at the job's budget. The task scheduler checks its trial
+    count only before asking a task for a batch and then measures the whole batch, so a job
+    overshot by up to a batch (8 trials asked, 10 measured)."""
+
+    def __init__(self, search, budget: list):
+        super().__init__()
+        self.search, self.budget = search, budget
+
+    def _initialize_with_tune_context(self, context):
+        self.search._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+        self.search.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self):
+        self.search.post_tuning()
+
+    def generate_measure_candidates(self):
+        candidates = self.search.generate_measure_candidates() if self.budget[0] > 0 else None
+        if candidates is None:
+            return None
+        candidates = list(candidates)[:self.budget[0]]
+        self.budget[0] -= len(candidates)
+        return candidates
+
+    def notify_runner_results(self, measure_candidates, results):
+        self.search.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return Budgeted(self.search.clone(), self.budget)
+
+
 def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", target=None, rpc=None,
          dense: bool = True, trials_per_iter: int = 16, seed: int | None = 0, progress=None) -> "TuneResult":
     """Tune ``imported``'s sparse kernels (and its dense conv/matmul ops with ``dense``) with
@@ -187,6 +224,8 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     registered with a TVM RPC tracker. ``progress``: a stream for the progress lines."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: must be a positive int, got {trials!r}")
+    _check_log_dir(log_dir)
+    tracker = _tracker(rpc) if rpc is not None else None
     target = resolve_target(target) if target is not None else imported.target
     db = open_database(log_dir, write=True)
     args_dir = os.path.join(log_dir, ARGS_DIR)
@@ -194,7 +233,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     if not tasks:
         raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
     builder = ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
-    runner = _runner(rpc, args_dir)
+    runner = _runner(tracker, args_dir)
     _record_defaults([t for t in tasks if t.spec is not None], target, builder, runner, db)
     before = {t.name: _records_for(db, t.mod) for t in tasks}
     remaining = trials - sum(before.values())
@@ -202,9 +241,10 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     if remaining <= 0:
         log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, sum(before.values()), len(tasks))
         return result
+    budget = [remaining]  # shared by the tasks' searches
     contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space,
-                               search_strategy=ms.search_strategy.EvolutionarySearch(
-                                   population_size=128, genetic_num_iters=2, init_min_unmeasured=32),
+                               search_strategy=Budgeted(ms.search_strategy.EvolutionarySearch(
+                                   population_size=128, genetic_num_iters=2, init_min_unmeasured=32), budget),
                                task_name=t.name, rand_state=-1 if seed is None else seed + i, num_threads="physical")
                 for i, t in enumerate(tasks)]
     # Small budgets over many tasks: smaller batches, so every task gets measured at all.
@@ -220,6 +260,14 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
                           "failed to build or run (see the warnings above)")
     return result
+
+
+def _check_log_dir(log_dir):
+    if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
+        raise ValueError(f"log_dir: must be a directory path for the tuning log, got {log_dir!r}")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"log_dir: {log_dir} is a file; give a directory for the tuning log (it is created "
+                         "if missing)")
 
 
 @dataclass
@@ -269,13 +317,36 @@ def _record_defaults(tasks, target, builder, runner, db):
                     ", ".join(failed))
 
 
-def _runner(rpc, args_dir):
-    if rpc is None:
+def _tracker(rpc, timeout_s: float = 5.0):
+    """(host, port, key) of ``rpc=("host:port", key)``, once a tracker has answered there: an
+    unreachable one would otherwise fail every candidate, one timeout after another."""
+    if isinstance(rpc, (str, bytes)) or not isinstance(rpc, (tuple, list)) or len(rpc) != 2:
+        raise ValueError(f"rpc: expected a (\"host:port\", key) pair, e.g. (\"127.0.0.1:9190\", \"fscnn\"), "
+                         f"got {rpc!r}")
+    address, key = rpc
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"rpc: the tracker address must be host:port with a port in 1-65535, got {address!r}")
+    port = int(port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack("<i", rpc_base.RPC_TRACKER_MAGIC))
+            answer = rpc_base.recvall(sock, 4)
+    except OSError as err:
+        raise TuningError(f"rpc: no TVM RPC tracker answers at {host}:{port} ({err}); start one with "
+                          "python -m tvm.exec.rpc_tracker or check the address") from None
+    if struct.unpack("<i", answer)[0] != rpc_base.RPC_TRACKER_MAGIC:
+        raise TuningError(f"rpc: {host}:{port} answers but is not a TVM RPC tracker")
+    return host, port, str(key)
+
+
+def _runner(tracker, args_dir):
+    if tracker is None:
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=EVALUATOR,
                                  f_alloc_argument=partial(alloc_local, args_dir=args_dir))
-    address, key = rpc
-    host, port = address.rsplit(":", 1)
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120)
+    host, port, key = tracker
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
     return ms.runner.RPCRunner(config, evaluator_config=EVALUATOR,
                                f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
 

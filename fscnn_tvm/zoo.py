@@ -240,11 +240,12 @@ def _init(model: nn.Module, calib_shape: tuple[int, ...]) -> None:
 class ModelSpec(NamedTuple):
     make: Callable[..., nn.Module]
     input_shape: tuple[int, int, int, int]  # example input, batch 1 (NCHW)
+    input_sizes: tuple[int, ...] = (224,)  # what ``input_size`` may be; only VGG builds a head per size
 
 
 MODELS: dict[str, ModelSpec] = {
-    "vgg16": ModelSpec(partial(vgg16, input_size=224), (1, 3, 224, 224)),
-    "vgg16_cifar": ModelSpec(partial(vgg16, input_size=32), (1, 3, 32, 32)),
+    "vgg16": ModelSpec(partial(vgg16, input_size=224), (1, 3, 224, 224), (32, 224)),
+    "vgg16_cifar": ModelSpec(partial(vgg16, input_size=32), (1, 3, 32, 32), (32, 224)),
     "resnet18": ModelSpec(resnet18, (1, 3, 224, 224)),
     "resnet50": ModelSpec(resnet50, (1, 3, 224, 224)),
     "mobilenet_v2": ModelSpec(mobilenet_v2, (1, 3, 224, 224)),
@@ -263,6 +264,9 @@ def get_model(name: str, **kw) -> tuple[nn.Module, tuple[int, int, int, int]]:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
     shape = spec.input_shape
-    if "input_size" in kw:  # only VGG takes it; it changes the head and so the example shape
-        shape = (*shape[:2], kw["input_size"], kw["input_size"])
+    if "input_size" in kw:
+        size = kw["input_size"] if len(spec.input_sizes) > 1 else kw.pop("input_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size not in spec.input_sizes:
+            raise ValueError(f"input_size: {name} takes {' or '.join(map(str, spec.input_sizes))}, got {size!r}")
+        shape = (*shape[:2], size, size)
     return spec.make(**kw), shape

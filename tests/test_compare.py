@@ -23,6 +23,25 @@ def program(tmp_path_factory):
     return str(path)
 
 
+def _result(sparsities):
+    layers = [{"layer": f"conv{i}", "kind": "conv2d", "shape": "8x8x3x3", "format": fmt, "speedup": speedup}
+              for i, (fmt, speedup) in enumerate([("csr", 2.0), ("dense", 1.0), ("bsr 4x1", 0.5)])]
+    return {"model": "m", "machine": {"threads": 2},
+            "points": [{"sparsity": s, "layers": layers, "end_to_end": {"speedup": 1.5}} for s in sparsities]}
+
+
+def test_one_sparsity_is_plotted_as_a_bar_per_layer(tmp_path):
+    fig = compare.plot(_result([0.9]), str(tmp_path / "one.png"))
+    ax = fig.axes[0]
+    # Three layers and end to end, each a bar from the 1x line to its speedup.
+    assert [(p.get_y(), round(p.get_y() + p.get_height(), 2)) for p in ax.patches] == \
+        [(1.0, 2.0), (1.0, 1.0), (1.0, 0.5), (1.0, 1.5)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv0", "conv1", "conv2", "end to end"]
+    assert (tmp_path / "one.png").stat().st_size > 0
+    fig = compare.plot(_result([0.5, 0.9]), str(tmp_path / "two.png"))  # several: lines, no bars
+    assert not fig.axes[0].patches and len(fig.axes[0].lines) == 3  # layer group, end to end, 1x
+
+
 def test_json_markdown_plot_cover_every_layer(program, tmp_path):
     out = tmp_path / "r.json"
     assert cli(["compare", "--program", program, "--sparsity", "0.8", "--budget", "0.05", "--no-measure",

@@ -1,6 +1,7 @@
 """Importer: PyTorch -> Relax -> sparse rewrite, compared with PyTorch end to end."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,34 @@ def test_a_module_without_example_inputs_is_a_clear_error():
     for bad in (5, "x", (torch.randn(1, 3, 8, 8), 2)):
         with pytest.raises(TypeError, match="example_inputs: expected a tensor or a tuple of tensors"):
             fscnn_tvm.import_torch(model, bad)
+
+
+def test_import_shows_no_torch_deprecation_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fscnn_tvm.import_torch(_small_float_model(), (torch.randn(1, 3, 8, 8),), measure=False)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def _small_float_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 6 * 6, 4)).eval()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's
+def test_half_precision_and_quantized_models_are_refused_up_front():
+    x = torch.randn(1, 3, 8, 8)
+    half = _small_float_model().half()
+    for model in (half, torch.export.export(half, (x.half(),))):
+        with pytest.raises(ValueError, match=r"only float32 models are supported, 0.weight is torch.float16 "
+                                             r".*model.float\(\)"):
+            fscnn_tvm.import_torch(model, (x.half(),), measure=False)
+    quantized = torch.ao.quantization.quantize_dynamic(_small_float_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"quantized modules \(3, 3._packed_params\) are not supported; "
+                                         r".* prune the float model instead of quantizing it"):
+        fscnn_tvm.import_torch(quantized, (x,), measure=False)
+    fscnn_tvm.import_torch(half.float(), (x,), measure=False)  # converted back: imports
 
 
 class _AddsAfterLayers(torch.nn.Module):

@@ -446,11 +446,31 @@ def test_groups_not_supported(groups):
     (np.ones((1, 3, 8, 8), np.float32), r"weight has 4 input channels but x has 3"),
     (np.ones((1, 5, 8, 8), np.float32), r"weight has 4 input channels but x has 5"),
     (np.ones((0, 4, 8, 8), np.float32), r"empty dimension"),
-    (np.full((1, 4, 8, 8), np.nan, np.float32), r"x: .*non-finite"),
 ])
 def test_conv_bad_x(x, pattern):
     with pytest.raises(ValueError, match=pattern):
         sparse_conv2d(x, W)
+
+
+def test_a_nan_input_gives_nan_where_a_nonzero_weight_reads_it_in_both_apis():
+    rng = np.random.default_rng(3)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).eval()
+    with torch.no_grad():
+        w = conv.weight.numpy()
+        w[rng.random(w.shape) < 0.8] = 0.0
+        w[:, 1] = 0.0
+        w[5, 1, 1, 1] = 1.0  # input channel 1 reaches output channel 5 only, through the centre tap
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x[0, 1, 3, 3] = np.nan
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(conv, (torch.from_numpy(x),), sparsity_threshold=0.0,
+                                                        fmt="csr", measure=False))
+    functional = sparse_conv2d(x, w, conv.bias.detach().numpy(), padding=1)
+    np.testing.assert_allclose(functional, compiled(x), rtol=1e-5, atol=1e-5)  # NaNs in the same places
+    assert [tuple(i) for i in np.argwhere(np.isnan(functional))] == [(0, 5, 3, 3)]
+    with torch.no_grad():  # dense PyTorch: 0 * NaN = NaN in every channel around the pixel
+        assert np.isnan(conv(torch.from_numpy(x)).numpy()).sum() == 8 * 9
+    with pytest.raises(ValueError, match=r"weight: 1 non-finite"):
+        sparse_conv2d(np.nan_to_num(x), np.where(w == 1.0, np.nan, w), padding=1)
 
 
 @pytest.mark.parametrize("weight,pattern", [

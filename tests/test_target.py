@@ -77,10 +77,20 @@ def test_target_object_passes_through():
     (3.5, r"got float"),
     (["llvm"], r"got list"),
     ("llvm -mcpu=znver3 -no-such-option 7", r"TVM rejects"),
+    ("llvm -mcpu=nosuchcpu", r"mcpu='nosuchcpu' is not a CPU that TVM's LLVM \d+ knows; list them with"),
+    ("llvm -mcpu=znver33", r"did you mean znver3"),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver3"}, r"for mtriple='aarch64-linux-gnu'"),
 ])
 def test_rejected(target, pattern):
     with pytest.raises(ValueError, match=pattern):
         resolve_target(target)
+
+
+def test_cli_exits_nonzero_on_an_unknown_cpu(capsys):
+    from fscnn_tvm.cli import main as cli
+    assert cli(["layer", "--target", "llvm -mcpu=nosuchcpu", "--in-ch", "4", "--out-ch", "4", "--size", "6",
+                "--budget", "0.01"]) == 2
+    assert "mcpu='nosuchcpu'" in capsys.readouterr().err
 
 
 def test_target_object_of_other_kind_rejected():

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -50,6 +51,9 @@ def csr_log(tmp_path_factory):
 
 def _check_tuned(model, x, imported, log_dir, result, tmp_path):
     assert all(n > 0 for n in result.records.values()), result.records  # every kernel was measured
+    # Exactly the budget: 3 default schedules, then 9 trials in batches of 4 (the task scheduler
+    # alone would have measured a whole third batch: 15 records).
+    assert sum(result.records.values()) == 12, result.records
     rows = result.summary(imported.target)
     assert all(np.isfinite(r["best_ms"]) and r["best_ms"] > 0 for r in rows)
     # The default schedule was measured and recorded too: the search starts from it, and the
@@ -307,6 +311,55 @@ def test_bad_arguments(tmp_path):
             tuning.tune(imported, trials=bad, log_dir=str(tmp_path / "log"))
     with pytest.raises(FileNotFoundError, match="tuning_log"):
         fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
+
+
+def test_log_dir_that_is_a_file_or_none_is_named(tmp_path, capsys):
+    from fscnn_tvm.cli import main as cli
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    a_file = tmp_path / "log.txt"
+    a_file.write_text("not a directory")
+    for bad in (str(a_file), None, ""):
+        with pytest.raises(ValueError, match="log_dir"):
+            tuning.tune(imported, trials=4, log_dir=bad)
+    program = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(model, (x,)), program)
+    assert cli(["tune", "--program", program, "--trials", "4", "--log", str(a_file), "--no-measure"]) == 2
+    assert f"log_dir: {a_file} is a file" in capsys.readouterr().err
+
+
+def _answer_wrongly(listening):
+    conn, _ = listening.accept()
+    with conn:
+        conn.recv(4)
+        conn.sendall(b"HTTP")
+
+
+def test_rpc_form_port_and_an_unreachable_tracker_fail_before_tuning(tmp_path, capsys):
+    from fscnn_tvm.cli import main as cli
+    model, x = _model()
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    log_dir = str(tmp_path / "log")
+    with pytest.raises(ValueError, match=r'expected a \("host:port", key\) pair'):
+        tuning.tune(imported, trials=4, log_dir=log_dir, rpc="127.0.0.1:9190")
+    for address in ("127.0.0.1:0", "127.0.0.1:70000", "127.0.0.1", ":9190"):
+        with pytest.raises(ValueError, match="port in 1-65535"):
+            tuning.tune(imported, trials=4, log_dir=log_dir, rpc=(address, "fscnn"))
+    with socket.socket() as listening:  # something answers on this port, not a tracker
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        with pytest.raises(tuning.TuningError, match="is not a TVM RPC tracker"):
+            threading.Thread(target=_answer_wrongly, args=(listening,), daemon=True).start()
+            tuning.tune(imported, trials=4, log_dir=log_dir, rpc=(f"127.0.0.1:{listening.getsockname()[1]}", "k"))
+    port = _free_port()
+    start = time.time()
+    with pytest.raises(tuning.TuningError, match=f"no TVM RPC tracker answers at 127.0.0.1:{port}"):
+        tuning.tune(imported, trials=4, log_dir=log_dir, rpc=(f"127.0.0.1:{port}", "fscnn"))
+    assert time.time() - start < 10 and not os.path.exists(os.path.join(log_dir, RECORDS))
+    program = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(model, (x,)), program)
+    assert cli(["tune", "--program", program, "--log", log_dir, "--rpc", "127.0.0.1:0", "--no-measure"]) == 2
+    assert "port in 1-65535, got '127.0.0.1:0'" in capsys.readouterr().err
 
 
 def test_shipped_schedules_apply_on_their_cpu_only(csr_log, tmp_path, caplog):

@@ -98,6 +98,20 @@ def test_get_model_input_size_override():
     assert model.classifier[0].in_features == 25088 and model(torch.randn(shape)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("name,size,allowed", [("resnet18", 33, "224"), ("mobilenet_v2", 32, "224"),
+                                               ("vgg16_cifar", 64, "32 or 224"), ("vgg16", 32.0, "32 or 224")])
+def test_get_model_names_the_input_sizes_a_model_takes(name, size, allowed):
+    with pytest.raises(ValueError, match=f"input_size: {name} takes {allowed}, got {size}"):
+        zoo.get_model(name, input_size=size)
+    assert zoo.get_model("resnet50", input_size=224)[1] == (1, 3, 224, 224)
+
+
+def test_cli_compare_names_the_input_sizes(capsys):
+    from fscnn_tvm.cli import main as cli
+    assert cli(["compare", "--model", "resnet18", "--input-size", "33", "--no-per-layer"]) == 2
+    assert "input_size: resnet18 takes 224, got 33" in capsys.readouterr().err
+
+
 def test_unknown_model_lists_known_names():
     with pytest.raises(ValueError) as err:
         zoo.get_model("alexnet")
