@@ -27,6 +27,7 @@ from tvm.rpc import base as rpc_base
 from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
+from .intrinsics import import_cpu_intrinsics
 from .target import resolve_target
 from .tuning_log import open_database
 
@@ -106,6 +107,7 @@ def workload(spec) -> tvm.IRModule:
 def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
     """One task per sparse kernel (measured on its first layer's real arrays) and, with
     ``dense``, one per fused dense conv/matmul function of the module (TVM's default rules)."""
+    import_cpu_intrinsics()  # before meta_schedule imports all of TVM's
     os.makedirs(args_dir, exist_ok=True)
     tasks = []
     for name, kernel in imported.kernels.items():
