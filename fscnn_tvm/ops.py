@@ -124,6 +124,7 @@ class KernelSpec:
     flat_hw: tuple | None = None
     registers: int = 16  # SIMD registers of the target (vector_registers): how big a register tile fits
     line_vectors: int = 1  # vectors of ``lanes`` floats in one cache line of the target
+    l2_bytes: int = 512 << 10  # L2 cache per core of the target (``default_variant``)
     # Output rows per band when the input is laid out band by band inside the parallel loop
     # (``band_rows_for``); None: one layout pass over the whole input first.
     band_rows: int | None = None
@@ -235,13 +236,15 @@ def variants(spec: KernelSpec) -> tuple:
 
 
 def default_variant(spec: KernelSpec) -> str:
-    """A one-row image (a flattened pointwise conv) runs "tiles": its row tile is the whole
-    image, whose input (C x H*W) rarely fits L2, and each channel tile would re-read all of it;
-    pixel tiles outermost keep one tile's slab of every input channel in L1 while all channel
-    tiles use it. Measured at 90 %, AVX2: 1.5x on 512->128 at 28x28 (0.93x, within the noise,
-    on 1024->256 at 14x14). Other maps run row tiles outermost."""
+    """A one-row image (a flattened pointwise conv) whose input exceeds one core's L2 runs
+    "tiles": its row tile is the whole image, and each channel tile would re-read all of it
+    from L3; pixel tiles outermost keep one tile's slab of every input channel in L1 while all
+    channel tiles use it. Measured at 90 %, AVX2 (512 KiB L2): 512->128 at 28x28 (1.6 MB of
+    input) 1.5x; where the input fits L2, row tiles outermost won: 128->512 at 28x28 1.6x,
+    32->192 2.6x, 64->384 at 14x14 1.2x. Other maps run row tiles outermost."""
     options = variants(spec)
-    if spec.kind == "conv2d" and spec.geo.out_height == 1 and "tiles" in options:
+    if spec.kind == "conv2d" and spec.geo.out_height == 1 and "tiles" in options \
+            and spec.geo.flat_size * 4 > spec.l2_bytes:
         return "tiles"
     return "rows+channels" if "rows+channels" in options else options[-1]
 
@@ -389,7 +392,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
         return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                           has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
-                          line_vectors=max(1, caches(target).line // (4 * lanes)),
+                          line_vectors=max(1, caches(target).line // (4 * lanes)), l2_bytes=caches(target).l2,
                           band_rows=band_rows_for(geo, caches(target)))
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")

@@ -1,4 +1,6 @@
 """fscnn_tvm.sparse_conv2d / sparse_linear against torch.nn.functional conv2d / linear."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -705,3 +707,12 @@ def test_grouped_conv_on_the_block_diagonal_csr(n, per_group, groups, mult, hw, 
 ])
 def test_choose_lanes(width, native, lanes):
     assert ops.choose_lanes(width, native) == lanes
+
+
+@pytest.mark.parametrize("cin,size,variant", [(512, 28, "tiles"), (128, 28, "rows+channels"), (64, 56, "rows+channels")])
+def test_default_variant_keeps_pixel_tiles_outermost_only_where_the_input_exceeds_l2(rng, cin, size, variant):
+    w = rng.standard_normal((64, cin, 1, 1)).astype(np.float32)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, cin, size, size), None, None,
+                                fscnn_tvm.resolve_target("llvm -mcpu=haswell"))
+    spec = dataclasses.replace(spec, l2_bytes=512 << 10)
+    assert ops.default_variant(spec) == variant
