@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 
 import numpy as np
@@ -62,7 +63,12 @@ class CompiledModel:
         return lambda: self._main()(*args)
 
     def __call__(self, *inputs):
-        return _to_numpy(self._main()(*self._inputs(inputs)))
+        args = self._inputs(inputs)
+        try:
+            return _to_numpy(self._main()(*args))
+        except Exception as err:  # noqa: BLE001 - only the VM's input checks are translated
+            raise _input_error(err, args) or err
+
 
     def export_library(self, path):
         """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch. Beside it,
@@ -91,6 +97,21 @@ class CompiledModel:
             for leftover in (lib_tmp, side_tmp):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(leftover)
+
+
+def _input_error(err, args):
+    """A ValueError for the VM's own input checks (a library loaded without its sidecar has no
+    shapes to check against beforehand), or None for any other error."""
+    text = str(err)
+    found = re.search(r"loc=param\[(\d+)\], param=(\w+), annotation=R\.Tensor\(\(([^)]*)\)", text)
+    if "match_cast error" in text and found and int(found.group(1)) < len(args):
+        index, name, shape = int(found.group(1)), found.group(2), found.group(3)
+        return ValueError(f"input {index} ('{name}'): shape {tuple(args[index].shape)}, but the model was "
+                          f"compiled for ({shape})")
+    found = re.search(r"expects (\d+) arguments", text)
+    if found:
+        return ValueError(f"expected {found.group(1)} input(s), got {len(args)}")
+    return None
 
 
 def _sidecar_path(path):

@@ -112,7 +112,13 @@ def test_libraries_without_a_checksum_load_and_a_damaged_sidecar_is_named(tmp_pa
     with pytest.raises(ValueError, match="compiled for"):
         model(inputs[0][:, :4], inputs[1])
     os.remove(lib + ".inputs")
-    np.testing.assert_array_equal(runtime.load(lib)(*inputs), expected)
+    bare = runtime.load(lib)
+    np.testing.assert_array_equal(bare(*inputs), expected)
+    # Without the sidecar the VM checks the inputs itself: its check failures become the same errors.
+    with pytest.raises(ValueError, match=re.escape("shape (1, 4, 12, 12), but the model was compiled for (1, 8, 12, 12)")):
+        bare(inputs[0][:, :4], inputs[1])
+    with pytest.raises(ValueError, match="expected 2 input"):
+        bare(inputs[0])
     for junk in ("{not json", '{"input_shapes": 5}'):
         with open(lib + ".inputs", "w") as f:
             f.write(junk)
