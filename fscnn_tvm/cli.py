@@ -30,7 +30,7 @@ def _block(text):
 def load_model(args):
     """(model or ExportedProgram, example inputs, name) from --model/--program, pruned as asked."""
     from . import prune, zoo
-    from .importer import load_program
+    from .torch_export import load_program
     if args.program:
         program = load_program(args.program)
         example = tuple(t for t in program.example_inputs[0]) if program.example_inputs else None

@@ -130,7 +130,7 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
     import torch
 
     from . import import_torch, prune, tuning, zoo
-    from .importer import load_program
+    from .torch_export import load_program
     from .runtime import compile as build
     from .target import resolve_target
     threads = bench.set_threads(threads)

@@ -9,7 +9,6 @@ small matcher per layer kind, as in TVM's own frontends.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from . import pick
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
                    kernel_conv_args, runs_dense_kernel)
 from .bench import table
+from .torch_export import check_float32, layer_names, export_torch
 
 FUSED_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.clip": "relu6"}  # clip: only clip(x, 0, 6)
 
@@ -61,94 +61,6 @@ class ImportedModel:
         return (table(rows, ["layer", "kind", "shape", "sparsity", "format", "sparse", "fused", "reason"])
                 + f"\n{sparse} of {len(self.report)} conv/linear layers run sparse"
                 + "".join(f"\nnote: {n}" for n in self.notes))
-
-
-# ----------------------------------------------------------------------------- export
-
-def export_torch(model, example_inputs):
-    """``torch.export`` with errors that say what failed."""
-    import torch
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if example_inputs is None:
-        raise TypeError("example_inputs: a torch.nn.Module is traced on example inputs; pass a tensor or a tuple "
-                        "of tensors (or pass a torch.export.ExportedProgram instead of the module)")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs \
-            or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError(f"example_inputs: expected a tensor or a tuple of tensors, got {example_inputs!r:.80}")
-    example_inputs = tuple(example_inputs)
-    # Traced in eval mode (BatchNorm on running statistics, dropout off: inference), then each
-    # module's own flag is put back: the model is the user's, and may be training.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        try:
-            with torch.no_grad():
-                model(*example_inputs)
-        except Exception as err:
-            shapes = [tuple(t.shape) for t in example_inputs]
-            raise ValueError(f"the model does not run on example inputs of shape {shapes}: "
-                             f"{type(err).__name__}: {err}") from None
-        try:
-            return torch.export.export(model, example_inputs)
-        except Exception as err:
-            raise ValueError(f"torch.export could not capture the model ({type(err).__name__}): "
-                             f"{str(err).splitlines()[0] if str(err) else ''}. Make forward() traceable "
-                             "(no data-dependent Python control flow) or export it yourself and pass "
-                             "the ExportedProgram") from None
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def _check_float32(model):
-    """Only float32 models import: half-precision weights and quantized modules failed deep in
-    torch.export or TVM's frontend, with errors that did not say so."""
-    import torch
-    if isinstance(model, torch.export.ExportedProgram):
-        tensors, modules = {**model.state_dict, **model.constants}.items(), []
-    elif isinstance(model, torch.nn.Module):
-        tensors, modules = [*model.named_parameters(), *model.named_buffers()], model.named_modules()
-    else:
-        return  # export_torch names a model of the wrong type
-    quantized = [name or "the model itself" for name, m in modules
-                 if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))]
-    if quantized:
-        raise ValueError(f"model: quantized modules ({', '.join(quantized[:3])}) are not supported; fscnn-tvm runs "
-                         "float32 models and gets its speed from sparsity: prune the float model instead of "
-                         "quantizing it")
-    other = {name: t.dtype for name, t in tensors
-             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32}
-    if other:
-        name, dtype = next(iter(other.items()))
-        raise ValueError(f"model: only float32 models are supported, {name} is {dtype} ({len(other)} tensors "
-                         "are not float32); convert the model with model.float() (and its inputs with .float())")
-
-
-def load_program(path):
-    """A saved ``torch.export`` program (.pt2)."""
-    import torch
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"program: {path} does not exist")
-    try:
-        return torch.export.load(path)
-    except Exception as err:
-        raise ValueError(f"program: {path} is not a torch.export program saved with torch.export.save "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-
-
-def _layer_names(program) -> list[str]:
-    """Module paths of conv/linear weights in graph order, to name report rows."""
-    params = program.graph_signature.inputs_to_parameters
-    names = []
-    for node in program.graph.nodes:
-        if node.op == "call_function" and any(k in str(node.target) for k in ("conv2d", "linear")):
-            w = node.args[1] if len(node.args) > 1 else None
-            label = params.get(getattr(w, "name", ""), getattr(w, "name", str(node.name)))
-            names.append(label.removesuffix(".weight"))
-    return names
 
 
 # ----------------------------------------------------------------------------- matching
@@ -304,7 +216,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     if fmt not in ("auto", "csr", "bsr"):
         raise ValueError(f"fmt: expected 'auto', 'csr' or 'bsr', got {fmt!r}")
     target = resolve_target(target)
-    _check_float32(model)
+    check_float32(model)
     notes = []
     if isinstance(model, torch.export.ExportedProgram):
         program = model
@@ -326,7 +238,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     main = mod["main"]
     bindings = [b for blk in main.body.blocks for b in blk.bindings]
     graph = _Graph(bindings, main.body.body)
-    names = _layer_names(program)
+    names = layer_names(program)
 
     chains, absorbed = {}, set()
     for b in bindings:

@@ -199,7 +199,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
             fscnn_tvm.import_torch(model, (torch.randn(1, 3, 8, 8),), sparsity_threshold=bad)
     with pytest.raises(ValueError, match="fmt"):
         fscnn_tvm.import_torch(model, (torch.randn(1, 3, 8, 8),), fmt="coo")
-    from fscnn_tvm.importer import load_program
+    from fscnn_tvm.torch_export import load_program
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_program(tmp_path / "missing.pt2")
     junk = tmp_path / "junk.pt2"
