@@ -96,21 +96,44 @@ def _tune(args):
 
 def _compare(args):
     from . import bench, compare
-    result = compare.compare_model(args.model, args.program, args.input_size, args.sparsity, args.fmt, args.block,
-                                   args.prune, args.tuning_log, args.trials, args.batch, args.threads, args.budget,
-                                   args.threshold, args.target, per_layer=args.per_layer, progress=sys.stdout,
-                                   measure=not args.no_measure)
-    print()
-    print(compare.format_model_report(result))
-    out_dir = args.out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, result["model"] + f"_b{args.batch}")
-    json_path, md_path, png_path = args.json or base + ".json", args.markdown or base + ".md", args.plot or base + ".png"
-    bench.dump_json(json_path, result)
-    with open(md_path, "w") as f:
-        f.write(compare.markdown_report(result))
-    compare.plot(result, png_path)
-    print(f"\nwrote {json_path}, {md_path}\nplot: {png_path}")
+    if len(args.batch) > 1 and (args.json or args.markdown or args.plot):
+        raise ValueError("--json/--markdown/--plot name one file; with several batch sizes the files go to "
+                         "--out-dir as <model>_b<batch>.*")
+    rates = []
+    for batch in args.batch:
+        result = compare.compare_model(args.model, args.program, args.input_size, args.sparsity, args.fmt,
+                                       args.block, args.prune, args.tuning_log, args.trials, batch, args.threads,
+                                       args.budget, args.threshold, args.target, per_layer=args.per_layer,
+                                       progress=sys.stdout, measure=not args.no_measure)
+        print()
+        print(compare.format_model_report(result))
+        os.makedirs(args.out_dir, exist_ok=True)
+        base = os.path.join(args.out_dir, result["model"] + f"_b{batch}")
+        json_path, md_path = args.json or base + ".json", args.markdown or base + ".md"
+        png_path = args.plot or base + ".png"
+        bench.dump_json(json_path, result)
+        with open(md_path, "w") as f:
+            f.write(compare.markdown_report(result))
+        compare.plot(result, png_path)
+        print(f"\nwrote {json_path}, {md_path}\nplot: {png_path}")
+        rates += [{"batch": batch, "sparsity": p["sparsity"], **{k: p["end_to_end"][k] for k in RATE_COLUMNS}}
+                  for p in result["points"]]
+    if len(args.batch) > 1:
+        print("\nEnd to end by batch size")
+        print(bench.table(rates, ["batch", "sparsity", *RATE_COLUMNS]))
+
+
+RATE_COLUMNS = ["tvm_sparse_ms", "best_dense_ms", "sparse_images_per_s", "best_dense_images_per_s", "speedup"]
+
+
+def _batch_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch list must look like 1,8,32, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return values
 
 
 def _sparsity_list(text):
@@ -172,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="PyTorch dense vs TVM dense vs TVM sparse, end to end and per layer, "
                                        "over sparsity levels; table, JSON, Markdown and a plot")
-    _source_args(p, _sparsity_list)
+    _source_args(p, _sparsity_list, batches=True)
     p.add_argument("--input-size", type=int, default=None,
                    help="VGG16 input size: 32 or 224 (the other zoo models take 224)")
     p.add_argument("--tuning-log", default=None, help="tuning log directory to use (and extend with --trials)")
@@ -188,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _source_args(p, sparsity):
+def _source_args(p, sparsity, batches=False):
     """Where the model comes from and how it is pruned and imported: shared by import, tune, compare."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
@@ -204,7 +227,11 @@ def _source_args(p, sparsity):
     p.add_argument("--no-measure", action="store_true",
                    help="rewrite every conv over the threshold; by default one runs sparse only where its "
                         "sparse kernel is faster than the dense kernel, timed on this CPU")
-    p.add_argument("--batch", type=int, default=1)
+    if batches:
+        p.add_argument("--batch", type=_batch_list, default=[1], help="batch size(s), comma-separated: each one "
+                                                                      "compiled and timed, images/s reported")
+    else:
+        p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver3' (default: from CPU flags)")
 

@@ -184,7 +184,7 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             e2e = bench.measure_interleaved(_checked(fns, ref, check, engines), rounds=E2E_ROUNDS,
                                             budget_s=budget_s * E2E_ROUNDS, min_runs=E2E_ROUNDS)
         point = {"sparsity": sparsity, "model_sparsity": float(prune.model_sparsity(model)) if program is None else None,
-                 "end_to_end": _row(e2e), "layers": [], "report": [_report_row(r) for r in sparse_imp.report]}
+                 "end_to_end": _with_rates(_row(e2e), batch), "layers": [], "report": [_report_row(r) for r in sparse_imp.report]}
         if per_layer:
             say("   timing each conv/linear layer")
             point["layers"] = _per_layer(sparse_imp, dense_imp, target, db, budget_s, check, engines)
@@ -209,6 +209,13 @@ def _row(timings: dict) -> dict:
     best_dense = min(t.median_ms for e, t in timings.items() if e != "tvm_sparse")
     row["best_dense_ms"] = best_dense
     row["speedup"] = best_dense / row["tvm_sparse_ms"]
+    return row
+
+
+def _with_rates(row: dict, batch: int) -> dict:
+    """``row`` with images per second beside the sparse and best dense times."""
+    row["sparse_images_per_s"] = batch * 1e3 / row["tvm_sparse_ms"]
+    row["best_dense_images_per_s"] = batch * 1e3 / row["best_dense_ms"]
     return row
 
 
@@ -278,7 +285,8 @@ def format_model_report(result: dict) -> str:
              "speedup = best dense (min of PyTorch, TVM dense) / TVM sparse; outputs checked equal first", ""]
     e2e = [{"sparsity": p["sparsity"], **p["end_to_end"]} for p in result["points"]]
     lines.append("End to end")
-    lines.append(bench.table(e2e, ["sparsity", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup"]))
+    lines.append(bench.table(e2e, ["sparsity", "pytorch_ms", "tvm_dense_ms", "tvm_sparse_ms", "speedup",
+                                   "sparse_images_per_s", "best_dense_images_per_s"]))
     for p in result["points"]:
         if p["layers"]:
             lines += ["", f"Per layer at sparsity {p['sparsity']:.2f}", bench.table(p["layers"], LAYER_COLUMNS)]

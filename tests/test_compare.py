@@ -64,6 +64,19 @@ def test_json_markdown_plot_cover_every_layer(program, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_list_of_batch_sizes_reports_images_per_second(program, tmp_path, capsys):
+    assert cli(["compare", "--program", program, "--sparsity", "0.8", "--budget", "0.02", "--no-measure",
+                "--no-per-layer", "--batch", "1,2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "End to end by batch size" in out and "sparse_images_per_s" in out
+    for batch in (1, 2):
+        result = json.loads((tmp_path / f"small_b{batch}.json").read_text())
+        e2e = result["points"][0]["end_to_end"]
+        assert result["batch"] == batch
+        assert e2e["sparse_images_per_s"] == pytest.approx(batch * 1e3 / e2e["tvm_sparse_ms"])
+        assert e2e["best_dense_images_per_s"] == pytest.approx(batch * 1e3 / e2e["best_dense_ms"])
+
+
 def test_disagreeing_engines_stop_before_timing(program, monkeypatch):
     real_call = layer.SparseLayer.__call__
     monkeypatch.setattr(layer.SparseLayer, "__call__", lambda self, x: real_call(self, x) + 1.0)
@@ -85,6 +98,9 @@ def test_check_close_catches_a_wrong_result():
     (["--sparsity", "abc"], "sparsity list"),
     (["--model", "alexnet"], "unknown model"),
     (["--tuning-log", "/nonexistent/log"], "tuning log"),
+    (["--batch", "1,0"], "batch sizes must be positive"),
+    (["--batch", "1,x"], "batch list"),
+    (["--batch", "1,2", "--json", "r.json"], "with several batch sizes"),
 ])
 def test_bad_arguments_give_clear_errors(argv, message, capsys):
     try:
