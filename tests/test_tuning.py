@@ -17,6 +17,7 @@ import tvm_ffi
 import fscnn_tvm
 from fscnn_tvm import prune, tuning
 
+pytestmark = pytest.mark.slow
 RECORDS = "database_tuning_record.json"
 
 

@@ -1,4 +1,4 @@
-"""Every zoo model, pruned to 90 %, imports, compiles and matches PyTorch, batch 1 and 2;
+"""Every zoo model, pruned to 90 %, imports, compiles and matches PyTorch (batch 1, and 2 for two);
 and the CLI does the same from a zoo name or a saved program."""
 import numpy as np
 import pytest
@@ -9,8 +9,14 @@ from fscnn_tvm import prune, zoo
 from fscnn_tvm.cli import main as cli
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+pytestmark = pytest.mark.slow
+
+# Batch 2 on the small models only: the batch path is the same code for every model, and the
+# large ones cost a minute each.
+CASES = [(name, 1) for name in sorted(zoo.MODELS)] + [("resnet18", 2), ("vgg16_cifar", 2)]
+
+
+@pytest.mark.parametrize("name,batch", CASES)
 def test_zoo_model_pruned_to_90_matches_pytorch(name, batch):
     model, shape = zoo.get_model(name)
     pruned = prune.prune_magnitude(model, 0.9)
