@@ -209,7 +209,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from .target import resolve_target
+    from .target import on_host, resolve_target
     if isinstance(sparsity_threshold, bool) or not isinstance(sparsity_threshold, (int, float)) \
             or not 0.0 <= sparsity_threshold <= 1.0:
         raise ValueError(f"sparsity_threshold: must be a number in [0, 1], got {sparsity_threshold!r}")
@@ -268,7 +268,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                     chain.head = _substitute(chain.head, remap)
                     remap[b.var] = _emit_chain(bb, chain, len(report), names,
                                                sparsity_threshold if sparse else None, fmt, block,
-                                               target, funcs, kernels, report, measure and pick.on_host(target))
+                                               target, funcs, kernels, report, measure and on_host(target))
                 else:
                     remap[b.var] = bb.emit(_substitute(b.value, remap))
             out = bb.emit_output(_substitute(main.body.body, remap))

@@ -390,10 +390,11 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
         if _flattens(geo, native):
             flat_hw, lanes = (geo.height, geo.width), native
             geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
+        cache = caches(target)
         return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                           has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
-                          line_vectors=max(1, caches(target).line // (4 * lanes)), l2_bytes=caches(target).l2,
-                          band_rows=band_rows_for(geo, caches(target)))
+                          line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2,
+                          band_rows=band_rows_for(geo, cache))
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
     if len(weight_shape) != 2:

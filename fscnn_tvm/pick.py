@@ -12,16 +12,9 @@ import numpy as np
 
 from . import formats as F
 from .layer import DenseConvLayer, SparseLayer, relax_layer_module
-from .target import host_target_dict
 
 BUDGET_S = 0.04  # per kernel and round
 ROUNDS = 3
-
-
-def on_host(target) -> bool:
-    """Whether ``target`` is this machine's CPU (only then does timing here say anything)."""
-    host = host_target_dict()
-    return str(target.attrs.get("mcpu", "")) == host.get("mcpu", "") and target.kind.name == "llvm"
 
 
 def _fastest(run, budget_s) -> float:

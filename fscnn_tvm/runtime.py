@@ -69,7 +69,6 @@ class CompiledModel:
         except Exception as err:  # noqa: BLE001 - only the VM's input checks are translated
             raise _input_error(err, args) or err
 
-
     def export_library(self, path):
         """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch. Beside it,
         ``path + ".inputs"`` holds the input shapes and the library's sha256, which ``load``
@@ -186,7 +185,7 @@ def _shipped(mcpu, directory):
         return None
     from tvm.s_tir import meta_schedule as ms
 
-    from . import tuning
+    from .tuning_log import copy_records, open_database
     merged, used, ignored = ms.database.MemoryDatabase(), [], []
     for name in sorted(os.listdir(directory)):
         folder = os.path.join(directory, name)
@@ -198,9 +197,7 @@ def _shipped(mcpu, directory):
         if mcpu_lanes(tuned_for) != mcpu_lanes(mcpu):
             ignored.append(f"{name} (tuned for {tuned_for})")
             continue
-        for record in tuning.open_database(folder).get_all_tuning_records():
-            merged.commit_workload(record.workload.mod)
-            merged.commit_tuning_record(record)
+        copy_records(open_database(folder), merged)
         used.append(name)
     if ignored and not used:
         log.warning("shipped schedules %s were tuned for other SIMD widths than this target's (%s, %d float32 lanes): "
@@ -218,10 +215,10 @@ def resolve_database(tuning_log, target):
         return db, ("shipped schedules" if db is not None else "none (default schedules)")
     if not isinstance(tuning_log, (str, os.PathLike)):  # an open meta_schedule database
         return tuning_log, "given database"
-    from . import tuning
+    from .tuning_log import open_database
     if not os.path.isdir(tuning_log):
         raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
-    return tuning.open_database(str(tuning_log)), str(tuning_log)
+    return open_database(str(tuning_log)), str(tuning_log)
 
 
 def compile(imported, target=None, tuning_log=None, use_shipped=True) -> CompiledModel:  # noqa: A001
@@ -245,8 +242,8 @@ def compile_module(mod, target, tuning_log=None):
     from tvm.relax.backend.cpu_generic import pipeline as passes  # (its __init__ omits one of the four)
     from tvm.relax.transform import MetaScheduleApplyDatabase
 
-    from . import tuning
-    db = tuning.open_database(str(tuning_log)) if isinstance(tuning_log, (str, os.PathLike)) else tuning_log
+    from .tuning_log import open_database
+    db = open_database(str(tuning_log)) if isinstance(tuning_log, (str, os.PathLike)) else tuning_log
 
     # TVM's own CPU pipeline plus the two steps of meta_schedule's compile_relax: fuse exactly
     # as tuning's task extraction did (so records match), then apply the records.

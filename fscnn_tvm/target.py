@@ -190,14 +190,16 @@ class Caches:
 CROSS_CACHES = (32 << 10, 512 << 10, 64)
 
 
+def on_host(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is this machine's CPU (only then do timings and caches here apply to it)."""
+    return target.kind.name == "llvm" and str(target.attrs.get("mcpu", "")) == host_target_dict().get("mcpu", "")
+
+
 def caches(target: tvm.target.Target) -> Caches:
     """Per-core L1d and L2 sizes and the line size from the OS when ``target`` is this
     machine's CPU, else CROSS_CACHES; cores from the target's num-cores."""
     cores = int(target.attrs.get("num-cores", 1))
-    host = host_target_dict()
-    if str(target.attrs.get("mcpu", "")) != host.get("mcpu", "") or target.kind.name != "llvm":
-        return Caches(*CROSS_CACHES, cores)
-    return Caches(*sysfs_caches(), cores)
+    return Caches(*(sysfs_caches() if on_host(target) else CROSS_CACHES), cores)
 
 
 @functools.lru_cache(maxsize=4)
@@ -207,7 +209,7 @@ def sysfs_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> tuple[int,
     sizes = dict(zip((1, 2, "line"), CROSS_CACHES))
     for index in sorted(os.listdir(root)) if os.path.isdir(root) else ():
         try:
-            read = lambda name: open(os.path.join(root, index, name)).read().strip()  # noqa: E731
+            read = functools.partial(_read, os.path.join(root, index))
             level, kind = int(read("level")), read("type")
             if level in (1, 2) and kind in ("Data", "Unified"):
                 sizes[level] = _bytes(read("size")) // max(1, len(_cpu_list(read("shared_cpu_list"))))
@@ -216,6 +218,11 @@ def sysfs_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> tuple[int,
         except (OSError, ValueError):
             continue
     return sizes[1], sizes[2], sizes["line"]
+
+
+def _read(directory: str, name: str) -> str:
+    with open(os.path.join(directory, name)) as f:
+        return f.read().strip()
 
 
 def _bytes(text: str) -> int:

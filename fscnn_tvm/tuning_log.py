@@ -141,7 +141,12 @@ def _in_memory(workload_lines, record_lines):
         for name, lines in ((WORKLOADS, workload_lines), (RECORDS, record_lines)):
             with open(os.path.join(tmp, name), "w") as f:
                 f.writelines(lines)
-        for record in ms.database.JSONDatabase(work_dir=tmp).get_all_tuning_records():
-            db.commit_workload(record.workload.mod)
-            db.commit_tuning_record(record)
+        copy_records(ms.database.JSONDatabase(work_dir=tmp), db)
     return db
+
+
+def copy_records(source, db):
+    """Every tuning record of database ``source`` (with its workload) into ``db``."""
+    for record in source.get_all_tuning_records():
+        db.commit_workload(record.workload.mod)
+        db.commit_tuning_record(record)
