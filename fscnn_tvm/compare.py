@@ -81,7 +81,7 @@ def _torch_layer(layer):
     import torch.nn.functional as tf
     w = torch.from_numpy(np.ascontiguousarray(layer.weight))
     b = None if layer.bias is None else torch.from_numpy(layer.bias)
-    act = torch.relu if layer.activation == "relu" else (lambda t: t)
+    act = {"relu": torch.relu, "relu6": lambda t: t.clamp(0.0, 6.0)}.get(layer.activation, lambda t: t)
     if layer.kind == "linear":
         return lambda x: act(tf.linear(x, w, b))
     a = layer.conv_args
@@ -91,15 +91,15 @@ def _torch_layer(layer):
 
 
 def _tvm_dense_layer(layer, target, db):
-    """One layer run dense as the whole dense model runs it: a conv on our dense kernel, anything
-    else as its own Relax module compiled like the model (same fused workload, so a model's tuning
-    log applies)."""
+    """One layer run dense as the whole dense model runs it: a conv on our dense or depthwise
+    kernel, anything else as its own Relax module compiled like the model (same fused workload,
+    so a model's tuning log applies)."""
     from .layer import DenseConvLayer, relax_layer_module
     from .runtime import CompiledModel, compile_module
     a = layer.conv_args
-    if layer.kind == "conv2d" and a["groups"] == 1:
+    if layer.kind == "conv2d" and (a["groups"] == 1 or (a["groups"] == layer.x_shape[1] and layer.weight.shape[1] == 1)):
         return DenseConvLayer(layer.weight, layer.x_shape, layer.bias, layer.activation, target, a["stride"],
-                              a["padding"], a["dilation"])
+                              a["padding"], a["dilation"], a["groups"])
     module = relax_layer_module(layer.x_shape, layer.kind, layer.weight, layer.bias, layer.activation, a)
     return CompiledModel(compile_module(module, target, db), [tuple(layer.x_shape)])
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import dense, kernels, ops, pick
+from . import dense, depthwise, kernels, ops, pick
 from . import formats as F
 from .layer import relax_layer
 
@@ -16,7 +16,7 @@ from .layer import relax_layer
 class Kernel:
     """A kernel of the module (sparse, or the dense conv kernel): its spec, the weight arrays of
     its first layer (what tuning measures on), and every layer that calls it."""
-    spec: ops.KernelSpec | dense.DenseConvSpec
+    spec: ops.KernelSpec | dense.DenseConvSpec | depthwise.DepthwiseSpec
     arrays: list
     layers: list
 
@@ -103,35 +103,48 @@ def runs_dense_kernel(chain) -> bool:
     return our_conv(chain) and int(chain.head.attrs.groups) == 1
 
 
-def grouped_kernel(chain, target, measure: bool) -> tuple[bool, str]:
-    """Whether a grouped/depthwise conv runs our sparse kernel on its block-diagonal weight
-    (else TVM's grouped conv), and why. Measured on 3x3 depthwise convs of MobileNetV2 (AVX2,
-    2 threads): stride 1 at 14x14 and up 1.1-3.5x faster than TVM's, stride 2 and 7x7 slower;
-    so it is timed here, and without timing the stride decides."""
+def is_depthwise(chain) -> bool:
+    """groups = input channels (any depth multiplier): our depthwise kernel runs it."""
+    return our_conv(chain) and int(chain.head.attrs.groups) == int(chain.x.ty.shape[1]) \
+        and chain.weight.shape[1] == 1
+
+
+def grouped_kernel(chain, target, measure: bool) -> tuple[str, str]:
+    """Which kernel runs a grouped conv ("depthwise", "csr": our sparse kernel on its
+    block-diagonal weight, or "tvm": TVM's grouped conv), and why. Depthwise convs always run
+    the depthwise kernel (1.3-6x the block-diagonal CSR kernel on MobileNetV2's 3x3 convs, AVX2,
+    2 threads). For other groupings CSR beat TVM's at stride 1 on 14x14 and up, and lost at
+    stride 2 and 7x7, so they are timed here, and without timing the stride decides."""
     if not our_conv(chain):
-        return False, ""
+        return "tvm", ""
+    if is_depthwise(chain):
+        return "depthwise", "depthwise kernel"
     if not measure:
         ours = tuple(int(s) for s in chain.head.attrs.strides) == (1, 1)
-        return ours, "block-diagonal CSR kernel" if ours else "TVM's grouped conv (stride > 1)"
+        return ("csr", "block-diagonal CSR kernel") if ours else ("tvm", "TVM's grouped conv (stride > 1)")
     ours_ms, tvm_ms = pick.time_grouped(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
                                         chain.activation, target, conv_args_of(chain))
     times = f"{min(ours_ms, tvm_ms):.3g} ms vs {max(ours_ms, tvm_ms):.3g} ms"
-    return (True, f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
-        (False, f"TVM's grouped conv (faster here: {times})")
+    return ("csr", f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
+        ("tvm", f"TVM's grouped conv (faster here: {times})")
 
 
-def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped_ours: bool = False):
+def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped: str = "tvm"):
     """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
-    (bias and activation fused) where it applies, a grouped conv on our sparse kernel when
-    ``grouped_ours``, else dense Relax ops."""
-    if grouped_ours:
+    (bias and activation fused) where it applies, a grouped conv on the kernel ``grouped``
+    names (see ``grouped_kernel``), else dense Relax ops."""
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    if grouped == "csr":
         spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
-                                          tuple(int(s) for s in chain.x.ty.shape), bias_of(chain), chain.activation,
-                                          target, **kernel_conv_args(chain))
+                                          x_shape, bias_of(chain), chain.activation, target, **kernel_conv_args(chain))
         return emit_kernel(bb, chain, spec, weights, "grouped_conv2d", funcs, kernels_, layer)
+    if grouped == "depthwise":
+        spec, weights = depthwise.depthwise_inputs(chain.weight, x_shape, bias_of(chain), chain.activation, target,
+                                                   **kernel_conv_args(chain))
+        return emit_kernel(bb, chain, spec, weights, "depthwise_conv2d", funcs, kernels_, layer)
     if runs_dense_kernel(chain):
-        spec, weights = dense.dense_inputs(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
-                                           chain.activation, target, **kernel_conv_args(chain))
+        spec, weights = dense.dense_inputs(chain.weight, x_shape, bias_of(chain), chain.activation, target,
+                                           **kernel_conv_args(chain))
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
     return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
 

@@ -296,11 +296,11 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         out = emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
     else:
-        grouped_ours = False
+        grouped = "tvm"
         if chain.kind == "conv2d" and chain.weight is not None and int(chain.head.attrs.groups) > 1:
-            grouped_ours, how = grouped_kernel(chain, target, measure)
+            grouped, how = grouped_kernel(chain, target, measure)
             reason += f": {how}" if how else ""
-        out = emit_dense(bb, chain, target, funcs, kernels, name, grouped_ours) if chain.weight is not None \
+        out = emit_dense(bb, chain, target, funcs, kernels, name, grouped) if chain.weight is not None \
             else bb.emit(chain.head)
         label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",

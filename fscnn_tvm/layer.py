@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 
 from . import formats as F
-from . import dense, kernels
+from . import dense, depthwise, kernels
 from .ops import kernel_inputs
 from .target import resolve_target
 
@@ -86,9 +86,11 @@ class SparseLayer(KernelLayer):
 
 
 class DenseConvLayer(KernelLayer):
-    """A conv2d layer computed by the dense direct-conv kernel (``dense.py``), for one input shape."""
+    """A conv2d layer with dense weights, for one input shape: the direct-conv kernel
+    (``dense.py``) for groups=1, the depthwise kernel (``depthwise.py``) for groups = input channels."""
 
-    def __init__(self, weight, x_shape, bias=None, activation=None, target=None, stride=1, padding=0, dilation=1):
+    def __init__(self, weight, x_shape, bias=None, activation=None, target=None, stride=1, padding=0, dilation=1,
+                 groups=1):
         self.target = resolve_target(target)
         weight = F.as_weight(weight)
         if weight.ndim != 4:
@@ -97,8 +99,20 @@ class DenseConvLayer(KernelLayer):
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"bias: shape {bias.shape}, expected ({weight.shape[0]},) for "
                              f"{weight.shape[0]} output channels")
-        self.spec, self.arrays = dense.dense_inputs(weight, x_shape, bias, activation, self.target,
-                                                    stride=stride, padding=padding, dilation=dilation)
+        if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"groups: expected a positive int, got {groups!r}")
+        channels = int(x_shape[1]) if len(x_shape) == 4 else None
+        conv_args = {"stride": stride, "padding": padding, "dilation": dilation}
+        if groups == 1:
+            self.spec, self.arrays = dense.dense_inputs(weight, x_shape, bias, activation, self.target, **conv_args)
+        elif groups == channels and weight.shape[1] == 1:
+            self.spec, self.arrays = depthwise.depthwise_inputs(weight, x_shape, bias, activation, self.target,
+                                                                **conv_args)
+        else:
+            raise NotImplementedError(
+                f"groups={groups}: dense kernels run groups=1 and depthwise convs (groups = the input's "
+                f"{channels} channels, weight (K, 1, kh, kw)); for other groupings use SparseLayer('conv2d', "
+                f"formats.grouped_to_csr(weight, {groups}), x.shape, ...)")
         self.x_shape = tuple(int(s) for s in x_shape)
         self._upload()
         self._func = _compiled(self.spec, str(self.target))
@@ -179,10 +193,11 @@ def sparse_linear(x, weight, bias=None, fmt="csr", block=None, activation=None, 
     return layer(x)
 
 
-def dense_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None, target=None) -> np.ndarray:
-    """conv2d (NCHW, OIHW weight, groups=1) computed by the dense direct-conv kernel; equals
-    ``torch.nn.functional.conv2d`` (+ReLU when ``activation='relu'``). Builds once per
-    (shapes, weights, target) and caches."""
+def dense_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None, target=None,
+                 groups=1) -> np.ndarray:
+    """conv2d (NCHW, OIHW weight) computed by the dense direct-conv kernel (groups=1) or the
+    depthwise kernel (groups = input channels); equals ``torch.nn.functional.conv2d`` (then the
+    activation). Builds once per (shapes, weights, target) and caches."""
     layer, x = _cached_layer("dense_conv2d", x, weight, bias, None, None, activation, target,
-                             stride=stride, padding=padding, dilation=dilation)
+                             stride=stride, padding=padding, dilation=dilation, groups=groups)
     return layer(x)

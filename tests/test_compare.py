@@ -16,6 +16,7 @@ def program(tmp_path_factory):
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 16, 3, padding=1, groups=4), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
         torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10)).eval()
     prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
     path = tmp_path_factory.mktemp("prog") / "small.pt2"
@@ -57,9 +58,9 @@ def test_json_markdown_plot_cover_every_layer(program, tmp_path):
         assert e2e[f"{engine}_ms"] > 0 and e2e[f"{engine}_min_ms"] <= e2e[f"{engine}_ms"] <= e2e[f"{engine}_max_ms"]
     assert e2e["speedup"] == pytest.approx(e2e["best_dense_ms"] / e2e["tvm_sparse_ms"])
     layers = [r["layer"] for r in point["layers"]]
-    assert len(layers) == 4  # three convs (one grouped) and the linear
+    assert len(layers) == 5  # four convs (one grouped, one depthwise with ReLU6) and the linear
     formats = {r["layer"]: r["format"] for r in point["layers"]}
-    assert sum(f == "dense" for f in formats.values()) == 1  # the grouped conv stays dense
+    assert sum(f == "dense" for f in formats.values()) == 2  # the grouped and depthwise convs stay dense
     assert "End to end" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 

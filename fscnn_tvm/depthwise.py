@@ -1,0 +1,182 @@
+"""Depthwise convolution (groups = input channels, any depth multiplier): the kernel for
+MobileNet-style 3x3 convs, NCHW in and out, bias and activation fused.
+
+A depthwise conv has no input reuse across output channels, so neither the sparse kernel (one
+offset load per tap) nor a GEMM-like tile fits it. Each task of the parallel loop takes one output
+channel: it lays its input plane out padded and split into stride phases (``x_phase``: a few
+tens of KiB, in L1/L2 while the channel runs; every tap then reads a contiguous run of the row,
+so stride 2 needs no gathers), then computes a register tile of ``rows`` output rows x
+``vectors`` vectors along the row, taps unrolled: each tap's weight is one broadcast, and rows of
+the tile share the input rows their windows overlap (the same loads). Columns past the row's end
+(a row that is not whole vectors) are computed on zeros and cropped by the epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+
+from .decisions import FixedDecisions
+from .geometry import ConvGeometry
+from .ops import ACTIVATIONS, activate
+from .target import vector_lanes, vector_registers
+
+
+@dataclass(frozen=True)
+class DepthwiseSpec:
+    """The shape facts a compiled depthwise kernel is specialised on, and its register tile."""
+    geo: ConvGeometry  # out_channels = in_channels x the depth multiplier
+    has_bias: bool
+    activation: str | None
+    lanes: int
+    vectors: int  # register tile: vectors along an output row
+    rows: int  # register tile: output rows
+    kind: str = "depthwise_conv2d"
+
+    @property
+    def multiplier(self):
+        return self.geo.out_channels // self.geo.in_channels
+
+    @property
+    def x_shape(self):
+        g = self.geo
+        return (g.batch, g.in_channels, g.height, g.width)
+
+    @property
+    def out_shape(self):
+        return self.geo.out_shape
+
+    layer_out_shape = out_shape
+
+    @property
+    def out_features(self):
+        return self.geo.out_channels
+
+    @property
+    def padded_width(self):
+        """Output columns computed per row: whole register tiles."""
+        step = self.vectors * self.lanes
+        return -(-self.geo.out_width // step) * step
+
+    @property
+    def padded_height(self):
+        return -(-self.geo.out_height // self.rows) * self.rows
+
+    @property
+    def phase_shape(self):
+        """(phases, rows, columns) of one channel's laid-out input."""
+        g = self.geo
+        return (g.phases, self.padded_height + g.phase_height - g.out_height,
+                self.padded_width + g.phase_width - g.out_width)
+
+
+def register_tile(out_height: int, out_width: int, lanes: int, registers: int, taps: int) -> tuple[int, int]:
+    """(vectors, rows): accumulators fill what the registers leave after the taps' weights
+    (broadcast once per channel and kept) and one input vector; vectors along the row first (a
+    row of the tile reads whole runs of its input rows), only as many as the row has, then rows."""
+    budget = max(1, registers - min(taps, registers // 2) - 1)
+    row_vectors = -(-out_width // lanes)
+    vectors = min(row_vectors, budget)
+    vectors = min(range(1, vectors + 1), key=lambda v: (-(-row_vectors // v) * v, -v))  # pad the row least
+    rows = max(1, min(budget // vectors, out_height, 4))
+    return vectors, rows
+
+
+def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
+                        dilation=1) -> DepthwiseSpec:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
+    if len(weight_shape) != 4 or weight_shape[1] != 1:
+        raise ValueError(f"weight: a depthwise weight is (C * multiplier, 1, kh, kw), got {tuple(weight_shape)}")
+    if len(x_shape) == 4 and weight_shape[0] % x_shape[1]:
+        raise ValueError(f"weight: {weight_shape[0]} output channels are not a multiple of the input's "
+                         f"{x_shape[1]} channels (a depthwise conv has groups = input channels)")
+    k, _, kh, kw = (int(s) for s in weight_shape)
+    geo = ConvGeometry.create(x_shape, (k, x_shape[1] if len(x_shape) == 4 else 1, kh, kw), stride, padding, dilation)
+    lanes = vector_lanes(target)
+    vectors, rows = register_tile(geo.out_height, geo.out_width, lanes, vector_registers(target), kh * kw)
+    return DepthwiseSpec(geo, has_bias, activation, lanes, vectors, rows)
+
+
+def depthwise_inputs(weight, x_shape, bias, activation, target, **conv_args):
+    """The kernel's spec and its constant arrays (taps per channel, bias) for one layer."""
+    spec = make_depthwise_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, **conv_args)
+    arrays = [np.ascontiguousarray(np.asarray(weight, np.float32).reshape(weight.shape[0], -1))]
+    if bias is not None:
+        arrays.append(np.asarray(bias, np.float32).reshape(-1))
+    return spec, arrays
+
+
+def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
+    """TE tensors (x, w[, bias], out) of the whole layer."""
+    g = spec.geo
+    (sh, sw), (dh, dw), (pt, pl) = g.stride, g.dilation, g.pad[:2]
+    x = te.placeholder(spec.x_shape, "float32", name="x_nchw")
+    w = te.placeholder((g.out_channels, g.kh * g.kw), "float32", name="w")
+    bias = te.placeholder((g.out_channels,), "float32", name="bias") if spec.has_bias else None
+
+    def phased(n, c, q, hh, ww):
+        row, col = hh * sh + q // sw - pt, ww * sw + q % sw - pl
+        inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
+        return te.if_then_else(inside, x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
+
+    x_phase = te.compute((g.batch, g.in_channels) + spec.phase_shape, phased, name="x_phase")
+    r, s = te.reduce_axis((0, g.kh), name="r"), te.reduce_axis((0, g.kw), name="s")
+    acc = te.compute(
+        (g.batch, g.out_channels, spec.padded_height, spec.padded_width),
+        lambda n, k, oh, ow: te.sum(
+            x_phase[n, k // spec.multiplier, (r * dh % sh) * sw + s * dw % sw, oh + r * dh // sh, ow + s * dw // sw]
+            * w[k, r * g.kw + s], axis=[r, s]),
+        name="acc")
+
+    def value(n, k, oh, ow):
+        v = acc[n, k, oh, ow]
+        return activate(v + bias[k] if bias is not None else v, spec.activation)
+
+    out = te.compute(spec.out_shape, value, name="out")
+    return [x, w] + ([bias] if bias is not None else []) + [out]
+
+
+def prim_func(spec: DepthwiseSpec) -> tvm.tirx.PrimFunc:
+    return te.create_prim_func(depthwise_compute(spec))
+
+
+def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=FixedDecisions(),
+                       seed: int | None = None) -> tvm.s_tir.Schedule:
+    """Parallel over (batch, output channel); per channel, the phase layout, then register
+    tiles (``rows`` x ``vectors``) with every tap unrolled, bias and activation on the way out."""
+    sch = tvm.s_tir.Schedule(func, seed=seed)
+    acc, out, x_phase = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("x_phase")
+    n, k, oh, ow, r, s = sch.get_loops(acc)
+    oh_o, oh_i = sch.split(oh, [None, spec.rows])
+    ow_o, ow_t, ow_v = sch.split(ow, [None, spec.vectors, spec.lanes])
+    sch.reorder(n, k, oh_o, ow_o, r, s, oh_i, ow_t, ow_v)
+    par = sch.fuse(n, k)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    sch.reverse_compute_at(out, ow_o, preserve_unit_loops=True)
+    sch.compute_at(x_phase, par, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    sch.vectorize(ow_v)
+    for loop in (r, s, oh_i, ow_t):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(acc, r)
+    *_, i_oh, i_t, i_v = sch.get_loops(init)
+    sch.unroll(i_oh)
+    sch.unroll(i_t)
+    sch.vectorize(i_v)
+    *_, o_oh, o_ow = sch.get_loops(out)
+    sch.unroll(o_oh)
+    if spec.geo.out_width % spec.lanes == 0:  # (a ragged row would need a predicated tail)
+        sch.vectorize(sch.split(o_ow, [None, spec.lanes])[1])
+    if max(spec.geo.stride) > 1:
+        # A strided copy is a gather LLVM leaves scalar (half the layer's time at stride 2);
+        # a unit-stride copy it vectorises better on its own.
+        sch.vectorize(sch.split(sch.get_loops(x_phase)[-1], [None, spec.lanes])[1])
+    return sch
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec) -> tvm.s_tir.Schedule:
+    return schedule_depthwise(func, spec)
