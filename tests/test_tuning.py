@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import tvm_ffi
 
 import fscnn_tvm
-from fscnn_tvm import prune, tuning
+from fscnn_tvm import prune, records, tuning
 
 pytestmark = pytest.mark.slow
 RECORDS = "database_tuning_record.json"
@@ -150,7 +151,8 @@ def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_name
     import shutil
     from tvm.s_tir import meta_schedule as ms
     log_dir = str(tmp_path / "log")
-    shutil.copytree(os.path.join(fscnn_tvm.runtime.SHIPPED, "resnet18_s90_avx2"), log_dir)
+    with resources.as_file(records.SHIPPED / "resnet18_s90_avx2") as shipped:
+        shutil.copytree(shipped, log_dir)
     workloads = os.path.join(log_dir, "database_workload.json")
 
     def workload_of_each_trace(db):
@@ -178,7 +180,7 @@ def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_name
 
 KILL_SCRIPT = """
 import sys, torch, fscnn_tvm
-from fscnn_tvm import prune, tuning
+from fscnn_tvm import prune, records, tuning
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
                             torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
@@ -363,26 +365,6 @@ def test_rpc_form_port_and_an_unreachable_tracker_fail_before_tuning(tmp_path, c
     assert "port in 1-65535, got '127.0.0.1:0'" in capsys.readouterr().err
 
 
-def test_shipped_schedules_apply_on_their_cpu_only(csr_log, tmp_path, caplog):
-    from fscnn_tvm import runtime
-    _, _, imported, log_dir, _ = csr_log
-    shipped = tmp_path / "schedules"
-    count = tuning.ship(log_dir, str(shipped / "small"), imported.target)
-    assert count == 3  # the best record of each of the three kernels
-    mcpu = str(imported.target.attrs.get("mcpu", ""))
-    db = runtime._shipped(mcpu, str(shipped))
-    assert db is not None
-    _, untuned = runtime.schedule_kernels(imported, imported.target, db)
-    assert untuned == []
-    # Records apply to every CPU of the same SIMD width (AVX-512 records on any AVX-512 CPU, ...).
-    same_width = {"znver4": "skylake-avx512", "znver3": "haswell"}.get(mcpu)
-    if same_width:
-        assert runtime._shipped(same_width, str(shipped)) is not None
-    with caplog.at_level("WARNING", logger="fscnn_tvm"):
-        assert runtime._shipped("some-other-cpu", str(shipped)) is None
-    assert "were tuned for" in caplog.text and "ignored" in caplog.text
-
-
 def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_against(tmp_path, capsys):
     from fscnn_tvm.cli import main as cli
     model, x = _model()
@@ -396,6 +378,6 @@ def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_again
     sparse = fscnn_tvm.import_torch(torch.export.load(program), (x,), measure=False)
     baseline = fscnn_tvm.import_torch(torch.export.load(program), (x,), sparse=False)
     for imported in (sparse, baseline):
-        counts = {t.name: tuning._records_for(db, t.mod)
+        counts = {t.name: len(records.workload_records(db, t.mod))
                   for t in tuning.extract_tasks(imported, str(tmp_path / "args"), dense=imported is baseline)}
         assert counts and all(n > 0 for n in counts.values()), counts
