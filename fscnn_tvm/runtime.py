@@ -151,21 +151,23 @@ def _to_numpy(result):
     return outs[0] if len(outs) == 1 else outs
 
 
-def compile(imported, target=None, tuning_log=None, use_shipped=True, tune_command=None) -> CompiledModel:  # noqa: A001
+def compile(imported, target=None, tuning_log=None, use_shipped=True, tune_command=None,  # noqa: A001
+            warn_untuned=True) -> CompiledModel:
     """Build an ``ImportedModel`` for the target it was imported for (or ``target``). With
     ``tuning_log`` (a directory written by ``fscnn_tvm.tune``, or an open database) the best
     records are applied to the sparse kernels and the dense ops; without one, the records
     shipped in the package for this CPU are used (``use_shipped=False``: none). What has no
     record keeps its default schedule, with one warning naming the sparse kernels concerned
     and how to tune them: ``tune_command`` (e.g. the ``fscnn-tvm tune`` command line of a zoo
-    model), else the Python calls."""
+    model), else the Python calls. ``warn_untuned=False``: no warning (for a caller that warned
+    about the same kernels already, e.g. in the sparse import of the same model)."""
     target = resolve_target(target) if target is not None else imported.target
     looked_up = tuning_log is not None or use_shipped  # else no record was wanted: nothing to warn about
     db, label = resolve_database(tuning_log, target) if looked_up else (None, "")
     mod, untuned = schedule_kernels(imported, target, db)
     sparse = sparse_kernels(imported)
     missing = [name for name in untuned if name in sparse]
-    if looked_up and missing:
+    if warn_untuned and looked_up and missing:
         where = label if tuning_log is not None else "the schedules shipped for this CPU"
         log.warning("%d of %d sparse kernels have no tuned record in %s and run their default schedule: %s%s. "
                     "Tune them with: %s", len(missing), len(sparse), where,
