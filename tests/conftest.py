@@ -1,4 +1,4 @@
-"""Shared by the records and command-line tests: a small pruned model and a tuning log made
+"""Shared by the tests: a small pruned model and a tuning log made
 without a tuning job."""
 import os
 
