@@ -266,7 +266,8 @@ def _source_args(p, sparsity, batches=False, model_default="vgg16_cifar"):
     """Where the model comes from and how it is pruned and imported: shared by import, tune,
     compare and schedules."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=model_default, help="zoo model name" + (f" (default {model_default})" if model_default else ""))
+    src.add_argument("--model", default=model_default,
+                     help="zoo model name" + (f" (default {model_default})" if model_default else ""))
     src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save (used as it is)")
     p.add_argument("--sparsity", type=sparsity, default=0.9 if sparsity is _sparsity else [0.9],
                    help="prune zoo models to this sparsity" + (" (comma-separated list)" if sparsity is not _sparsity

@@ -206,15 +206,15 @@ def tune_command(model_name, program=None, sparsity=0.9, prune_mode="layer", blo
     command line cannot build that model (``model_name`` None: e.g. VGG16 at another input size)."""
     if program is None and model_name is None:
         return None
-    if program is not None:
-        name, args = os.path.splitext(os.path.basename(program))[0], ["--program", program]
+    if program is not None:  # used as it is: no pruning, its own batch
+        name, args, options = os.path.splitext(os.path.basename(program))[0], ["--program", program], []
     else:
-        name = f"{model_name}_s{round(sparsity * 100)}"
-        args = ["--model", model_name, "--sparsity", f"{sparsity:g}"] + (["--batch", str(batch)] if batch != 1 else []) \
-            + (["--prune", prune_mode] if prune_mode != "layer" else [])
-    args += (["--block", "x".join(map(str, block))] if block else []) + (["--fmt", fmt] if fmt != "auto" else []) \
-        + (["--threshold", f"{threshold:g}"] if threshold != 0.5 else []) + ([] if measure else ["--no-measure"]) \
-        + (["--target", target] if target else [])
+        name, args = f"{model_name}_s{round(sparsity * 100)}", ["--model", model_name, "--sparsity", f"{sparsity:g}"]
+        options = [("--prune", prune_mode, "layer"), ("--batch", batch, 1)]
+    options += [("--block", block and "x".join(map(str, block)), None), ("--fmt", fmt, "auto"),
+                ("--threshold", threshold, 0.5), ("--target", target, None)]
+    args += [str(v) for flag, value, default in options if value != default for v in (flag, value)]
+    args += [] if measure else ["--no-measure"]
     log_dir = os.path.join("tuning_logs", name)
     return f"{shlex.join(['fscnn-tvm', 'tune', *args, '--log', log_dir])}, then add --tuning-log {log_dir}"
 

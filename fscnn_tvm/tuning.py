@@ -28,8 +28,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
 from .intrinsics import import_cpu_intrinsics
-from .target import resolve_target
 from .records import has_trace, schedule_kernels, workload, workload_records
+from .target import resolve_target
 from .tuning_log import open_database
 
 log = logging.getLogger("fscnn_tvm.tuning")

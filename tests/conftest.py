@@ -32,6 +32,7 @@ def default_log(small_model, tmp_path) -> str:
     for kernel in imported.kernels.values():
         mod = records.workload(kernel.spec)
         sch = kernels.default_schedule(mod["main"], kernel.spec)
-        db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, db.commit_workload(mod), [1e-3], imported.target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3], imported.target,
+                                                         args))
     return log_dir
