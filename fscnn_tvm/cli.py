@@ -44,13 +44,15 @@ def load_model(args):
 def _import(args):
     import torch
 
-    from . import bench, compile as build, import_torch
+    from . import bench, compare, compile as build, import_torch
     threads = bench.set_threads(args.threads)
     model, example, name = load_model(args)
     imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target,
                             measure=not args.no_measure)
     print(imported)
-    compiled = build(imported, tuning_log=args.tuning_log)
+    compiled = build(imported, tuning_log=args.tuning_log, tune_command=compare.tune_command(
+        args.model, args.program, args.sparsity, args.prune, args.block, args.fmt, args.threshold, args.batch,
+        not args.no_measure, args.target))
     if example is not None:
         module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
         with torch.no_grad():
@@ -121,6 +123,43 @@ def _compare(args):
     if len(args.batch) > 1:
         print("\nEnd to end by batch size")
         print(bench.table(rates, ["batch", "sparsity", *RATE_COLUMNS]))
+
+
+def _logs(args):
+    from . import tuning_log
+    if not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"{args.dir} is not a directory written by a tuning job")
+    damaged = (tuning_log.repair if args.action == "repair" else tuning_log.damaged_lines)(args.dir)
+    for name, numbers in damaged.items():
+        print(f"{os.path.join(args.dir, name)}: {len(numbers)} damaged line(s): {', '.join(map(str, numbers))}")
+    if not damaged:
+        print(f"{args.dir}: every line loads")
+    elif args.action == "repair":
+        print(f"rewritten without them; the originals are kept as *.bad in {args.dir}")
+    return 1 if damaged and args.action == "check" else 0
+
+
+def _schedules(args):
+    from . import bench, import_torch, records
+    from .target import mcpu_lanes, resolve_target
+    target = resolve_target(args.target)
+    mcpu = str(target.attrs.get("mcpu", ""))
+    lanes = mcpu_lanes(mcpu)
+    if args.model is None and args.program is None:
+        rows = [{"set": s.name, "tuned on": s.tuned_on, "cpu": s.mcpu, "lanes": s.lanes, "records": s.records,
+                 "applies here": "yes" if s.lanes == lanes else "no"} for s in records.shipped_sets()]
+        print(bench.table(rows, ["set", "tuned on", "cpu", "lanes", "records", "applies here"]))
+        print(f"this CPU: {mcpu or '?'} ({lanes} float32 lanes): {sum(r['applies here'] == 'yes' for r in rows)} of "
+              f"{len(rows)} sets apply")
+        return
+    model, example, name = load_model(args)
+    imported = import_torch(model, example, args.threshold, args.fmt, args.block, target,
+                            measure=not args.no_measure)
+    _, untuned = records.schedule_kernels(imported, target, records.shipped_database(target))
+    sparse = records.sparse_kernels(imported)
+    missing = [k for k in sparse if k in untuned]
+    print(f"{name}: {len(sparse) - len(missing)} of {len(sparse)} sparse kernels have a shipped record for this CPU "
+          f"({mcpu or '?'}, {lanes} float32 lanes)" + (f"; default schedules: {', '.join(missing)}" if missing else ""))
 
 
 RATE_COLUMNS = ["tvm_sparse_ms", "best_dense_ms", "sparse_images_per_s", "best_dense_images_per_s", "speedup"]
@@ -208,13 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("logs", help="check a tuning log directory for lines TVM cannot load, or repair it")
+    p.add_argument("action", choices=["check", "repair"],
+                   help="check: report damaged lines, exit 1 if any, change nothing; repair: rewrite the log "
+                        "without them, the originals kept as *.bad")
+    p.add_argument("dir", help="tuning log directory")
+    p.set_defaults(func=_logs)
+
+    p = sub.add_parser("schedules", help="the tuning records shipped in the package and which apply to this CPU; "
+                                         "with --model or --program, how many of its sparse kernels they cover")
+    _source_args(p, _sparsity, model_default=None)
+    p.set_defaults(func=_schedules)
     return parser
 
 
-def _source_args(p, sparsity, batches=False):
-    """Where the model comes from and how it is pruned and imported: shared by import, tune, compare."""
+def _source_args(p, sparsity, batches=False, model_default="vgg16_cifar"):
+    """Where the model comes from and how it is pruned and imported: shared by import, tune,
+    compare and schedules."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="vgg16_cifar", help="zoo model name (default vgg16_cifar)")
+    src.add_argument("--model", default=model_default,
+                     help="zoo model name" + (f" (default {model_default})" if model_default else ""))
     src.add_argument("--program", default=None, help="a .pt2 file written by torch.export.save (used as it is)")
     p.add_argument("--sparsity", type=sparsity, default=0.9 if sparsity is _sparsity else [0.9],
                    help="prune zoo models to this sparsity" + (" (comma-separated list)" if sparsity is not _sparsity
@@ -240,11 +293,10 @@ def _source_args(p, sparsity, batches=False):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, TypeError, NotImplementedError, FileNotFoundError, RuntimeError) as err:
         print(f"fscnn-tvm: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

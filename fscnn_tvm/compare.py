@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import numpy as np
 
@@ -130,11 +131,12 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
     import torch
 
     from . import import_torch, prune, tuning, zoo
-    from .torch_export import load_program
+    from .records import resolve_database
     from .runtime import compile as build
     from .target import resolve_target
+    from .torch_export import load_program
     threads = bench.set_threads(threads)
-    target = resolve_target(target)
+    given_target, target = target, resolve_target(target)
     say = (lambda *a: print(*a, file=progress, flush=True)) if progress else (lambda *a: None)
     if program is None and model_name not in zoo.MODELS:
         raise ValueError(f"unknown model {model_name!r}; known models: {', '.join(sorted(zoo.MODELS))}")
@@ -143,12 +145,13 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             raise ValueError(f"sparsity must be in [0, 1], got {s}")
     if tuning_log is not None and trials == 0 and not os.path.isdir(tuning_log):
         raise FileNotFoundError(f"tuning log {tuning_log} is not a directory written by a tuning job")
-    from .runtime import resolve_database
     name = os.path.splitext(os.path.basename(program))[0] if program else \
         model_name + (f"_{input_size}" if input_size else "")
     log_dir = tuning_log or (os.path.join("tuning_logs", f"{name}_b{batch}") if trials else None)
     result = {"model": name, "batch": batch, "fmt": fmt, "block": block, "prune": prune_mode, "trials": trials,
               "tuning_log": log_dir, "machine": bench.machine_info(threads), "points": []}
+    # `fscnn-tvm tune` builds zoo models at their own input size only.
+    zoo_size = program is None and input_size in (None, zoo.MODELS[model_name].input_shape[-1])
     if program is not None:  # used as it is (static shapes, so its own example shapes) at every level
         exported = load_program(program)
         gen = torch.Generator().manual_seed(0)
@@ -170,11 +173,14 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
             if sparse_imp.kernels:
                 tuning.tune(sparse_imp, trials=trials, log_dir=log_dir, dense=False, progress=progress)
         db, result["tuning_log"] = resolve_database(log_dir, target)
-        sparse_mod = build(sparse_imp, tuning_log=db, use_shipped=False)
+        sparse_mod = build(sparse_imp, tuning_log=log_dir, tune_command=tune_command(
+            model_name if zoo_size else None, program, sparsity, prune_mode, block, fmt, threshold, batch, measure,
+            given_target if isinstance(given_target, str) else None))
         fns = {"pytorch": (lambda: model(*example), lambda: _first_output(model(*example)).numpy()),
                "tvm_sparse": (sparse_mod.runner(*example), lambda: _first_output(sparse_mod(*example)))}
         if "tvm_dense" in engines:
-            dense_mod = build(dense_imp, tuning_log=db, use_shipped=False)
+            # One warning per model, the sparse import's: this one's kernels of ours are at most grouped convs.
+            dense_mod = build(dense_imp, tuning_log=log_dir, warn_untuned=False)
             fns["tvm_dense"] = (dense_mod.runner(*example), lambda: _first_output(dense_mod(*example)))
         with torch.no_grad():
             ref = model(*example)
@@ -191,6 +197,26 @@ def compare_model(model_name="vgg16_cifar", program=None, input_size=None, spars
         result["points"].append(point)
     _break_even(result)
     return result
+
+
+def tune_command(model_name, program=None, sparsity=0.9, prune_mode="layer", block=None, fmt="auto", threshold=0.5,
+                 batch=1, measure=True, target=None):
+    """The ``fscnn-tvm tune`` command line that tunes the sparse kernels of a zoo model (or a
+    saved program) pruned and imported as given, and how to apply its log; None when the
+    command line cannot build that model (``model_name`` None: e.g. VGG16 at another input size)."""
+    if program is None and model_name is None:
+        return None
+    if program is not None:  # used as it is: no pruning, its own batch
+        name, args, options = os.path.splitext(os.path.basename(program))[0], ["--program", program], []
+    else:
+        name, args = f"{model_name}_s{round(sparsity * 100)}", ["--model", model_name, "--sparsity", f"{sparsity:g}"]
+        options = [("--prune", prune_mode, "layer"), ("--batch", batch, 1)]
+    options += [("--block", block and "x".join(map(str, block)), None), ("--fmt", fmt, "auto"),
+                ("--threshold", threshold, 0.5), ("--target", target, None)]
+    args += [str(v) for flag, value, default in options if value != default for v in (flag, value)]
+    args += [] if measure else ["--no-measure"]
+    log_dir = os.path.join("tuning_logs", name)
+    return f"{shlex.join(['fscnn-tvm', 'tune', *args, '--log', log_dir])}, then add --tuning-log {log_dir}"
 
 
 def _first_output(out):

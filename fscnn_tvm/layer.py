@@ -18,6 +18,7 @@ import tvm
 from . import formats as F
 from . import dense, depthwise, kernels
 from .ops import kernel_inputs
+from .records import best_schedule
 from .target import resolve_target
 
 
@@ -80,7 +81,6 @@ class SparseLayer(KernelLayer):
         self._upload()
         sch, self.tuned = None, False
         if tuning_db is not None:
-            from .tuning import best_schedule
             sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
         self._func = _build(sch, self.target) if self.tuned else _compiled(self.spec, str(self.target))
 

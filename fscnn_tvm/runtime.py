@@ -3,7 +3,6 @@ to a shared library and load it back (loading needs TVM and numpy only, not torc
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -15,8 +14,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import kernels
-from .target import mcpu_lanes, resolve_target
+from .records import resolve_database, schedule_kernels, sparse_kernels
+from .target import resolve_target
+from .tuning_log import open_database
 
 log = logging.getLogger("fscnn_tvm")
 
@@ -151,89 +151,35 @@ def _to_numpy(result):
     return outs[0] if len(outs) == 1 else outs
 
 
-def schedule_kernels(imported, target, db=None):
-    """The module with every sparse kernel scheduled: the best record in ``db`` when there
-    is one, else the default schedule. Returns (module, names of kernels left untuned)."""
-    from .tuning import best_schedule
-    mod = imported.mod.clone() if hasattr(imported.mod, "clone") else tvm.IRModule(dict(imported.mod.functions))
-    untuned = []
-    for name, kernel in imported.kernels.items():
-        sch, tuned = best_schedule(kernel.spec, target, db)
-        if not tuned:
-            untuned.append(name)
-        # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
-        func = kernels.lower(sch).with_attr("global_symbol", name).with_attr("op_pattern", 8) \
-            .with_attr("tir.is_scheduled", True)
-        mod[mod.get_global_var(name)] = func
-    return mod, untuned
-
-
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
-
-
-def shipped_database(target, directory=SHIPPED):
-    return _shipped(str(target.attrs.get("mcpu", "")), directory)
-
-
-@functools.lru_cache(maxsize=4)
-def _shipped(mcpu, directory):
-    """The pre-tuned records shipped in ``schedules/`` for this target's vector ISA, merged, or
-    None. Each folder there says in ``target.json`` which CPU it was tuned for; a folder applies
-    to every CPU with the same SIMD width (its tiles assume that many lanes, and its kernels are
-    built for that width), others are skipped."""
-    if not os.path.isdir(directory):
-        return None
-    from tvm.s_tir import meta_schedule as ms
-
-    from .tuning_log import copy_records, open_database
-    merged, used, ignored = ms.database.MemoryDatabase(), [], []
-    for name in sorted(os.listdir(directory)):
-        folder = os.path.join(directory, name)
-        meta = os.path.join(folder, "target.json")
-        if not os.path.isfile(meta):
-            continue
-        with open(meta) as f:
-            tuned_for = json.load(f).get("mcpu", "")
-        if mcpu_lanes(tuned_for) != mcpu_lanes(mcpu):
-            ignored.append(f"{name} (tuned for {tuned_for})")
-            continue
-        copy_records(open_database(folder), merged)
-        used.append(name)
-    if ignored and not used:
-        log.warning("shipped schedules %s were tuned for other SIMD widths than this target's (%s, %d float32 lanes): "
-                    "ignored, default schedules run; `fscnn-tvm tune` tunes for this CPU", ", ".join(ignored),
-                    mcpu or "?", mcpu_lanes(mcpu))
-    elif ignored:
-        log.info("shipped schedules in use: %s; ignored (other SIMD widths): %s", ", ".join(used), ", ".join(ignored))
-    return merged if used else None
-
-
-def resolve_database(tuning_log, target):
-    """(database or None, label) for a tuning log directory, or the shipped records when None."""
-    if tuning_log is None:
-        db = shipped_database(target)
-        return db, ("shipped schedules" if db is not None else "none (default schedules)")
-    if not isinstance(tuning_log, (str, os.PathLike)):  # an open meta_schedule database
-        return tuning_log, "given database"
-    from .tuning_log import open_database
-    if not os.path.isdir(tuning_log):
-        raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
-    return open_database(str(tuning_log)), str(tuning_log)
-
-
-def compile(imported, target=None, tuning_log=None, use_shipped=True) -> CompiledModel:  # noqa: A001
+def compile(imported, target=None, tuning_log=None, use_shipped=True, tune_command=None,  # noqa: A001
+            warn_untuned=True) -> CompiledModel:
     """Build an ``ImportedModel`` for the target it was imported for (or ``target``). With
-    ``tuning_log`` (a directory written by ``fscnn_tvm.tune``) the best records are applied to
-    the sparse kernels and the dense ops; without one, the records shipped in ``schedules/``
-    for this CPU are used (``use_shipped=False``: none). What has no record keeps its default
-    schedule."""
+    ``tuning_log`` (a directory written by ``fscnn_tvm.tune``, or an open database) the best
+    records are applied to the sparse kernels and the dense ops; without one, the records
+    shipped in the package for this CPU are used (``use_shipped=False``: none). What has no
+    record keeps its default schedule, with one warning naming the sparse kernels concerned
+    and how to tune them: ``tune_command`` (e.g. the ``fscnn-tvm tune`` command line of a zoo
+    model), else the Python calls. ``warn_untuned=False``: no warning (for a caller that warned
+    about the same kernels already, e.g. in the sparse import of the same model)."""
     target = resolve_target(target) if target is not None else imported.target
-    db, label = resolve_database(tuning_log, target) if (tuning_log is not None or use_shipped) else (None, "")
+    looked_up = tuning_log is not None or use_shipped  # else no record was wanted: nothing to warn about
+    db, label = resolve_database(tuning_log, target) if looked_up else (None, "")
     mod, untuned = schedule_kernels(imported, target, db)
-    if db is not None and untuned:
-        log.info("%d of %d sparse kernels have no record in %s and use the default schedule: %s",
-                 len(untuned), len(imported.kernels), label, ", ".join(untuned))
+    sparse = sparse_kernels(imported)
+    missing = [name for name in untuned if name in sparse]
+    if warn_untuned and looked_up and missing:
+        where = label if tuning_log is not None else "the schedules shipped for this CPU"
+        log.warning("%d of %d sparse kernels have no tuned record in %s and run their default schedule: %s%s. "
+                    "Tune them with: %s", len(missing), len(sparse), where,
+                    ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
+                    tune_command or _python_tune_command(len(missing)))
     return CompiledModel(compile_module(mod, target, db), imported.input_shapes)
+
+
+def _python_tune_command(kernels: int) -> str:
+    log_dir = "tuning_logs/my_model"
+    return (f"fscnn_tvm.tune(imported, trials={max(64, 32 * kernels)}, log_dir={log_dir!r}), then "
+            f"fscnn_tvm.compile(imported, tuning_log={log_dir!r})")
 
 
 def compile_module(mod, target, tuning_log=None):
@@ -242,7 +188,6 @@ def compile_module(mod, target, tuning_log=None):
     from tvm.relax.backend.cpu_generic import pipeline as passes  # (its __init__ omits one of the four)
     from tvm.relax.transform import MetaScheduleApplyDatabase
 
-    from .tuning_log import open_database
     db = open_database(str(tuning_log)) if isinstance(tuning_log, (str, os.PathLike)) else tuning_log
 
     # TVM's own CPU pipeline plus the two steps of meta_schedule's compile_relax: fuse exactly

@@ -28,6 +28,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
 from .intrinsics import import_cpu_intrinsics
+from .records import has_trace, schedule_kernels, workload, workload_records
 from .target import resolve_target
 from .tuning_log import open_database
 
@@ -100,10 +101,6 @@ def kernel_space(spec):
     return ms.space_generator.ScheduleFn(lambda sch: kernels.design_spaces(sch.mod["main"], spec))
 
 
-def workload(spec) -> tvm.IRModule:
-    return tvm.IRModule({"main": kernels.prim_func(spec)})
-
-
 def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
     """One task per sparse kernel (measured on its first layer's real arrays) and, with
     ``dense``, one per fused dense conv/matmul function of the module (TVM's default rules)."""
@@ -121,7 +118,6 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
         from tvm import relax
 
-        from .runtime import schedule_kernels
         mod, _ = schedule_kernels(imported, imported.target)
         # The same fusion compile_relax applies, so the tuned workloads match at compile time.
         mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
@@ -134,19 +130,6 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
 
 
 # ----------------------------------------------------------------------------- the job
-
-def _records(db, mod) -> list:
-    return db.get_top_k(db.commit_workload(mod), 10**6) if db.has_workload(mod) else []
-
-
-def _records_for(db, mod) -> int:
-    return len(_records(db, mod))
-
-
-def _has_trace(db, mod, trace) -> bool:
-    text = str(trace)
-    return any(str(r.trace) == text for r in _records(db, mod))
-
 
 @derived_object
 class Progress(ms.measure_callback.PyMeasureCallback):
@@ -237,7 +220,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     builder = ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
     runner = _runner(tracker, args_dir)
     _record_defaults([t for t in tasks if t.spec is not None], target, builder, runner, db)
-    before = {t.name: _records_for(db, t.mod) for t in tasks}
+    before = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     remaining = trials - sum(before.values())
     result = TuneResult(log_dir, tasks, before, dict(before))
     if remaining <= 0:
@@ -257,7 +240,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
                   max_trials_global=remaining, num_trials_per_iter=min(per_iter, remaining),
                   builder=builder, runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks)
-    result.records = {t.name: _records_for(db, t.mod) for t in tasks}
+    result.records = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     if sum(result.records.values()) <= sum(before.values()):
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
                           "failed to build or run (see the warnings above)")
@@ -284,7 +267,7 @@ class TuneResult:
         db = open_database(self.log_dir)
         rows = []
         for t in self.tasks:
-            best = db.get_top_k(db.commit_workload(t.mod), 1) if db.has_workload(t.mod) else []
+            best = workload_records(db, t.mod)[:1]
             secs = [float(x) for x in best[0].run_secs] if best and best[0].run_secs else []
             rows.append({"task": t.name, "layers": ", ".join(t.layers) or "(dense)",
                          "new_trials": self.records[t.name] - self.records_before[t.name],
@@ -299,7 +282,7 @@ def _record_defaults(tasks, target, builder, runner, db):
     the database), and a task's best record is never slower than what ``compile`` runs without
     a log, even when a small budget over many tasks leaves a task only a few candidates."""
     schedules = [kernels.default_schedule(t.mod["main"], t.spec) for t in tasks]
-    missing = [i for i, (t, sch) in enumerate(zip(tasks, schedules)) if not _has_trace(db, t.mod, sch.trace)]
+    missing = [i for i, (t, sch) in enumerate(zip(tasks, schedules)) if not has_trace(db, t.mod, sch.trace)]
     tasks, schedules = [tasks[i] for i in missing], [schedules[i] for i in missing]
     if not tasks:
         return
@@ -313,7 +296,7 @@ def _record_defaults(tasks, target, builder, runner, db):
             db.commit_tuning_record(ms.database.TuningRecord(
                 schedules[i].trace, db.commit_workload(tasks[i].mod), [float(v) for v in result.run_secs], target,
                 args[i]))
-    failed = [t.name for t, sch in zip(tasks, schedules) if not _has_trace(db, t.mod, sch.trace)]
+    failed = [t.name for t, sch in zip(tasks, schedules) if not has_trace(db, t.mod, sch.trace)]
     if failed:
         log.warning("the default schedule of %s failed to build or run; their search starts without it",
                     ", ".join(failed))
@@ -351,34 +334,3 @@ def _runner(tracker, args_dir):
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
     return ms.runner.RPCRunner(config, evaluator_config=EVALUATOR,
                                f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
-
-
-# ----------------------------------------------------------------------------- applying
-
-def tuned_schedule(db, spec, target):
-    """The best recorded schedule of a sparse kernel, or None."""
-    mod = workload(spec)
-    if not db.has_workload(mod):
-        return None
-    return db.query_schedule(mod, target=target, workload_name="main")
-
-
-def best_schedule(spec, target, db=None):
-    """(schedule, tuned): the best record in ``db`` when there is one, else the default."""
-    sch = tuned_schedule(db, spec, target) if db is not None else None
-    if sch is not None:
-        return sch, True
-    return kernels.default_schedule(kernels.prim_func(spec), spec), False
-
-
-def ship(log_dir: str, dest: str, target) -> int:
-    """Write the best record of each workload in ``log_dir`` to ``dest`` with the CPU they were
-    tuned on (``target.json``), the form ``schedules/`` ships; returns the record count."""
-    import shutil
-    shutil.rmtree(dest, ignore_errors=True)
-    os.makedirs(dest)
-    open_database(log_dir).dump_pruned(ms.database.JSONDatabase(work_dir=dest))
-    with open(os.path.join(dest, "target.json"), "w") as f:
-        json.dump({"mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}, f, indent=1)
-    with open(os.path.join(dest, "database_tuning_record.json")) as f:
-        return sum(1 for line in f if line.strip())

@@ -29,23 +29,65 @@ def open_database(log_dir: str, write: bool = False):
     warning per log. ``write`` (a tuning job appends to the log): the files are rewritten
     without those lines, the originals kept as ``.bad``. Otherwise the log is only read: it is
     loaded into memory and its files are left as they are (it may be read-only or shared)."""
+    paths = _paths(log_dir)
+    if write:
+        os.makedirs(log_dir, exist_ok=True)
+    lines = [_lines(p) for p in paths]
+    _, dropped = _loadable(*lines)
+    if not any(dropped) and (write or all(map(os.path.exists, paths))):
+        with contextlib.suppress(*_BAD_LINE):  # else a well-formed line TVM cannot load: found below
+            return ms.database.JSONDatabase(work_dir=log_dir)
+    if not write:
+        return load_lines(log_dir, *lines)
+    _warn(log_dir, lines, _rewritten(paths, lines), write)
+    return ms.database.JSONDatabase(work_dir=log_dir)
+
+
+def load_lines(name: str, workload_lines: list, record_lines: list):
+    """A MemoryDatabase of a log's lines (``name`` labels the warning), lines TVM cannot load
+    left out with one warning: how a log that is only read is opened, wherever its lines come
+    from (a directory, or package data inside a wheel or a zip)."""
+    kept, dropped = _loadable(workload_lines, record_lines)
+    if not any(dropped):
+        with contextlib.suppress(*_BAD_LINE):  # else a well-formed line TVM cannot load: found below
+            return _in_memory(*kept)
+    kept, dropped = _loadable(workload_lines, record_lines, parse=True)
+    _warn(name, [workload_lines, record_lines], dropped, write=False)
+    return _in_memory(*kept)
+
+
+def damaged_lines(log_dir: str) -> dict:
+    """{file name: numbers of the lines TVM cannot load} of a log directory; nothing is written."""
+    return _named(_loadable(*(_lines(p) for p in _paths(log_dir)), parse=True)[1])
+
+
+def repair(log_dir: str) -> dict:
+    """Rewrite a log without the lines TVM cannot load, the originals kept as ``.bad`` (a
+    file with nothing to leave out is not touched); returns what ``damaged_lines`` found."""
+    paths = _paths(log_dir)
+    return _named(_rewritten(paths, [_lines(p) for p in paths]))
+
+
+def _named(dropped):
+    return {name: numbers for name, numbers in zip((WORKLOADS, RECORDS), dropped) if numbers}
+
+
+def _rewritten(paths, lines):
+    """Rewrite the log's files without the lines TVM cannot load; returns the dropped numbers."""
+    kept, dropped = _loadable(*lines, parse=True)
+    for path, keep in zip(paths, kept):
+        _rewrite(path, keep)
+    return dropped
+
+
+def _paths(log_dir):
+    """The log's two files; records name their workload by line, so records without the
+    workload file are an error, not an empty log."""
     paths = os.path.join(log_dir, WORKLOADS), os.path.join(log_dir, RECORDS)
     if not os.path.exists(paths[0]) and _lines(paths[1]):
         raise FileNotFoundError(f"{paths[0]} is missing: the records in {paths[1]} refer to its lines; restore it, "
                                 f"or tune again into an empty directory")
-    if write:
-        os.makedirs(log_dir, exist_ok=True)
-    kept, dropped = _loadable(*paths)
-    if not any(dropped.values()) and (write or all(map(os.path.exists, paths))):
-        with contextlib.suppress(*_BAD_LINE):  # else a well-formed line TVM cannot load: found below
-            return ms.database.JSONDatabase(work_dir=log_dir)
-    kept, dropped = _loadable(*paths, parse=True)
-    _warn(log_dir, paths, dropped, write)
-    if write:
-        for path in paths:
-            _rewrite(path, kept[path])
-        return ms.database.JSONDatabase(work_dir=log_dir)
-    return _in_memory(kept[paths[0]], kept[paths[1]])
+    return paths
 
 
 def _lines(path):
@@ -55,23 +97,24 @@ def _lines(path):
         return f.readlines()
 
 
-def _loadable(workload_path, record_path, parse=False):
-    """({path: lines TVM can load}, {path: numbers of the lines left out}). ``parse``: each
-    record is parsed by TVM too (applying its trace), not only checked for shape."""
-    kept, dropped = {workload_path: [], record_path: []}, {workload_path: [], record_path: []}
+def _loadable(workload_lines, record_lines, parse=False):
+    """([workload lines, record lines] TVM can load, [numbers of the workload lines, of the
+    record lines] left out). ``parse``: each record is parsed by TVM too (applying its trace),
+    not only checked for shape."""
+    kept, dropped = ([], []), ([], [])
     workloads, renumber = [], {}
-    for number, line in enumerate(_lines(workload_path)):
+    for number, line in enumerate(workload_lines):
         try:
             value = _json(line)
             if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
                 raise ValueError("not [hash, module]")
             workloads.append(ms.database.Workload.from_json(value))
         except _BAD_LINE:
-            dropped[workload_path].append(number + 1)
+            dropped[0].append(number + 1)
             continue
-        renumber[number] = len(kept[workload_path])
-        kept[workload_path].append(line if line.endswith("\n") else line + "\n")
-    for number, line in enumerate(_lines(record_path)):
+        renumber[number] = len(kept[0])
+        kept[0].append(line if line.endswith("\n") else line + "\n")
+    for number, line in enumerate(record_lines):
         try:
             value = _json(line)
             index, record = value if isinstance(value, list) and len(value) == 2 else (None, None)
@@ -80,11 +123,11 @@ def _loadable(workload_path, record_path, parse=False):
             if parse:
                 ms.database.TuningRecord.from_json(record, workloads[renumber[index]])
         except _BAD_LINE:
-            dropped[record_path].append(number + 1)
+            dropped[1].append(number + 1)
             continue
         if renumber[index] != index:
             line = json.dumps([renumber[index], record], separators=(",", ":"))
-        kept[record_path].append(line if line.endswith("\n") else line + "\n")
+        kept[1].append(line if line.endswith("\n") else line + "\n")
     return kept, dropped
 
 
@@ -110,17 +153,17 @@ def _is_record(record) -> bool:
             and (args is None or isinstance(args, list) and all(isinstance(a, list) and a for a in args)))
 
 
-def _warn(log_dir, paths, dropped, write):
-    if not any(dropped.values()):
+def _warn(log_dir, lines, dropped, write):
+    if not any(dropped):
         return
-    key = (os.path.abspath(log_dir), *((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths if os.path.exists(p)))
+    key = (str(log_dir), hash(tuple(map(tuple, lines))))  # once per log and content
     if key in _warned:
         return
     _warned.add(key)
-    where = "; ".join(f"{os.path.basename(p)} line(s) {', '.join(map(str, n[:5]))}{', ...' if len(n) > 5 else ''}"
-                      for p, n in dropped.items() if n)
+    where = "; ".join(f"{name} line(s) {', '.join(map(str, n[:5]))}{', ...' if len(n) > 5 else ''}"
+                      for name, n in zip((WORKLOADS, RECORDS), dropped) if n)
     log.warning("%s: %d line(s) left out: not a complete workload or record, or a record whose workload line is "
-                "gone (%s); %s", log_dir, sum(map(len, dropped.values())), where,
+                "gone (%s); %s", log_dir, sum(map(len, dropped)), where,
                 "the originals are kept as *.bad" if write else "the files are left unchanged")
 
 

@@ -2,7 +2,7 @@
 
 Speedup = the best dense engine (min of PyTorch eager and TVM dense with tuned records) / our
 sparse module, side by side in one process, same thread count, outputs checked equal first
-(compare.py). Uses the records shipped in schedules/ for this CPU, so no tuning job is needed;
+(compare.py). Uses the records shipped in fscnn_tvm/schedules/ for this CPU, so no tuning job is needed;
 kernels without a record run their default schedule, and the report says which schedules ran.
 
 Rows (targets from the performance issue; "layers" means every such layer of the model):

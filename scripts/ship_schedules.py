@@ -1,17 +1,20 @@
-"""Copy the best record per workload of a tuning log into schedules/<name>/, with the CPU it
-was tuned for (``target.json``), so `fscnn_tvm.compile` uses it when the user passes no log.
+"""Copy the best record per workload of a tuning log into the package's shipped sets
+(fscnn_tvm/schedules/<name>/), with the CPU it was tuned for and the model's `fscnn-tvm tune`
+arguments (``target.json``), so `fscnn_tvm.compile` uses it when the user passes no log.
 
-    python scripts/ship_schedules.py tuning_logs/vgg16_cifar_s90_avx512 vgg16_cifar_s90_avx512
-    python scripts/ship_schedules.py LOG NAME --target 'llvm -mcpu=znver3'   # records tuned for AVX2
+    python scripts/ship_schedules.py tuning_logs/vgg16_cifar_s90_avx512 vgg16_cifar_s90_avx512 \
+        --tuned-on '--model vgg16_cifar --sparsity 0.9'
+    python scripts/ship_schedules.py LOG NAME --target 'llvm -mcpu=znver3' --tuned-on '...'  # records tuned for AVX2
 
-``--target`` must be the target the log was tuned for (default: this host's).
-``scripts/tune_shipped.sh`` re-tunes and re-ships everything in schedules/.
+``--target`` must be the target the log was tuned for (default: this host's). Run it from a
+source checkout: it writes into the package's own folder.
+``scripts/tune_shipped.sh`` re-tunes and re-ships every shipped set.
 """
 import argparse
 import os
+from importlib import resources
 
-from fscnn_tvm import tuning
-from fscnn_tvm.runtime import SHIPPED
+from fscnn_tvm import records
 from fscnn_tvm.target import resolve_target
 
 if __name__ == "__main__":
@@ -19,6 +22,9 @@ if __name__ == "__main__":
     p.add_argument("log_dir")
     p.add_argument("name")
     p.add_argument("--target", default=None)
+    p.add_argument("--tuned-on", default="", help="the `fscnn-tvm tune` arguments of the model the log was tuned on")
     args = p.parse_args()
-    dest = os.path.join(SHIPPED, args.name)
-    print(f"shipped {tuning.ship(args.log_dir, dest, resolve_target(args.target))} records to {dest}")
+    with resources.as_file(records.SHIPPED) as shipped:
+        dest = os.path.join(shipped, args.name)
+        count = records.ship(args.log_dir, dest, resolve_target(args.target), args.tuned_on)
+    print(f"shipped {count} records to {dest}")

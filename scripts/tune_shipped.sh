@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Re-tune and re-ship every record set in schedules/ (about 3 h on 2 cores, most of it the dense
-# ops; run nothing else meanwhile: candidates are timed). Each line: a tuning job, then its best
-# records shipped.
+# Re-tune and re-ship every record set shipped in fscnn_tvm/schedules/ (about 3 h on 2 cores,
+# most of it the dense ops; run nothing else meanwhile: candidates are timed). Each line: a
+# tuning job, then its best records shipped with the tune arguments that built the model.
 # Usage: bash scripts/tune_shipped.sh [name ...]   (no names: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ job() {  # name target dense-trials sparse-trials fscnn-tvm-tune-args...
     "$FSCNN" tune --target "$target" --trials "$dense" --log "tuning_logs/$name" "$@"
   fi
   "$FSCNN" tune --target "$target" --trials "$sparse" --log "tuning_logs/$name" --no-dense "$@"
-  "$PY" scripts/ship_schedules.py "tuning_logs/$name" "$name" --target "$target"
+  "$PY" scripts/ship_schedules.py "tuning_logs/$name" "$name" --target "$target" --tuned-on "$*"
 }
 ONLY="$*"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -15,20 +16,10 @@ import torch
 import tvm_ffi
 
 import fscnn_tvm
-from fscnn_tvm import prune, tuning
+from fscnn_tvm import prune, records, tuning
 
 pytestmark = pytest.mark.slow
 RECORDS = "database_tuning_record.json"
-
-
-def _model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 5 * 5, 10)).eval()
-    prune.prune_magnitude(model, 0.85, keep_first_conv_dense=False)
-    return model, torch.randn(1, 8, 10, 10)
 
 
 def _check(compiled, model, x):
@@ -36,8 +27,7 @@ def _check(compiled, model, x):
     np.testing.assert_allclose(compiled(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def _tuned(tmp_path, fmt):
-    model, x = _model()
+def _tuned(tmp_path, fmt, model, x):
     imported = fscnn_tvm.import_torch(model, (x,), fmt=fmt, block=(4, 1) if fmt == "bsr" else None, measure=False)
     assert len(imported.kernels) == 3 and all(r.rewritten for r in imported.report)
     log_dir = str(tmp_path / "log")
@@ -45,9 +35,9 @@ def _tuned(tmp_path, fmt):
 
 
 @pytest.fixture(scope="module")
-def csr_log(tmp_path_factory):
+def csr_log(tmp_path_factory, small_model):
     """One small CSR tuning job, shared by the tests that only read its log (or copy it)."""
-    return _tuned(tmp_path_factory.mktemp("csr"), "csr")
+    return _tuned(tmp_path_factory.mktemp("csr"), "csr", *small_model[:2])
 
 
 def _check_tuned(model, x, imported, log_dir, result, tmp_path):
@@ -76,12 +66,12 @@ def test_tuned_csr_kernels_match_pytorch_and_the_log_is_reused(csr_log, tmp_path
     _check_tuned(*csr_log, tmp_path)
 
 
-def test_tuned_bsr_kernels_match_pytorch_and_the_log_is_reused(tmp_path):
-    _check_tuned(*_tuned(tmp_path, "bsr"), tmp_path)
+def test_tuned_bsr_kernels_match_pytorch_and_the_log_is_reused(tmp_path, small_model):
+    _check_tuned(*_tuned(tmp_path, "bsr", *small_model[:2]), tmp_path)
 
 
-def test_dense_tasks_are_tuned_and_applied(tmp_path):
-    model, x = _model()
+def test_dense_tasks_are_tuned_and_applied(tmp_path, small_model):
+    model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), sparsity_threshold=1.0)  # everything dense
     assert set(imported.kernels) == {"dense_conv2d_0", "dense_conv2d_1"}  # our dense conv kernel
     tasks = tuning.extract_tasks(imported, str(tmp_path / "args"))
@@ -146,11 +136,12 @@ def test_damaged_log_lines_are_left_out_and_a_log_that_is_only_read_is_not_rewri
     assert _snapshot(log_dir)[RECORDS + ".bad"] == before[RECORDS]
 
 
-def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_named(tmp_path):
+def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_named(tmp_path, small_model):
     import shutil
     from tvm.s_tir import meta_schedule as ms
     log_dir = str(tmp_path / "log")
-    shutil.copytree(os.path.join(fscnn_tvm.runtime.SHIPPED, "resnet18_s90_avx2"), log_dir)
+    with resources.as_file(records.SHIPPED / "resnet18_s90_avx2") as shipped:
+        shutil.copytree(shipped, log_dir)
     workloads = os.path.join(log_dir, "database_workload.json")
 
     def workload_of_each_trace(db):
@@ -168,7 +159,7 @@ def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_name
         assert loaded == {t: h for t, h in expected.items() if h != tvm_ffi.structural_hash(lost)}
         assert 0 < len(loaded) < len(expected)
     os.remove(workloads)
-    model, x = _model()
+    model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     with pytest.raises(FileNotFoundError, match="database_workload.json is missing"):
         fscnn_tvm.compile(imported, tuning_log=log_dir)
@@ -178,7 +169,7 @@ def test_records_follow_their_workload_lines_and_a_missing_workload_file_is_name
 
 KILL_SCRIPT = """
 import sys, torch, fscnn_tvm
-from fscnn_tvm import prune, tuning
+from fscnn_tvm import prune, records, tuning
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
                             torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
@@ -304,8 +295,8 @@ def test_rpc_measurement_goes_on_when_a_server_dies_mid_job(tmp_path):
     _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
 
 
-def test_bad_arguments(tmp_path):
-    model, x = _model()
+def test_bad_arguments(tmp_path, small_model):
+    model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     for bad in (0, -5, 2.5, "10"):
         with pytest.raises(ValueError, match="trials"):
@@ -314,9 +305,9 @@ def test_bad_arguments(tmp_path):
         fscnn_tvm.compile(imported, tuning_log=str(tmp_path / "missing"))
 
 
-def test_log_dir_that_is_a_file_or_none_is_named(tmp_path, capsys):
+def test_log_dir_that_is_a_file_or_none_is_named(tmp_path, capsys, small_model):
     from fscnn_tvm.cli import main as cli
-    model, x = _model()
+    model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     a_file = tmp_path / "log.txt"
     a_file.write_text("not a directory")
@@ -336,9 +327,9 @@ def _answer_wrongly(listening):
         conn.sendall(b"HTTP")
 
 
-def test_rpc_form_port_and_an_unreachable_tracker_fail_before_tuning(tmp_path, capsys):
+def test_rpc_form_port_and_an_unreachable_tracker_fail_before_tuning(tmp_path, capsys, small_model):
     from fscnn_tvm.cli import main as cli
-    model, x = _model()
+    model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     log_dir = str(tmp_path / "log")
     with pytest.raises(ValueError, match=r'expected a \("host:port", key\) pair'):
@@ -363,29 +354,9 @@ def test_rpc_form_port_and_an_unreachable_tracker_fail_before_tuning(tmp_path, c
     assert "port in 1-65535, got '127.0.0.1:0'" in capsys.readouterr().err
 
 
-def test_shipped_schedules_apply_on_their_cpu_only(csr_log, tmp_path, caplog):
-    from fscnn_tvm import runtime
-    _, _, imported, log_dir, _ = csr_log
-    shipped = tmp_path / "schedules"
-    count = tuning.ship(log_dir, str(shipped / "small"), imported.target)
-    assert count == 3  # the best record of each of the three kernels
-    mcpu = str(imported.target.attrs.get("mcpu", ""))
-    db = runtime._shipped(mcpu, str(shipped))
-    assert db is not None
-    _, untuned = runtime.schedule_kernels(imported, imported.target, db)
-    assert untuned == []
-    # Records apply to every CPU of the same SIMD width (AVX-512 records on any AVX-512 CPU, ...).
-    same_width = {"znver4": "skylake-avx512", "znver3": "haswell"}.get(mcpu)
-    if same_width:
-        assert runtime._shipped(same_width, str(shipped)) is not None
-    with caplog.at_level("WARNING", logger="fscnn_tvm"):
-        assert runtime._shipped("some-other-cpu", str(shipped)) is None
-    assert "were tuned for" in caplog.text and "ignored" in caplog.text
-
-
-def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_against(tmp_path, capsys):
+def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_against(tmp_path, capsys, small_model):
     from fscnn_tvm.cli import main as cli
-    model, x = _model()
+    model, x, _ = small_model
     program = str(tmp_path / "small.pt2")
     torch.export.save(torch.export.export(model, (x,)), program)
     log_dir = str(tmp_path / "log")
@@ -396,6 +367,6 @@ def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_again
     sparse = fscnn_tvm.import_torch(torch.export.load(program), (x,), measure=False)
     baseline = fscnn_tvm.import_torch(torch.export.load(program), (x,), sparse=False)
     for imported in (sparse, baseline):
-        counts = {t.name: tuning._records_for(db, t.mod)
+        counts = {t.name: len(records.workload_records(db, t.mod))
                   for t in tuning.extract_tasks(imported, str(tmp_path / "args"), dense=imported is baseline)}
         assert counts and all(n > 0 for n in counts.values()), counts

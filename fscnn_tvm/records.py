@@ -1,0 +1,163 @@
+"""Tuning records: the workload a kernel is tuned and looked up as, its best record in a
+database, the module with every kernel scheduled from them, and the record sets shipped in the
+package (``fscnn_tvm/schedules/``, one folder per model, sparsity and SIMD width).
+
+The shipped sets are package data read through ``importlib.resources``, so they load the same
+from an installed wheel, a zip or a source checkout, and they are only ever read: their lines go
+through ``tuning_log``'s checks into an in-memory database. Logs given by the user are opened
+read-only too; only a tuning job opens one to write.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from . import kernels
+from .ops import KernelSpec
+from .target import mcpu_lanes
+from .tuning_log import RECORDS, WORKLOADS, copy_records, load_lines, open_database
+
+log = logging.getLogger("fscnn_tvm.records")
+SHIPPED = resources.files(__package__) / "schedules"
+TARGET_FILE = "target.json"
+
+
+def workload(spec) -> tvm.IRModule:
+    """The module a kernel is tuned as; a record applies to a kernel whose module is
+    structurally equal."""
+    return tvm.IRModule({"main": kernels.prim_func(spec)})
+
+
+def workload_records(db, mod) -> list:
+    """Every record of workload ``mod`` in ``db``, fastest first."""
+    return db.get_top_k(db.commit_workload(mod), 10**6) if db.has_workload(mod) else []
+
+
+def has_trace(db, mod, trace) -> bool:
+    text = str(trace)
+    return any(str(r.trace) == text for r in workload_records(db, mod))
+
+
+def tuned_schedule(db, spec, target):
+    """The best recorded schedule of a kernel, or None."""
+    mod = workload(spec)
+    if not db.has_workload(mod):
+        return None
+    return db.query_schedule(mod, target=target, workload_name="main")
+
+
+def best_schedule(spec, target, db=None):
+    """(schedule, tuned): the best record in ``db`` when there is one, else the default."""
+    sch = tuned_schedule(db, spec, target) if db is not None else None
+    if sch is not None:
+        return sch, True
+    return kernels.default_schedule(kernels.prim_func(spec), spec), False
+
+
+def schedule_kernels(imported, target, db=None):
+    """The module with every kernel of ours scheduled: the best record in ``db`` when there
+    is one, else the default schedule. Returns (module, names of kernels left untuned)."""
+    mod = imported.mod.clone() if hasattr(imported.mod, "clone") else tvm.IRModule(dict(imported.mod.functions))
+    untuned = []
+    for name, kernel in imported.kernels.items():
+        sch, tuned = best_schedule(kernel.spec, target, db)
+        if not tuned:
+            untuned.append(name)
+        # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
+        func = kernels.lower(sch).with_attr("global_symbol", name).with_attr("op_pattern", 8) \
+            .with_attr("tir.is_scheduled", True)
+        mod[mod.get_global_var(name)] = func
+    return mod, untuned
+
+
+def sparse_kernels(imported) -> list[str]:
+    """Names of the imported model's sparse kernels (the others are dense kernels of ours)."""
+    return [name for name, kernel in imported.kernels.items() if isinstance(kernel.spec, KernelSpec)]
+
+
+def ship(log_dir: str, dest: str, target, tuned_on: str = "") -> int:
+    """Write the best record of each workload in ``log_dir`` to ``dest`` with the CPU they were
+    tuned on and the ``fscnn-tvm tune`` arguments of the model (``target.json``), the form the
+    shipped sets take; returns the record count."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    open_database(log_dir).dump_pruned(ms.database.JSONDatabase(work_dir=dest))
+    with open(os.path.join(dest, TARGET_FILE), "w") as f:
+        json.dump({"mcpu": str(target.attrs.get("mcpu", "")), "target": str(target), "tuned_on": tuned_on}, f,
+                  indent=1)
+    with open(os.path.join(dest, RECORDS)) as f:
+        return sum(1 for line in f if line.strip())
+
+
+@dataclass(frozen=True)
+class ShippedSet:
+    name: str
+    mcpu: str  # the CPU the records were tuned on
+    lanes: int  # its float32 SIMD lanes: the set serves every CPU with as many
+    tuned_on: str  # the `fscnn-tvm tune` arguments of the pruned model
+    records: int
+
+
+def shipped_sets(directory=SHIPPED) -> list[ShippedSet]:
+    """The record sets in ``directory`` (a path or an importlib.resources Traversable): every
+    folder with a ``target.json``."""
+    found = []
+    for folder in sorted(directory.iterdir(), key=lambda f: f.name) if directory.is_dir() else []:
+        if not (folder / TARGET_FILE).is_file():
+            continue
+        meta = json.loads((folder / TARGET_FILE).read_text())
+        mcpu = meta.get("mcpu", "")
+        found.append(ShippedSet(folder.name, mcpu, mcpu_lanes(mcpu), meta.get("tuned_on", ""),
+                                sum(1 for line in _lines(folder / RECORDS) if line.strip())))
+    return found
+
+
+def _lines(resource) -> list:
+    return resource.read_text().splitlines(keepends=True) if resource.is_file() else []
+
+
+def shipped_database(target, directory=SHIPPED):
+    return _shipped(str(target.attrs.get("mcpu", "")), directory)
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped(mcpu, directory):
+    """The shipped records for this target's vector ISA, merged, or None. A set applies to
+    every CPU with the SIMD width of the CPU it was tuned for (its tiles assume that many
+    lanes, and its kernels are built for that width); the others are skipped."""
+    merged, used, ignored = ms.database.MemoryDatabase(), [], []
+    for shipped in shipped_sets(directory):
+        if shipped.lanes != mcpu_lanes(mcpu):
+            ignored.append(f"{shipped.name} (tuned for {shipped.mcpu})")
+            continue
+        folder = directory / shipped.name
+        copy_records(load_lines(f"shipped schedules {shipped.name}", _lines(folder / WORKLOADS),
+                                _lines(folder / RECORDS)), merged)
+        used.append(shipped.name)
+    if ignored and not used:
+        log.warning("shipped schedules %s were tuned for other SIMD widths than this target's (%s, %d float32 lanes): "
+                    "ignored, default schedules run; `fscnn-tvm tune` tunes for this CPU", ", ".join(ignored),
+                    mcpu or "?", mcpu_lanes(mcpu))
+    elif ignored:
+        log.info("shipped schedules in use: %s; ignored (other SIMD widths): %s", ", ".join(used), ", ".join(ignored))
+    return merged if used else None
+
+
+def resolve_database(tuning_log, target):
+    """(database or None, label) for a tuning log directory, or the shipped records when None."""
+    if tuning_log is None:
+        db = shipped_database(target)
+        return db, ("shipped schedules" if db is not None else "none (default schedules)")
+    if not isinstance(tuning_log, (str, os.PathLike)):  # an open meta_schedule database
+        return tuning_log, "the given database"
+    if not os.path.isdir(tuning_log):
+        raise FileNotFoundError(f"tuning_log: {tuning_log} is not a directory written by a tuning job")
+    return open_database(str(tuning_log)), str(tuning_log)

@@ -1,0 +1,116 @@
+"""Records: each kernel finds its best record, logs ship as sets that apply to CPUs of their SIMD
+width, shipped sets load from a directory or a zip and are never written, and a compile whose
+sparse kernels have no record warns once with the command that tunes them."""
+import json
+import os
+import shutil
+import zipfile
+from importlib import resources
+
+import pytest
+
+import fscnn_tvm
+from fscnn_tvm import records
+from fscnn_tvm.tuning_log import RECORDS, open_database
+
+UNTUNED = "have no tuned record"
+
+
+def test_each_kernel_gets_its_best_record_or_its_default(small_model, default_log):
+    _, _, imported = small_model
+    db = open_database(default_log)
+    for kernel in imported.kernels.values():
+        sch, tuned = records.best_schedule(kernel.spec, imported.target, db)
+        assert tuned and records.has_trace(db, records.workload(kernel.spec), sch.trace)
+        assert len(records.workload_records(db, records.workload(kernel.spec))) == 1
+    assert records.schedule_kernels(imported, imported.target, db)[1] == []
+    assert records.schedule_kernels(imported, imported.target)[1] == list(imported.kernels)
+    assert records.sparse_kernels(imported) == list(imported.kernels)  # two convs and the linear
+
+
+def test_shipped_sets_apply_on_cpus_of_their_simd_width_only(small_model, default_log, tmp_path, caplog):
+    _, _, imported = small_model
+    shipped = tmp_path / "schedules"
+    count = records.ship(default_log, str(shipped / "small"), imported.target, "--program small.pt2")
+    assert count == 3  # the best record of each of the three kernels
+    mcpu = str(imported.target.attrs.get("mcpu", ""))
+    [listed] = records.shipped_sets(shipped)
+    assert (listed.name, listed.mcpu, listed.tuned_on, listed.records) == ("small", mcpu, "--program small.pt2", 3)
+    db = records._shipped(mcpu, shipped)
+    assert db is not None
+    assert records.schedule_kernels(imported, imported.target, db)[1] == []
+    # Records apply to every CPU of the same SIMD width (AVX-512 records on any AVX-512 CPU, ...).
+    same_width = {"znver4": "skylake-avx512", "znver3": "haswell"}.get(mcpu)
+    if same_width:
+        assert records._shipped(same_width, shipped) is not None
+    with caplog.at_level("WARNING", logger="fscnn_tvm"):
+        assert records._shipped("some-other-cpu", shipped) is None
+    assert "were tuned for" in caplog.text and "ignored" in caplog.text
+
+
+def _snapshot(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(directory) for f in files}
+
+
+def test_shipped_sets_load_from_a_directory_or_a_zip_and_are_never_written(tmp_path, caplog):
+    """A damaged line in a shipped set is left out with one warning; the set's files stay as they
+    are, read-only or not (root ignores the mode bits, hence the snapshot)."""
+    sets = tmp_path / "schedules"
+    with resources.as_file(records.SHIPPED / "vgg16_cifar_s90_avx2") as shipped:
+        shutil.copytree(shipped, sets / "vgg16_cifar_s90_avx2")
+    with open(sets / "vgg16_cifar_s90_avx2" / RECORDS, "a") as f:
+        f.write("null\n")
+    archive = tmp_path / "package.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in _snapshot(sets).items():
+            z.writestr(f"fscnn_tvm/schedules/{name}", data)
+    before = _snapshot(sets)
+    for path in [*(p for p in sets.rglob("*") if p.is_file()), *(p for p in sets.rglob("*") if p.is_dir()), sets]:
+        os.chmod(path, 0o444 if path.is_file() else 0o555)
+    try:
+        with caplog.at_level("WARNING", logger="fscnn_tvm"):
+            from_dir = records._shipped("znver3", sets)
+            from_zip = records._shipped("znver3", zipfile.Path(archive, "fscnn_tvm/schedules/"))
+    finally:
+        for path in [sets, *sets.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    assert _snapshot(sets) == before
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 1 and "1 line(s) left out" in left_out[0], left_out  # once for the same lines
+    count = sum(1 for line in before[f"vgg16_cifar_s90_avx2/{RECORDS}"].decode().splitlines() if line.strip()) - 1
+    assert len(from_dir.get_all_tuning_records()) == len(from_zip.get_all_tuning_records()) == count > 0
+
+
+def test_the_package_ships_sets_that_say_what_they_were_tuned_on():
+    sets = records.shipped_sets()
+    assert len(sets) >= 10 and all(s.records > 0 and s.tuned_on.startswith("--model ") for s in sets)
+    readme = (records.SHIPPED / "README.md").read_text()
+    assert all(s.name in readme or s.name.endswith("_avx2") for s in sets)
+    for s in sets:
+        meta = json.loads((records.SHIPPED / s.name / records.TARGET_FILE).read_text())
+        assert meta["mcpu"] == s.mcpu
+
+
+def test_compile_warns_once_when_sparse_kernels_have_no_record(small_model, default_log, caplog):
+    model, x, imported = small_model
+
+    def warnings(**kw):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fscnn_tvm"):
+            fscnn_tvm.compile(imported, **kw)
+        return [r.getMessage() for r in caplog.records if UNTUNED in r.getMessage()]
+
+    [message] = warnings()  # the shipped sets hold nothing for this model
+    assert message.startswith(f"3 of 3 sparse kernels {UNTUNED} in the schedules shipped for this CPU")
+    assert "fscnn_tvm.tune(imported, trials=96, log_dir='tuning_logs/my_model'), then " \
+           "fscnn_tvm.compile(imported, tuning_log='tuning_logs/my_model')" in message
+    [message] = warnings(tune_command="fscnn-tvm tune --program small.pt2")
+    assert message.endswith("Tune them with: fscnn-tvm tune --program small.pt2")
+    assert warnings(use_shipped=False) == []  # no record asked for
+    assert warnings(tuning_log=default_log) == []  # every kernel has one
+
+
+def test_a_missing_log_directory_is_named(small_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tuning_log: .*missing is not a directory"):
+        records.resolve_database(str(tmp_path / "missing"), small_model[2].target)
