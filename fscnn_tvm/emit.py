@@ -58,14 +58,15 @@ def dense_reason(chain, threshold: float | None) -> str | None:
 # ----------------------------------------------------------------------------- emission
 
 def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, layer: str):
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    x_shape, conv_args = kernel_view(chain)
     spec, weights = ops.kernel_inputs(chain.kind, F.to_format(chain.weight, fmt, block), x_shape, bias_of(chain),
-                                      chain.activation, target, **kernel_conv_args(chain))
-    return emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer)
+                                      chain.activation, target, **conv_args)
+    return emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer, _subsamples(chain))
 
 
-def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str):
-    """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec)."""
+def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str, subsample=False):
+    """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec); with
+    ``subsample``, on the input subsampled as ``kernel_view`` says."""
     from tvm import relax
     if spec not in funcs:
         # Unscheduled here: ``compile`` applies a tuned or the default schedule.
@@ -73,8 +74,12 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
         funcs[spec] = bb.add_func(kernels.prim_func(spec).with_attr("global_symbol", name), name)
         kernels_[name] = Kernel(spec, weights, [])
     kernels_[funcs[spec].name_hint].layers.append(layer)
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
-    x = chain.x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(chain.x, spec.x_shape))
+    x, x_shape = chain.x, tuple(int(s) for s in chain.x.ty.shape)
+    if subsample:
+        stride = [int(s) for s in chain.head.attrs.strides]
+        x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=stride))
+        x_shape = kernel_view(chain)[0]
+    x = x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(x, spec.x_shape))
     out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
                                  relax.TensorType(spec.out_shape, "float32")))
     return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
@@ -82,6 +87,27 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
 
 def bias_of(chain):
     return None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1)
+
+
+def _subsamples(chain) -> bool:
+    """A 1x1 conv with stride > 1 and no padding reads every s-th pixel only."""
+    a = chain.head.attrs
+    return chain.kind == "conv2d" and tuple(chain.weight.shape[2:]) == (1, 1) and max(int(s) for s in a.strides) > 1 \
+        and max(int(p) for p in a.padding) == 0
+
+
+def kernel_view(chain) -> tuple[tuple, dict]:
+    """(input shape, stride/padding/dilation) of the conv our dense and sparse kernels run for a
+    chain. A subsampling 1x1 conv (ResNet's downsample shortcuts) runs as a stride-1 conv on the
+    input subsampled by a strided slice before the kernel: its output rows are then read whole,
+    not one pixel in s (the strided kernel laid out all s*s stride phases to read one), and it
+    may flatten. Measured at 90 %, AVX2: 1024->2048 at 14x14 stride 2 1.5x, 256->512 at 56x56
+    stride 2 1.3x, the slice included."""
+    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    if not _subsamples(chain):
+        return x_shape, kernel_conv_args(chain)
+    (sh, sw) = (int(s) for s in chain.head.attrs.strides)
+    return x_shape[:2] + (-(-x_shape[2] // sh), -(-x_shape[3] // sw)), {}
 
 
 def kernel_conv_args(chain) -> dict:
@@ -143,9 +169,10 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
                                                    **kernel_conv_args(chain))
         return emit_kernel(bb, chain, spec, weights, "depthwise_conv2d", funcs, kernels_, layer)
     if runs_dense_kernel(chain):
-        spec, weights = dense.dense_inputs(chain.weight, x_shape, bias_of(chain), chain.activation, target,
-                                           **kernel_conv_args(chain))
-        return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
+        view_shape, conv_args = kernel_view(chain)
+        spec, weights = dense.dense_inputs(chain.weight, view_shape, bias_of(chain), chain.activation, target,
+                                           **conv_args)
+        return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer, _subsamples(chain))
     return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import pick
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
-                   kernel_conv_args, runs_dense_kernel)
+                   kernel_view, runs_dense_kernel)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
 
@@ -287,9 +287,9 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
     if reason is None:
         layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
         if measure and runs_dense_kernel(chain):
-            sparse_ms, dense_ms = pick.time_conv(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
-                                                 chain.activation, layer_fmt, layer_block, target,
-                                                 **kernel_conv_args(chain))
+            x_shape, conv_args = kernel_view(chain)
+            sparse_ms, dense_ms = pick.time_conv(chain.weight, x_shape, bias_of(chain), chain.activation, layer_fmt,
+                                                 layer_block, target, **conv_args)
             if dense_ms < sparse_ms:
                 reason = f"dense kernel faster here: {dense_ms:.3g} ms vs {sparse_ms:.3g} ms sparse"
     if reason is None:

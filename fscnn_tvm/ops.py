@@ -17,6 +17,7 @@ Compute (what) and schedule (how) are separate functions; ``kernel_func`` lowers
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -349,17 +350,20 @@ def choose_lanes(out_width: int, native: int) -> int:
     return min(options, key=lambda v: (-(-out_width // v) * v, -v))
 
 
-def _flattens(geo: ConvGeometry, native: int) -> bool:
-    """Whether a conv runs on its image flattened to one row: a pointwise conv (1x1, stride 1,
-    no padding) whose H*W pixels pad to fewer whole vectors than its H rows do, and split into
-    a register tile of 4 to 8 vectors. Measured on ResNet-50's 1x1 convs at 90 %, default
-    schedules, AVX-512: 1.19-1.90x the per-row kernel at 28x28; at 56x56, where 8-lane rows
-    pad nothing, 0.69-0.82x, so those (and 14x14, 7x7, which would pad as much) stay per row."""
-    if (geo.kh, geo.kw, geo.stride, geo.pad) != (1, 1, (1, 1), (0, 0, 0, 0)):
-        return False
-    n_vectors = -(-geo.height * geo.width // native)
-    per_row = geo.height * -(-geo.width // choose_lanes(geo.width, native)) * choose_lanes(geo.width, native)
-    return n_vectors * native < per_row and any(n_vectors % v == 0 for v in range(4, 9))
+def _flattens(row: KernelSpec, flat: KernelSpec) -> bool:
+    """Whether a pointwise conv (1x1, stride 1, no padding) runs on its image flattened to one
+    row (``flat``) instead of per row (``row``): where its H*W pixels pad to fewer whole vectors
+    than its H rows do and split into a register tile of 4 to 8 vectors, or pad as much and
+    fill a bigger register tile. Measured at 90 %: 1.19-1.90x the per-row kernel at 28x28
+    (AVX-512); at 7x7 (AVX2: a row is one vector and 7 rows do not split, so the per-row tile is
+    4 channels x 1 vector, flattened 1 x 7 vectors) 1.59-1.83x; at 56x56, where 8-lane rows pad
+    nothing and the per-row tile holds 16 accumulators, 0.69-0.82x."""
+    def padded(spec):
+        return spec.geo.out_height * spec.padded_width
+    if padded(flat) != padded(row):
+        n_vectors = flat.padded_width // flat.lanes
+        return padded(flat) < padded(row) and any(n_vectors % v == 0 for v in range(4, 9))
+    return math.prod(_default_tile(flat)) > math.prod(_default_tile(row))
 
 
 def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
@@ -385,16 +389,19 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     native, registers = vector_lanes(target), vector_registers(target)
     if kind == "conv2d":
-        geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
-        lanes, flat_hw = choose_lanes(geo.out_width, native), None
-        if _flattens(geo, native):
-            flat_hw, lanes = (geo.height, geo.width), native
-            geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
-        cache = caches(target)
-        return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
-                          has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
-                          line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2,
-                          band_rows=band_rows_for(geo, cache))
+        geo, cache = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation), caches(target)
+
+        def spec(geo, lanes, flat_hw=None):
+            return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
+                              has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
+                              line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2,
+                              band_rows=band_rows_for(geo, cache))
+        row = spec(geo, choose_lanes(geo.out_width, native))
+        if (geo.kh, geo.kw, geo.stride, geo.pad) != (1, 1, (1, 1), (0, 0, 0, 0)):
+            return row
+        flat = spec(ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape),
+                    native, (geo.height, geo.width))
+        return flat if _flattens(row, flat) else row
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
     if len(weight_shape) != 2:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fscnn_tvm
+from fscnn_tvm import prune
 from fscnn_tvm.importer import choose_format
 
 
@@ -286,5 +287,22 @@ def test_constants_that_are_not_per_channel_are_not_folded_into_the_bias(sparse)
     x = torch.randn(4, 3, 8, 8)
     imported = fscnn_tvm.import_torch(model, (x,), sparse=sparse, measure=False)
     assert not any("bias" in r.fused for r in imported.report)
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])  # sparse kernel, dense kernel
+def test_subsampling_pointwise_convs_run_on_the_subsampled_input(threshold):
+    """ResNet's downsample shortcut (1x1, stride 2, no padding) and an odd one (stride (2, 3) on
+    odd sizes): each runs as a stride-1 conv on the input subsampled before the kernel."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 12, 1, stride=(2, 3), bias=False)).eval()
+    prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
+    x = torch.randn(2, 8, 29, 23)
+    imported = fscnn_tvm.import_torch(model, (x,), sparsity_threshold=threshold, measure=False)
+    pixels = sorted((k.spec.x_shape[1], k.spec.x_shape[2] * k.spec.x_shape[3]) for k in imported.kernels.values())
+    assert pixels == [(8, 15 * 12), (16, 8 * 4)]  # (flattened or not)
+    assert all(k.spec.geo.stride == (1, 1) for k in imported.kernels.values())
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -419,6 +419,19 @@ def test_pointwise_conv_runs_on_the_flattened_image(rng, fmt, block):
     assert fscnn_tvm.SparseLayer("conv2d", w, x.shape, stride=2).spec.flat_hw is None
 
 
+@pytest.mark.parametrize("hw,flattens", [(7, True), (28, True), (56, False)])
+def test_flattening_follows_padding_then_register_tile(hw, flattens):
+    """AVX2 (8 lanes, 16 registers): 7x7 pads as much either way, but its per-row tile is
+    4 channels x 1 vector (7 rows do not split) against 7 vectors flattened; 56x56 pads as much
+    and its per-row tile (4 x 4 rows x 1) is the bigger one; 28x28 pads less flattened."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    spec = ops.make_spec("conv2d", (1, 64, hw, hw), (64, 64, 1, 1), (64, 8, 1, 1), False, None, target)
+    assert (spec.flat_hw is not None) == flattens
+    rng = np.random.default_rng(hw)
+    x, w = rng.standard_normal((1, 8, hw, hw)).astype(np.float32), _uneven_rows(rng, (12, 8, 1, 1))
+    assert_matches(fscnn_tvm.sparse_conv2d(x, w, target=target if host_avx2() else None), torch_conv(x, w))
+
+
 @pytest.mark.parametrize("fin,dtype", [(32768, np.int16), (32769, np.int32)])
 def test_linear_offsets_int16_where_they_fit(rng, fin, dtype):
     # The last column is the one an int16 offset must still reach (or overflow into a wrong read).
