@@ -21,7 +21,7 @@ import tvm
 from tvm import te
 
 from .decisions import FixedDecisions
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
 from .target import vector_lanes, vector_registers
 
@@ -146,7 +146,8 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
     """TE tensors (x, w_pack[, bias], out) of the whole layer."""
     g = spec.geo
     (sh, sw), (dh, dw), (pt, pl) = g.stride, g.dilation, g.pad[:2]
-    x = te.placeholder(spec.x_shape, "float32", name="x_nchw")
+    batch = batch_extent(g.batch)
+    x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
     w = te.placeholder(spec.w_pack_shape, "float32", name="w_pack")
     bias = te.placeholder((spec.out_blocks * spec.oc_bn,), "float32", name="bias") if spec.has_bias else None
     n_cb = g.in_channels // spec.ic_bn
@@ -157,14 +158,14 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
         return te.if_then_else(inside, x[n, cb * spec.ic_bn + ci, row, col], tvm.tirx.const(0.0, "float32"))
 
     if spec.packs:
-        x_pack = te.compute((g.batch, n_cb) + spec.pack_hw + (spec.ic_bn,), packed, name="x_pack")
+        x_pack = te.compute((batch, n_cb) + spec.pack_hw + (spec.ic_bn,), packed, name="x_pack")
         read = lambda n, cb, h, col, ci: x_pack[n, cb, h, col, ci]  # noqa: E731
     else:
         read = lambda n, cb, h, col, ci: x[n, cb, h, col]  # noqa: E731 - the input is its own packing
     cb, r, s, ci = (te.reduce_axis((0, e), name=nm) for e, nm in
                     ((n_cb, "cb"), (g.kh, "r"), (g.kw, "s"), (spec.ic_bn, "ci")))
     acc = te.compute(
-        (g.batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
+        (batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
         lambda n, kb, oh, ow, ko: te.sum(
             read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
         name="acc")
@@ -173,7 +174,7 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
         v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
         return activate(v + bias[k] if bias is not None else v, spec.activation)
 
-    out = te.compute(spec.out_shape, value, name="out")
+    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
     return [x, w] + ([bias] if bias is not None else []) + [out]
 
 

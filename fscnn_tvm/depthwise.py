@@ -19,7 +19,7 @@ import tvm
 from tvm import te
 
 from .decisions import FixedDecisions
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
 from .target import vector_lanes, vector_registers
 
@@ -113,7 +113,8 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
     """TE tensors (x, w[, bias], out) of the whole layer."""
     g = spec.geo
     (sh, sw), (dh, dw), (pt, pl) = g.stride, g.dilation, g.pad[:2]
-    x = te.placeholder(spec.x_shape, "float32", name="x_nchw")
+    batch = batch_extent(g.batch)
+    x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
     w = te.placeholder((g.out_channels, g.kh * g.kw), "float32", name="w")
     bias = te.placeholder((g.out_channels,), "float32", name="bias") if spec.has_bias else None
 
@@ -122,10 +123,10 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
         inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
         return te.if_then_else(inside, x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
 
-    x_phase = te.compute((g.batch, g.in_channels) + spec.phase_shape, phased, name="x_phase")
+    x_phase = te.compute((batch, g.in_channels) + spec.phase_shape, phased, name="x_phase")
     r, s = te.reduce_axis((0, g.kh), name="r"), te.reduce_axis((0, g.kw), name="s")
     acc = te.compute(
-        (g.batch, g.out_channels, spec.padded_height, spec.padded_width),
+        (batch, g.out_channels, spec.padded_height, spec.padded_width),
         lambda n, k, oh, ow: te.sum(
             x_phase[n, k // spec.multiplier, (r * dh % sh) * sw + s * dw % sw, oh + r * dh // sh, ow + s * dw // sw]
             * w[k, r * g.kw + s], axis=[r, s]),
@@ -135,7 +136,7 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
         v = acc[n, k, oh, ow]
         return activate(v + bias[k] if bias is not None else v, spec.activation)
 
-    out = te.compute(spec.out_shape, value, name="out")
+    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
     return [x, w] + ([bias] if bias is not None else []) + [out]
 
 

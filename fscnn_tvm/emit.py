@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 
 from . import dense, depthwise, kernels, ops, pick
 from . import formats as F
+from .geometry import DYNAMIC, with_batch
 from .layer import relax_layer
 
 
@@ -66,23 +68,41 @@ def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, laye
 
 def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, layer: str, subsample=False):
     """A ``call_tir`` of our kernel for ``spec`` (added to the module once per spec); with
-    ``subsample``, on the input subsampled as ``kernel_view`` says."""
+    ``subsample``, on the input subsampled as ``kernel_view`` says. A chain whose input has a
+    symbolic batch gets the kernel built for every batch size."""
     from tvm import relax
+    batch = chain.x.ty.shape[0]
+    dynamic = not isinstance(batch, tvm.tirx.IntImm)
+    if dynamic:
+        spec = kernels.batched(spec, DYNAMIC)
     if spec not in funcs:
         # Unscheduled here: ``compile`` applies a tuned or the default schedule.
         name = f"{prefix}_{len(funcs)}"
         funcs[spec] = bb.add_func(kernels.prim_func(spec).with_attr("global_symbol", name), name)
         kernels_[name] = Kernel(spec, weights, [])
     kernels_[funcs[spec].name_hint].layers.append(layer)
-    x, x_shape = chain.x, tuple(int(s) for s in chain.x.ty.shape)
+
+    def shape(s):  # the batch dimension as the model has it
+        return with_batch(s, batch) if dynamic else s
+    x, x_shape = chain.x, static_shape(chain.x)
     if subsample:
         stride = [int(s) for s in chain.head.attrs.strides]
         x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=stride))
         x_shape = kernel_view(chain)[0]
-    x = x if spec.x_shape == x_shape else bb.emit(relax.op.reshape(x, spec.x_shape))
+    x = x if spec.x_shape[1:] == x_shape[1:] else bb.emit(relax.op.reshape(x, shape(spec.x_shape)))
     out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
-                                 relax.TensorType(spec.out_shape, "float32")))
-    return out if spec.out_shape == spec.layer_out_shape else bb.emit(relax.op.reshape(out, spec.layer_out_shape))
+                                 relax.TensorType(shape(spec.out_shape), "float32")))
+    return out if spec.out_shape == spec.layer_out_shape else \
+        bb.emit(relax.op.reshape(out, shape(spec.layer_out_shape)))
+
+
+def static_shape(expr) -> tuple:
+    """The shape of ``expr``, a symbolic batch dimension taken as 1: what kernels are specialised
+    and timed on (``emit_kernel`` then builds them for every batch size)."""
+    dims = list(expr.ty.shape)
+    if any(not isinstance(d, tvm.tirx.IntImm) for d in dims[1:]):
+        raise ValueError(f"only the batch dimension may be dynamic; this tensor has shape {dims}")
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else 1 for d in dims)
 
 
 def bias_of(chain):
@@ -103,7 +123,7 @@ def kernel_view(chain) -> tuple[tuple, dict]:
     not one pixel in s (the strided kernel laid out all s*s stride phases to read one), and it
     may flatten. Measured at 90 %, AVX2: 1024->2048 at 14x14 stride 2 1.5x, 256->512 at 56x56
     stride 2 1.3x, the slice included."""
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    x_shape = static_shape(chain.x)
     if not _subsamples(chain):
         return x_shape, kernel_conv_args(chain)
     (sh, sw) = (int(s) for s in chain.head.attrs.strides)
@@ -148,7 +168,7 @@ def grouped_kernel(chain, target, measure: bool) -> tuple[str, str]:
     if not measure:
         ours = tuple(int(s) for s in chain.head.attrs.strides) == (1, 1)
         return ("csr", "block-diagonal CSR kernel") if ours else ("tvm", "TVM's grouped conv (stride > 1)")
-    ours_ms, tvm_ms = pick.time_grouped(chain.weight, tuple(int(s) for s in chain.x.ty.shape), bias_of(chain),
+    ours_ms, tvm_ms = pick.time_grouped(chain.weight, static_shape(chain.x), bias_of(chain),
                                         chain.activation, target, conv_args_of(chain))
     times = f"{min(ours_ms, tvm_ms):.3g} ms vs {max(ours_ms, tvm_ms):.3g} ms"
     return ("csr", f"block-diagonal CSR kernel (faster here: {times})") if ours_ms <= tvm_ms else \
@@ -159,7 +179,7 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
     """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
     (bias and activation fused) where it applies, a grouped conv on the kernel ``grouped``
     names (see ``grouped_kernel``), else dense Relax ops."""
-    x_shape = tuple(int(s) for s in chain.x.ty.shape)
+    x_shape = static_shape(chain.x)
     if grouped == "csr":
         spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
                                           x_shape, bias_of(chain), chain.activation, target, **kernel_conv_args(chain))

@@ -9,6 +9,23 @@ import numpy as np
 from . import formats as F
 
 
+DYNAMIC = -1  # the batch of a kernel built for every batch size: one symbolic dimension
+
+
+def with_batch(shape, batch) -> tuple:
+    """``shape`` with its first (batch) dimension replaced by ``batch``."""
+    return (batch,) + tuple(shape[1:])
+
+
+def batch_extent(batch):
+    """The batch extent a kernel's tensors take: the int, or one symbolic var for DYNAMIC (make
+    it once per kernel: every tensor of the kernel must share it)."""
+    if batch != DYNAMIC:
+        return batch
+    from tvm import te
+    return te.var("batch", "int64")
+
+
 def _ints(value, name, expected):
     """``value`` as a tuple of ints, from one int or a sequence of ints; anything else is an
     error naming the argument (``int()`` would truncate 1.5 silently)."""

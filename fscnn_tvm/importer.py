@@ -13,10 +13,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm
 
 from . import pick
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
-                   kernel_view, runs_dense_kernel)
+                   kernel_view, runs_dense_kernel, static_shape)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
 
@@ -51,6 +52,7 @@ class ImportedModel:
     target: object
     kernels: dict = field(default_factory=dict)  # function name -> emit.Kernel
     notes: list = field(default_factory=list)  # lines for the report about the import as a whole
+    batch_range: tuple | None = None  # (lo, hi) of a dynamic-batch module (input_shapes' batch is None)
 
     def __str__(self):
         rows = [{"layer": r.name, "kind": r.kind, "shape": "x".join(map(str, r.weight_shape)),
@@ -198,13 +200,15 @@ def _is_relu6(clip) -> bool:
 
 
 def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
-                 target=None, sparse=True, measure=True) -> ImportedModel:
+                 target=None, sparse=True, measure=True, dynamic_batch=None) -> ImportedModel:
     """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
     ExportedProgram, and rewrite each pruned conv/linear layer to the sparse kernels.
     Convs that stay dense run our dense kernel. ``measure``: a conv at or over the threshold runs
     sparse only if its sparse kernel is faster than the dense one, timed here (when the target is
     this machine; else the threshold alone decides). ``sparse=False`` rewrites nothing (BatchNorm
-    is still folded): the dense baseline."""
+    is still folded): the dense baseline. ``dynamic_batch=(lo, hi)`` (``True``: (1, 64)): one
+    module for every batch size in that range, the batch dimension of every input symbolic (a
+    program exported with a dynamic batch dimension of its own keeps it without this)."""
     import torch
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -218,10 +222,14 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     target = resolve_target(target)
     check_float32(model)
     notes = []
+    batch_range = batch_range_of(dynamic_batch)
     if isinstance(model, torch.export.ExportedProgram):
+        if batch_range is not None:
+            raise ValueError("dynamic_batch: a torch.export program's dynamic dimensions are fixed when it is exported; "
+                             "export it with dynamic_shapes (dimension 0 a torch.export.Dim) or pass the module")
         program = model
     else:
-        program = export_torch(model, example_inputs)
+        program = export_torch(model, example_inputs, batch_range)
         if any(m.training for m in model.modules()):
             notes.append("the model is in training mode: it was imported as in eval mode, BatchNorm folded with its "
                          "running statistics (the model's mode is unchanged)")
@@ -274,8 +282,27 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             out = bb.emit_output(_substitute(main.body.body, remap))
         bb.emit_func_output(out)
     num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
-    shapes = [tuple(int(s) for s in p.ty.shape) for p in main.params]
-    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels, notes)
+    shapes = [tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape) for p in main.params]
+    if any(s and s[0] is None for s in shapes) and batch_range is None:  # the program's own dynamic batch
+        bounds = [main.attrs[key] if main.attrs is not None and key in main.attrs else {}
+                  for key in ("tir_var_lower_bound", "tir_var_upper_bound")]
+        name = str(next(p.ty.shape[0] for p in main.params if not isinstance(p.ty.shape[0], tvm.tirx.IntImm)))
+        batch_range = (int(bounds[0].get(name, 1)), int(bounds[1].get(name, 2**31 - 1)))
+    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels, notes, batch_range)
+
+
+def batch_range_of(dynamic_batch) -> tuple | None:
+    """(lo, hi) from ``import_torch``'s ``dynamic_batch``, or None."""
+    if dynamic_batch is None or dynamic_batch is False:
+        return None
+    if dynamic_batch is True:
+        return 1, 64
+    if isinstance(dynamic_batch, (tuple, list)) and len(dynamic_batch) == 2 \
+            and all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in dynamic_batch) \
+            and 1 <= dynamic_batch[0] < dynamic_batch[1]:
+        return int(dynamic_batch[0]), int(dynamic_batch[1])
+    raise ValueError(f"dynamic_batch: expected True or (lo, hi) with 1 <= lo < hi (one batch size needs no "
+                     f"dynamic batch: import with an example of that size), got {dynamic_batch!r}")
 
 
 def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):
@@ -304,7 +331,7 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
             else bb.emit(chain.head)
         label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
-                              list(chain.fused), tuple(int(s) for s in chain.x.ty.shape), chain.weight,
+                              list(chain.fused), static_shape(chain.x), chain.weight,
                               None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1),
                               chain.activation, conv_args_of(chain), layer_block if reason is None else None))
     return out

@@ -3,10 +3,13 @@ function, the default schedule, the tuner's design spaces and the lowering, chos
 spec's type (``ops.KernelSpec`` sparse, ``dense.DenseConvSpec`` dense, ``depthwise.DepthwiseSpec``)."""
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 
 from . import dense, depthwise, ops
 from .decisions import SampledDecisions
+from .geometry import DYNAMIC
 
 # Kernels of a single structure: (module with prim_func/default_schedule, its schedule function).
 _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
@@ -28,6 +31,21 @@ def design_spaces(func: tvm.tirx.PrimFunc, spec) -> list:
     if type(spec) in _SINGLE:
         return [_SINGLE[type(spec)][1](func, spec, SampledDecisions())]
     return [ops.schedule_sparse(func, spec, SampledDecisions(), v) for v in ops.variants(spec)]
+
+
+def batched(spec, batch):
+    """``spec`` for another batch size (``geometry.DYNAMIC``: every batch size)."""
+    changes = {"batch": batch} if isinstance(spec, ops.KernelSpec) else {}
+    if spec.geo is not None:
+        changes["geo"] = dataclasses.replace(spec.geo, batch=batch)
+    return dataclasses.replace(spec, **changes)
+
+
+def tuned_as(spec):
+    """The spec a kernel is tuned and its records looked up as: a dynamic-batch kernel as its
+    batch-1 twin (the schedules never split the batch loop, so a twin's trace replays on it)."""
+    batch = spec.batch if isinstance(spec, ops.KernelSpec) else spec.geo.batch
+    return batched(spec, 1) if batch == DYNAMIC else spec
 
 
 def lower(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:

@@ -26,7 +26,7 @@ from tvm import te
 
 from . import formats as F
 from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F401 - part of ops' API
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, batch_extent, with_batch
 from .lowering import kernel_func, lower_sparse  # noqa: F401 - part of ops' API
 from .target import Caches, caches, vector_lanes, vector_registers
 
@@ -60,9 +60,10 @@ def conv2d_layout_compute(x_nchw: te.Tensor, geo: ConvGeometry, tail: int, band_
         inside = tvm.tirx.all(f < size, row >= 0, row < geo.height, col >= 0, col < geo.width)
         return te.if_then_else(inside, x_nchw[n, c, row, col], tvm.tirx.const(0.0, "float32"))
 
+    batch = x_nchw.shape[0]
     if band_rows is None:
-        return te.compute((geo.batch, size + tail), lambda n, f: value(n, None, f), name="x_flat")
-    return te.compute((geo.batch, geo.out_height // band_rows, size + tail), value, name="x_flat")
+        return te.compute((batch, size + tail), lambda n, f: value(n, None, f), name="x_flat")
+    return te.compute((batch, geo.out_height // band_rows, size + tail), value, name="x_flat")
 
 
 def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride, band_rows=None):
@@ -163,17 +164,18 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     w_length = te.placeholder((n_kb,), "int32", name="w_length")
     w_perm = te.placeholder((spec.out_features,), "int32", name="w_perm")
     bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
+    batch = batch_extent(spec.batch)
     if spec.kind == "conv2d":
         geo = spec.geo
-        x = te.placeholder((geo.batch, geo.in_channels, geo.height, geo.width), "float32", name="x_nchw")
+        x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
         tail = spec.padded_width - geo.out_width
         x_flat = conv2d_layout_compute(x, geo, tail, spec.band_rows)
         acc = sparse_accumulate_compute(x_flat, w_data, w_offset, (geo.out_height, spec.padded_width),
                                         geo.phase_width, spec.band_rows)
     else:
-        x = te.placeholder((spec.batch, spec.in_features), "float32", name="x")
+        x = te.placeholder((batch, spec.in_features), "float32", name="x")
         acc = sparse_accumulate_compute(x, w_data, w_offset, (1, 1), 0)
-    out = epilogue_compute(acc, spec.out_shape, bias, spec.activation)
+    out = epilogue_compute(acc, with_batch(spec.out_shape, batch), bias, spec.activation)
     return [x, w_data, w_offset, w_length, w_perm] + ([bias] if bias is not None else []) + [out]
 
 

@@ -55,11 +55,17 @@ def tuned_schedule(db, spec, target):
 
 
 def best_schedule(spec, target, db=None):
-    """(schedule, tuned): the best record in ``db`` when there is one, else the default."""
-    sch = tuned_schedule(db, spec, target) if db is not None else None
-    if sch is not None:
-        return sch, True
-    return kernels.default_schedule(kernels.prim_func(spec), spec), False
+    """(schedule, tuned): the best record in ``db`` when there is one, else the default. A
+    dynamic-batch kernel takes the record of its batch-1 twin (``kernels.tuned_as``), replayed."""
+    twin = kernels.tuned_as(spec)
+    sch = tuned_schedule(db, twin, target) if db is not None else None
+    if sch is None:
+        return kernels.default_schedule(kernels.prim_func(spec), spec), False
+    if twin is not spec:
+        replayed = tvm.s_tir.Schedule(kernels.prim_func(spec))
+        sch.trace.apply_to_schedule(replayed, remove_postproc=False)
+        sch = replayed
+    return sch, True
 
 
 def schedule_kernels(imported, target, db=None):

@@ -24,9 +24,11 @@ log = logging.getLogger("fscnn_tvm")
 class CompiledModel:
     """Callable on numpy arrays or torch tensors; returns numpy (a tuple for several outputs)."""
 
-    def __init__(self, executable, input_shapes=None):
+    def __init__(self, executable, input_shapes=None, batch_range=None):
         self.executable = executable
+        # A dynamic-batch model: each input's batch dimension is None, any batch in batch_range.
         self.input_shapes = input_shapes
+        self.batch_range = None if batch_range is None else tuple(int(b) for b in batch_range)
         # A VM keeps the registers of the call in progress in the VM object itself: two threads
         # calling one VM corrupt each other's frames (register-file check failures, then a
         # segfault). Each thread gets its own VM, made on its first call, so calls from several
@@ -48,13 +50,30 @@ class CompiledModel:
             if hasattr(x, "detach"):
                 x = x.detach().cpu().numpy()
             x = np.ascontiguousarray(x, dtype=np.float32)
-            if self.input_shapes and i < len(self.input_shapes) and tuple(x.shape) != tuple(self.input_shapes[i]):
-                raise ValueError(f"input {i}: shape {x.shape}, but the model was compiled for "
-                                 f"{tuple(self.input_shapes[i])}")
+            if self.input_shapes and i < len(self.input_shapes):
+                self._check_shape(i, x.shape, self.input_shapes[i])
             arrays.append(tvm.runtime.tensor(x))
         if self.input_shapes and len(arrays) != len(self.input_shapes):
             raise ValueError(f"expected {len(self.input_shapes)} input(s), got {len(arrays)}")
+        batches = {int(a.shape[0]) for a, s in zip(arrays, self.input_shapes or []) if s and s[0] is None}
+        if len(batches) > 1:
+            raise ValueError(f"inputs: every input's batch dimension must be the same, got {sorted(batches)}")
         return arrays
+
+    def _check_shape(self, i, shape, expected):
+        shape, expected = tuple(shape), tuple(expected)
+        if not expected or expected[0] is not None:
+            if shape != expected:
+                raise ValueError(f"input {i}: shape {shape}, but the model was compiled for {expected}")
+            return
+        lo, hi = self.batch_range
+        if len(shape) != len(expected) or shape[1:] != expected[1:]:
+            raise ValueError(f"input {i}: shape {shape}, but the model was compiled for (batch, "
+                             f"{', '.join(map(str, expected[1:]))}) with a batch of {lo} to {hi}")
+        if not lo <= shape[0] <= hi:
+            raise ValueError(f"input {i}: batch {shape[0]} is outside the range the model was compiled for "
+                             f"({lo} to {hi}); import it with dynamic_batch=({min(lo, shape[0])}, "
+                             f"{max(hi, shape[0])})")
 
     def runner(self, *inputs):
         """A no-argument callable running the model on ``inputs`` (converted once), for timing;
@@ -89,6 +108,7 @@ class CompiledModel:
             self.executable.export_library(lib_tmp)
             with open(side_tmp, "w") as f:
                 json.dump({"input_shapes": [list(s) for s in self.input_shapes] if self.input_shapes else None,
+                           "batch_range": list(self.batch_range) if self.batch_range else None,
                            "sha256": _sha256(lib_tmp)}, f)
             os.replace(side_tmp, _sidecar_path(path))
             os.replace(lib_tmp, path)
@@ -126,22 +146,25 @@ def _sha256(path):
 
 
 def _read_sidecar(path):
-    """(input shapes or None, sha256 or None) from a library's sidecar; older exports wrote
-    only the list of shapes."""
+    """(input shapes or None, batch range or None, sha256 or None) from a library's sidecar;
+    older exports wrote only the list of shapes."""
     sidecar = _sidecar_path(path)
     if not os.path.exists(sidecar):
-        return None, None
+        return None, None, None
     try:
         with open(sidecar) as f:
             meta = json.load(f)
         if isinstance(meta, list):
             meta = {"input_shapes": meta}
-        shapes, digest = meta.get("input_shapes"), meta.get("sha256")
-        shapes = None if shapes is None else [tuple(int(n) for n in s) for s in shapes]
+        shapes, batch_range, digest = meta.get("input_shapes"), meta.get("batch_range"), meta.get("sha256")
+        shapes = None if shapes is None else [tuple(None if n is None else int(n) for n in s) for s in shapes]
+        if any(s and s[0] is None for s in shapes or []) != (batch_range is not None):
+            raise ValueError("a dynamic batch dimension needs a batch range, and a batch range one")
+        batch_range = None if batch_range is None else tuple(int(b) for b in batch_range)
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{sidecar} (the input shapes and checksum of {path}) is damaged ({err}); re-export the "
                          f"library, or delete this file to load it unchecked") from None
-    return shapes, digest
+    return shapes, batch_range, digest
 
 
 def _to_numpy(result):
@@ -173,7 +196,7 @@ def compile(imported, target=None, tuning_log=None, use_shipped=True, tune_comma
                     "Tune them with: %s", len(missing), len(sparse), where,
                     ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
                     tune_command or _python_tune_command(len(missing)))
-    return CompiledModel(compile_module(mod, target, db), imported.input_shapes)
+    return CompiledModel(compile_module(mod, target, db), imported.input_shapes, imported.batch_range)
 
 
 def _python_tune_command(kernels: int) -> str:
@@ -243,7 +266,7 @@ def load(path) -> CompiledModel:
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
-    shapes, digest = _read_sidecar(path)
+    shapes, batch_range, digest = _read_sidecar(path)
     if digest is not None and _sha256(path) != digest:
         raise ValueError(f"{path} is damaged or changed since export (its sha256 differs from the one in "
                          f"{_sidecar_path(path)}); re-export it")
@@ -251,4 +274,4 @@ def load(path) -> CompiledModel:
         lib = tvm.runtime.load_module(path)
     except Exception as err:
         raise ValueError(f"{path} is not a compiled fscnn-tvm library ({str(err).splitlines()[0]})") from None
-    return CompiledModel(lib, shapes)
+    return CompiledModel(lib, shapes, batch_range)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 
-def export_torch(model, example_inputs):
-    """``torch.export`` with errors that say what failed."""
+def export_torch(model, example_inputs, batch_range=None):
+    """``torch.export`` with errors that say what failed; with ``batch_range`` (lo, hi), the
+    first dimension of every input is one symbolic batch dimension in that range."""
     import torch
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -19,6 +20,9 @@ def export_torch(model, example_inputs):
             or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError(f"example_inputs: expected a tensor or a tuple of tensors, got {example_inputs!r:.80}")
     example_inputs = tuple(example_inputs)
+    dynamic_shapes = None
+    if batch_range is not None:
+        example_inputs, dynamic_shapes = _dynamic_batch(example_inputs, batch_range)
     # Traced in eval mode (BatchNorm on running statistics, dropout off: inference), then each
     # module's own flag is put back: the model is the user's, and may be training.
     modes = {m: m.training for m in model.modules()}
@@ -32,8 +36,12 @@ def export_torch(model, example_inputs):
             raise ValueError(f"the model does not run on example inputs of shape {shapes}: "
                              f"{type(err).__name__}: {err}") from None
         try:
-            return torch.export.export(model, example_inputs)
+            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
         except Exception as err:
+            if dynamic_shapes is not None and "Constraints violated" in str(err):
+                raise ValueError("dynamic_batch: the model's forward fixes its batch size (e.g. a reshape to a "
+                                 "constant batch, or an op that needs one), so it cannot run every batch in "
+                                 f"{batch_range}: {str(err).splitlines()[0]}") from None
             raise ValueError(f"torch.export could not capture the model ({type(err).__name__}): "
                              f"{str(err).splitlines()[0] if str(err) else ''}. Make forward() traceable "
                              "(no data-dependent Python control flow) or export it yourself and pass "
@@ -41,6 +49,22 @@ def export_torch(model, example_inputs):
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _dynamic_batch(example_inputs, batch_range):
+    """Example inputs for a dynamic-batch export (torch.export specialises a dimension it sees
+    as 1: the first sample is repeated to a batch of at least 2) and the shared batch Dim."""
+    import torch
+    batches = {int(t.shape[0]) for t in example_inputs if t.dim()}
+    if len(batches) != 1 or any(t.dim() == 0 for t in example_inputs):
+        raise ValueError(f"example_inputs: with dynamic_batch every input's first dimension is the batch, and "
+                         f"they must agree; got shapes {[tuple(t.shape) for t in example_inputs]}")
+    lo, hi = batch_range
+    size = min(max(2, lo), hi)
+    examples = tuple(t if t.shape[0] == size else t[:1].expand(size, *t.shape[1:]).contiguous()
+                     for t in example_inputs)
+    batch = torch.export.Dim("batch", min=lo, max=hi)
+    return examples, tuple({0: batch} for _ in examples)
 
 
 def check_float32(model):

@@ -108,13 +108,16 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
     os.makedirs(args_dir, exist_ok=True)
     tasks = []
     for name, kernel in imported.kernels.items():
-        mod = workload(kernel.spec)
+        spec = kernels.tuned_as(kernel.spec)
+        mod = workload(spec)
         info = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
         # Real weights, offsets and bias; x and the output are filled at random.
         arrays = {f"a{i + 1}": a for i, a in enumerate(kernel.arrays)}
         np.savez(os.path.join(args_dir, args_key(info) + ".npz"), **arrays)
-        tasks.append(Task(name, mod, float(len(kernel.layers)), kernel_space(kernel.spec), kernel.layers, kernel.spec))
-    if dense:
+        tasks.append(Task(name, mod, float(len(kernel.layers)), kernel_space(spec), kernel.layers, spec))
+    if dense and imported.batch_range is not None:
+        log.info("dynamic batch: TVM's own ops (dense matmuls) are not tuned; every conv is a kernel of ours")
+    elif dense:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
         from tvm import relax
 
@@ -124,7 +127,7 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
                                         relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                         relax.transform.FuseTIR()])(mod)
         for t in relax_tasks(mod, imported.target):
-            if not t.task_name.startswith(("sparse_", "dense_conv2d_")) and any(k in t.task_name for k in ("conv2d", "matmul")):
+            if t.task_name not in imported.kernels and any(k in t.task_name for k in ("conv2d", "matmul")):
                 tasks.append(Task(t.task_name, t.dispatched[0], float(t.weight), "post-order-apply", []))
     return tasks
 
