@@ -48,7 +48,7 @@ def _import(args):
     threads = bench.set_threads(args.threads)
     model, example, name = load_model(args)
     imported = import_torch(model, example, args.threshold, args.fmt, args.block, args.target,
-                            measure=not args.no_measure)
+                            measure=not args.no_measure, dynamic_batch=args.dynamic_batch)
     print(imported)
     compiled = build(imported, tuning_log=args.tuning_log, tune_command=compare.tune_command(
         args.model, args.program, args.sparsity, args.prune, args.block, args.fmt, args.threshold, args.batch,
@@ -175,6 +175,13 @@ def _batch_list(text):
     return values
 
 
+def _batch_range(text):
+    values = _batch_list(text)
+    if len(values) != 2 or values[0] >= values[1]:
+        raise argparse.ArgumentTypeError(f"dynamic batch must look like 1,64 (lowest < highest), got {text!r}")
+    return tuple(values)
+
+
 def _sparsity_list(text):
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -219,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=float, default=1.0, help="seconds to time each engine end to end (0: skip)")
     p.add_argument("--out", default=None, help="shared library to write (default <model>_s<sparsity>.so)")
     p.add_argument("--tuning-log", default=None, help="apply the records of this tuning log directory")
+    p.add_argument("--dynamic-batch", type=_batch_range, default=None, metavar="LO,HI",
+                   help="one library for every batch size from LO to HI (checked and timed at --batch)")
     p.set_defaults(func=_import)
 
     p = sub.add_parser("tune", help="autotune a model's sparse kernels (and dense ops) with meta_schedule")

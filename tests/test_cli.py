@@ -2,8 +2,11 @@
 `import` gives when sparse kernels have no record."""
 import os
 
+import numpy as np
+import pytest
 import torch
 
+import fscnn_tvm
 from fscnn_tvm import records
 from fscnn_tvm.cli import main as cli
 from fscnn_tvm.target import mcpu_lanes, resolve_target
@@ -57,3 +60,17 @@ def test_import_warns_once_with_the_command_that_tunes_the_model(small_model, tm
     [message] = [r.getMessage() for r in caplog.records if "have no tuned record" in r.getMessage()]
     assert message.endswith(f"Tune them with: fscnn-tvm tune --program {program} --no-measure "
                             f"--log tuning_logs/small, then add --tuning-log tuning_logs/small")
+
+
+@pytest.mark.slow  # a whole zoo model
+def test_import_with_a_dynamic_batch_writes_one_library_for_the_range(tmp_path, capsys):
+    out = str(tmp_path / "r.so")
+    assert cli(["import", "--model", "vgg16_cifar", "--sparsity", "0.9", "--no-measure",
+                "--time", "0", "--batch", "3", "--dynamic-batch", "1,4", "--out", out]) == 0
+    assert "output matches PyTorch" in capsys.readouterr().out
+    loaded = fscnn_tvm.load(out)
+    assert loaded.batch_range == (1, 4)
+    for batch in (1, 4):
+        assert loaded(np.zeros((batch, 3, 32, 32), np.float32)).shape == (batch, 10)
+    with pytest.raises(ValueError, match="outside the range"):
+        loaded(np.zeros((5, 3, 32, 32), np.float32))

@@ -14,7 +14,7 @@ from fscnn_tvm import depthwise, dense, kernels, ops, prune
 from fscnn_tvm.formats import to_csr
 from fscnn_tvm.geometry import DYNAMIC
 from fscnn_tvm.layer import _build
-from test_ops import _uneven_rows, banded, torch_conv
+from test_ops import _uneven_rows, banded
 
 
 def _model():
