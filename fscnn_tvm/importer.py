@@ -87,6 +87,7 @@ class Chain:
     bias: np.ndarray | None = None
     activation: str | None = None
     fused: list = field(default_factory=list)
+    residual: object = None  # a tensor of the conv's output shape added before the activation
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain
 
@@ -167,13 +168,17 @@ def _extend(chain: Chain, graph: _Graph):
         if name == "relax.add" and chain.activation is None:
             other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
             b = graph.const_of(other)
+            if b is None and _residual(chain, other, value):
+                chain.residual = other
+                chain.fused.append("add")
             # The shape as added (after any reshape const_of saw through) decides what it broadcasts along.
-            if b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
+            elif b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
                 return
-            chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
-            chain.fused.append("bias")
+            else:
+                chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
+                chain.fused.append("bias")
         elif name == "relax.nn.batch_norm" and chain.kind == "conv2d" and chain.activation is None \
-                and int(value.attrs.axis) == 1:
+                and chain.residual is None and int(value.attrs.axis) == 1:
             params = [_const(a) for a in value.args[1:5]]
             getter = graph.only_user(user)
             if any(p is None for p in params) or getter is None or int(getattr(graph.defs[getter], "index", -1)) != 0:
@@ -192,6 +197,14 @@ def _extend(chain: Chain, graph: _Graph):
             return
         chain.skip.add(chain.last_var)
         chain.last_var = user
+
+
+def _residual(chain, other, add) -> bool:
+    """Whether ``add`` adds a tensor the conv's epilogue can read as it is (a residual: one value
+    per output element, float32), once per chain. Not for linear layers, and not a second one."""
+    shape = [str(d) for d in getattr(other.ty, "shape", [])]
+    return chain.kind == "conv2d" and chain.residual is None and getattr(other.ty, "dtype", "") == "float32" \
+        and shape == [str(d) for d in chain.head.ty.shape] == [str(d) for d in add.ty.shape]
 
 
 def _is_relu6(clip) -> bool:
@@ -273,6 +286,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                 if b.var in chains:
                     chain = chains[b.var]
                     chain.x = _substitute(chain.x, remap)
+                    chain.residual = None if chain.residual is None else _substitute(chain.residual, remap)
                     chain.head = _substitute(chain.head, remap)
                     remap[b.var] = _emit_chain(bb, chain, len(report), names,
                                                sparsity_threshold if sparse else None, fmt, block,

@@ -306,3 +306,49 @@ def test_subsampling_pointwise_convs_run_on_the_subsampled_input(threshold):
     assert all(k.spec.geo.stride == (1, 1) for k in imported.kernels.values())
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+class _Residual(torch.nn.Module):
+    """Residual adds after every kind of conv we run: sparse 3x3 (+BN, then ReLU), a flattened
+    sparse 1x1 (no activation), the dense kernel (under the threshold), depthwise, a grouped conv
+    on the block-diagonal sparse kernel, and a strided grouped conv left to TVM's ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.sparse = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.pointwise = torch.nn.Conv2d(16, 16, 1)
+        self.dense = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.grouped = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.strided = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.sparse(x)) + x)
+        y = self.pointwise(y) + y
+        y = torch.relu(y + self.dense(y))  # the residual first
+        y = torch.nn.functional.relu6(self.depthwise(y) + y)
+        y = self.grouped(y) + y
+        return self.strided(y) + y[:, :, ::2, ::2]
+
+
+@pytest.mark.parametrize("dynamic_batch", [None, (1, 3)])
+def test_residual_adds_fuse_into_the_producing_conv(dynamic_batch):
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    for conv in (model.sparse, model.pointwise):
+        conv.weight.data *= torch.rand_like(conv.weight) > 0.8
+    x = torch.randn(2, 16, 12, 10)
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False, dynamic_batch=dynamic_batch)
+    fused = {r.name: r.fused for r in imported.report}
+    assert fused["sparse"] == ["bn", "add", "relu"] and fused["pointwise"] == ["bias", "add"]
+    assert fused["dense"] == ["bias", "add", "relu"] and fused["depthwise"] == ["bias", "add", "relu6"]
+    assert fused["grouped"] == fused["strided"] == ["bias", "add"]
+    assert sum(k.spec.has_residual for k in imported.kernels.values()) == 5  # all but TVM's strided grouped conv
+    compiled = fscnn_tvm.compile(imported)
+    for batch in (2,) if dynamic_batch is None else (1, 3):
+        xb = torch.randn(batch, 16, 12, 10)
+        ref = model(xb).detach().numpy()
+        np.testing.assert_allclose(compiled(xb), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
