@@ -88,6 +88,7 @@ class Chain:
     activation: str | None = None
     fused: list = field(default_factory=list)
     residual: object = None  # a tensor of the conv's output shape added before the activation
+    index: int = 0  # the head's place among the model's conv/linear layers (names the layer)
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain
 
@@ -156,12 +157,14 @@ def _per_channel(shape, channels: int, kind: str) -> bool:
     return shape in allowed
 
 
-def _extend(chain: Chain, graph: _Graph):
-    """Absorb bias add, BatchNorm and ReLU that follow the head, in that order when present."""
+def _extend(chain: Chain, graph: _Graph, claimed: set):
+    """Absorb bias add, BatchNorm, a residual add and ReLU that follow the head, in that order
+    when present; not a binding ``claimed`` by another chain (a residual add joins two convs'
+    outputs: the first chain to reach it takes it, the other ends before it)."""
     out_ch = chain.weight.shape[0]
     while True:
         user = graph.only_user(chain.last_var)
-        if user is None:
+        if user is None or user in claimed:
             return
         value = graph.defs[user]
         name = _op_name(value)
@@ -269,7 +272,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         if chain is None:
             continue
         if chain.weight is not None:
-            _extend(chain, graph)
+            _extend(chain, graph, absorbed | set(chains))
+        chain.index = len(chains)
         chains[chain.last_var] = chain
         absorbed |= chain.skip
         absorbed.discard(chain.last_var)
@@ -288,7 +292,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                     chain.x = _substitute(chain.x, remap)
                     chain.residual = None if chain.residual is None else _substitute(chain.residual, remap)
                     chain.head = _substitute(chain.head, remap)
-                    remap[b.var] = _emit_chain(bb, chain, len(report), names,
+                    remap[b.var] = _emit_chain(bb, chain, chain.index, names,
                                                sparsity_threshold if sparse else None, fmt, block,
                                                target, funcs, kernels, report, measure and on_host(target))
                 else:
