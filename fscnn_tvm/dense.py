@@ -40,7 +40,6 @@ class DenseConvSpec:
     # (``geo`` is then that 1 x H*W image): no row ends to pad, and no packing (below).
     flat_hw: tuple | None = None
     kind: str = "dense_conv2d"
-    has_residual: bool = False  # a tensor of the output's shape added before the activation
 
     @property
     def x_shape(self):
@@ -171,17 +170,12 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
             read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
         name="acc")
 
-    out_shape = with_batch(spec.out_shape, batch)
-    res = te.placeholder(out_shape, "float32", name="residual") if spec.has_residual else None
-
     def value(n, k, oh, ow):
         v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
-        v = v + bias[k] if bias is not None else v
-        v = v + res[n, k, oh, ow] if res is not None else v
-        return activate(v, spec.activation)
+        return activate(v + bias[k] if bias is not None else v, spec.activation)
 
-    out = te.compute(out_shape, value, name="out")
-    return [x, w] + [t for t in (bias, res) if t is not None] + [out]
+    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
+    return [x, w] + ([bias] if bias is not None else []) + [out]
 
 
 def prim_func(spec: DenseConvSpec) -> tvm.tirx.PrimFunc:

@@ -34,7 +34,6 @@ class DepthwiseSpec:
     vectors: int  # register tile: vectors along an output row
     rows: int  # register tile: output rows
     kind: str = "depthwise_conv2d"
-    has_residual: bool = False  # a tensor of the output's shape added before the activation
 
     @property
     def multiplier(self):
@@ -133,17 +132,12 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
             * w[k, r * g.kw + s], axis=[r, s]),
         name="acc")
 
-    out_shape = with_batch(spec.out_shape, batch)
-    res = te.placeholder(out_shape, "float32", name="residual") if spec.has_residual else None
-
     def value(n, k, oh, ow):
         v = acc[n, k, oh, ow]
-        v = v + bias[k] if bias is not None else v
-        v = v + res[n, k, oh, ow] if res is not None else v
-        return activate(v, spec.activation)
+        return activate(v + bias[k] if bias is not None else v, spec.activation)
 
-    out = te.compute(out_shape, value, name="out")
-    return [x, w] + [t for t in (bias, res) if t is not None] + [out]
+    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
+    return [x, w] + ([bias] if bias is not None else []) + [out]
 
 
 def prim_func(spec: DepthwiseSpec) -> tvm.tirx.PrimFunc:

@@ -3,7 +3,6 @@ grouped kernel or TVM's), and its ``call_tir`` with the kernel's constant arrays
 added to the module once per spec and remembered as a ``Kernel`` (what tuning works on)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +75,6 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
     dynamic = not isinstance(batch, tvm.tirx.IntImm)
     if dynamic:
         spec = kernels.batched(spec, DYNAMIC)
-    if chain.residual is not None:
-        spec = dataclasses.replace(spec, has_residual=True)
     if spec not in funcs:
         # Unscheduled here: ``compile`` applies a tuned or the default schedule.
         name = f"{prefix}_{len(funcs)}"
@@ -93,11 +90,8 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
         x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=stride))
         x_shape = kernel_view(chain)[0]
     x = x if spec.x_shape[1:] == x_shape[1:] else bb.emit(relax.op.reshape(x, shape(spec.x_shape)))
-    args = [x] + [relax.const(a) for a in weights]
-    if chain.residual is not None:  # (a flattened kernel's output is the layer's, reshaped)
-        same = spec.out_shape == spec.layer_out_shape
-        args.append(chain.residual if same else bb.emit(relax.op.reshape(chain.residual, shape(spec.out_shape))))
-    out = bb.emit(relax.call_tir(funcs[spec], args, relax.TensorType(shape(spec.out_shape), "float32")))
+    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
+                                 relax.TensorType(shape(spec.out_shape), "float32")))
     return out if spec.out_shape == spec.layer_out_shape else \
         bb.emit(relax.op.reshape(out, shape(spec.layer_out_shape)))
 
@@ -199,8 +193,7 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         spec, weights = dense.dense_inputs(chain.weight, view_shape, bias_of(chain), chain.activation, target,
                                            **conv_args)
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer, _subsamples(chain))
-    return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain),
-                       chain.residual)
+    return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
 
 
 def conv_args_of(chain) -> dict:

@@ -87,8 +87,6 @@ class Chain:
     bias: np.ndarray | None = None
     activation: str | None = None
     fused: list = field(default_factory=list)
-    residual: object = None  # a tensor of the conv's output shape added before the activation
-    index: int = 0  # the head's place among the model's conv/linear layers (names the layer)
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain
 
@@ -157,31 +155,25 @@ def _per_channel(shape, channels: int, kind: str) -> bool:
     return shape in allowed
 
 
-def _extend(chain: Chain, graph: _Graph, claimed: set):
-    """Absorb bias add, BatchNorm, a residual add and ReLU that follow the head, in that order
-    when present; not a binding ``claimed`` by another chain (a residual add joins two convs'
-    outputs: the first chain to reach it takes it, the other ends before it)."""
+def _extend(chain: Chain, graph: _Graph):
+    """Absorb bias add, BatchNorm and ReLU that follow the head, in that order when present."""
     out_ch = chain.weight.shape[0]
     while True:
         user = graph.only_user(chain.last_var)
-        if user is None or user in claimed:
+        if user is None:
             return
         value = graph.defs[user]
         name = _op_name(value)
         if name == "relax.add" and chain.activation is None:
             other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
             b = graph.const_of(other)
-            if b is None and _residual(chain, other, value):
-                chain.residual = other
-                chain.fused.append("add")
             # The shape as added (after any reshape const_of saw through) decides what it broadcasts along.
-            elif b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
+            if b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
                 return
-            else:
-                chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
-                chain.fused.append("bias")
+            chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
+            chain.fused.append("bias")
         elif name == "relax.nn.batch_norm" and chain.kind == "conv2d" and chain.activation is None \
-                and chain.residual is None and int(value.attrs.axis) == 1:
+                and int(value.attrs.axis) == 1:
             params = [_const(a) for a in value.args[1:5]]
             getter = graph.only_user(user)
             if any(p is None for p in params) or getter is None or int(getattr(graph.defs[getter], "index", -1)) != 0:
@@ -200,14 +192,6 @@ def _extend(chain: Chain, graph: _Graph, claimed: set):
             return
         chain.skip.add(chain.last_var)
         chain.last_var = user
-
-
-def _residual(chain, other, add) -> bool:
-    """Whether ``add`` adds a tensor the conv's epilogue can read as it is (a residual: one value
-    per output element, float32), once per chain. Not for linear layers, and not a second one."""
-    shape = [str(d) for d in getattr(other.ty, "shape", [])]
-    return chain.kind == "conv2d" and chain.residual is None and getattr(other.ty, "dtype", "") == "float32" \
-        and shape == [str(d) for d in chain.head.ty.shape] == [str(d) for d in add.ty.shape]
 
 
 def _is_relu6(clip) -> bool:
@@ -272,8 +256,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         if chain is None:
             continue
         if chain.weight is not None:
-            _extend(chain, graph, absorbed | set(chains))
-        chain.index = len(chains)
+            _extend(chain, graph)
         chains[chain.last_var] = chain
         absorbed |= chain.skip
         absorbed.discard(chain.last_var)
@@ -290,9 +273,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                 if b.var in chains:
                     chain = chains[b.var]
                     chain.x = _substitute(chain.x, remap)
-                    chain.residual = None if chain.residual is None else _substitute(chain.residual, remap)
                     chain.head = _substitute(chain.head, remap)
-                    remap[b.var] = _emit_chain(bb, chain, chain.index, names,
+                    remap[b.var] = _emit_chain(bb, chain, len(report), names,
                                                sparsity_threshold if sparse else None, fmt, block,
                                                target, funcs, kernels, report, measure and on_host(target))
                 else:

@@ -118,9 +118,9 @@ class DenseConvLayer(KernelLayer):
         self._func = _compiled(self.spec, str(self.target))
 
 
-def relax_layer(bb, x, kind, weight, bias, activation, conv_args, residual=None):
+def relax_layer(bb, x, kind, weight, bias, activation, conv_args):
     """One conv2d (``conv_args``: stride, padding (t, l, b, r), dilation, groups) or linear layer as
-    TVM's own dense Relax ops, emitted into ``bb``: the op, bias add, residual add, activation."""
+    TVM's own dense Relax ops, emitted into ``bb``: the op, bias add, activation."""
     from tvm import relax
     if kind == "conv2d":
         y = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ascontiguousarray(weight, dtype=np.float32)),
@@ -132,8 +132,6 @@ def relax_layer(bb, x, kind, weight, bias, activation, conv_args, residual=None)
         bias_shape = (1, -1)
     if bias is not None:
         y = bb.emit(relax.op.add(y, relax.const(np.asarray(bias, np.float32).reshape(bias_shape))))
-    if residual is not None:
-        y = bb.emit(relax.op.add(y, residual))
     if activation == "relu":
         y = bb.emit(relax.op.nn.relu(y))
     elif activation == "relu6":
