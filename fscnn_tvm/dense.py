@@ -13,6 +13,7 @@ and channels past K (an ``oc_bn`` that does not divide K) are computed on zeros 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,11 @@ from tvm import te
 from .decisions import FixedDecisions
 from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
-from .target import vector_lanes, vector_registers
+from .target import Caches, caches, vector_lanes, vector_registers
+
+# Register tiles per task that reuse each chunk of weights once it is in L1 (blocked kernels):
+# on 7x7 and 14x14 maps one row holds 2-3 tiles, which left the chunk's L2 transfer unshared.
+MIN_TILES_PER_TASK = 6
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class DenseConvSpec:
     # (H, W) of a pointwise conv computed on its image flattened to one row of H*W pixels
     # (``geo`` is then that 1 x H*W image): no row ends to pad, and no packing (below).
     flat_hw: tuple | None = None
+    # Reduction blocking (None: off): input-channel blocks per chunk of the reduction; each task
+    # runs every register tile of its rows on one chunk of weights (L1-resident) before the next,
+    # the accumulators kept in a task-local buffer between chunks.
+    cb_chunk: int | None = None
+    task_rows: int = 1  # output rows per task of the parallel loop
     kind: str = "dense_conv2d"
 
     @property
@@ -117,7 +127,31 @@ def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=
     oc_bn, reg_n = register_tile(geo.out_channels, geo.out_width, lanes, vector_registers(target))
     # Pointwise: one channel per block, so the input needs no packing when its tiles fit the row.
     ic_bn = 1 if pointwise else max(d for d in range(1, min(geo.in_channels, 16) + 1) if geo.in_channels % d == 0)
-    return DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
+    spec = DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
+    cb_chunk, task_rows = reduction_blocking(spec, caches(target))
+    return dataclasses.replace(spec, cb_chunk=cb_chunk, task_rows=task_rows)
+
+
+def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, int]:
+    """(cb_chunk, task_rows). Unblocked (None, 1) while one output block's weights fit twice the
+    L1d: each register tile then streams them from L1 or a near L2. Otherwise the reduction runs in
+    chunks of input-channel blocks whose weights and input window (for the task's rows) fill at
+    most half the L1d, and a task takes the fewest whole-divisor rows that give it
+    MIN_TILES_PER_TASK register tiles, as long as the parallel loop keeps 4 tasks per core."""
+    g = spec.geo
+    n_cb = g.in_channels // spec.ic_bn
+    w_bytes = spec.ic_bn * g.kh * g.kw * spec.oc_bn * 4  # weights of one block of input channels
+    if n_cb * w_bytes <= 2 * cache.l1d:
+        return None, 1
+    tiles_per_row = spec.padded_width // spec.reg_n
+    divisors = [d for d in range(1, g.out_height + 1) if g.out_height % d == 0]
+    rows = next((d for d in divisors if d * tiles_per_row >= MIN_TILES_PER_TASK), divisors[-1])
+    while rows > 1 and g.batch * spec.out_blocks * (g.out_height // rows) < 4 * cache.cores:
+        rows = max(d for d in divisors if d < rows)
+    in_rows = (rows - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1
+    x_bytes = spec.ic_bn * in_rows * spec.pack_hw[1] * 4  # the task's input window of one block
+    fits = [d for d in range(1, n_cb + 1) if n_cb % d == 0 and d * (w_bytes + x_bytes) <= cache.l1d // 2]
+    return max(fits, default=1), rows
 
 
 def pack_weight(spec: DenseConvSpec, weight: np.ndarray) -> np.ndarray:
@@ -191,6 +225,8 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     packed streams are read in order; bias and activation on the way out; parallel over
     (batch, channel blocks, output rows); the input packed in parallel over its rows first."""
     sch = tvm.s_tir.Schedule(func, seed=seed)
+    if spec.cb_chunk is not None:
+        return _schedule_blocked(sch, spec, decide)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
@@ -211,10 +247,39 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     sch.vectorize(i_v)
     for loop in sch.get_loops(out)[-3:]:  # channels, the row, pixels of the tile
         sch.unroll(loop)
+    _schedule_pack(sch, spec)
+    return sch
+
+
+def _schedule_pack(sch, spec):
     if spec.packs:
         pn, pcb, ph, pw, pci = sch.get_loops(sch.get_sblock("x_pack"))
         sch.reorder(pn, pcb, ph, pci, pw)  # read along input rows
         sch.parallel(sch.fuse(pn, pcb, ph))
+
+
+def _schedule_blocked(sch, spec, decide):
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)
+    oh_o, oh_i = sch.split(oh, [None, spec.task_rows])
+    ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
+    ko_o, ko_v = sch.split(ko, [None, spec.lanes])
+    cb_o, cb_i = sch.split(cb, [None, spec.cb_chunk])
+    sch.reorder(n, kb, oh_o, cb_o, oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
+    par = sch.fuse(n, kb, oh_o)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    sch.reverse_compute_at(out, par, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    sch.vectorize(ko_v)
+    for loop in (ci, ow_i, ko_o):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(acc, cb_o)
+    *_, i_ow, i_ko = sch.get_loops(init)
+    i_ko_o, i_v = sch.split(i_ko, [None, spec.lanes])
+    sch.vectorize(i_v)
+    *_, o_ow = sch.get_loops(out)
+    _schedule_pack(sch, spec)
     return sch
 
 

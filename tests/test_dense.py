@@ -1,4 +1,6 @@
 """fscnn_tvm.dense_conv2d (the dense direct-conv kernel) against torch.nn.functional.conv2d."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -60,12 +62,74 @@ def test_pointwise_property(n, c, k, h, w, stride, has_bias, seed):
     assert_matches(out, torch_conv(x, weight, bias, stride, activation="relu"))
 
 
+def run_spec(spec, x, weight, bias, target):
+    """The kernel of ``spec`` (as given, not as make_dense_spec would choose it) on ``x``."""
+    from fscnn_tvm.layer import _build
+    func = _build(dense.schedule_dense(dense.prim_func(spec), spec), target)
+    dev = tvm.cpu()
+    arrays = [dense.pack_weight(spec, weight)]
+    if bias is not None:
+        arrays.append(np.pad(bias, (0, spec.out_blocks * spec.oc_bn - spec.geo.out_channels)))
+    args = [tvm.runtime.tensor(x.reshape(spec.x_shape), dev)] + [tvm.runtime.tensor(a, dev) for a in arrays] \
+        + [tvm.runtime.empty(spec.out_shape, "float32", dev)]
+    func(*args)
+    return args[-1].numpy().reshape(spec.layer_out_shape)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(
+    n=st.integers(1, 2), c=channels, k=channels, h=st.integers(1, 16), w=st.integers(1, 16),
+    kh=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+    has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
+    chunk=st.integers(1, 64), task_rows=st.integers(1, 20), seed=st.integers(0, 2**32 - 1),
+)
+def test_blocked_reduction_property(n, c, k, h, w, kh, stride, padding, dilation, has_bias, activation, chunk,
+                                    task_rows, seed):
+    """The reduction-blocked structure (chunks of input-channel blocks, several rows per task, the
+    accumulators in a task buffer between chunks) for any chunk dividing the blocks and any rows
+    per task, dividing the output rows or not; pointwise convs flattened or read in place too."""
+    rng = np.random.default_rng(seed)
+    if out_size(h, padding, padding, kh, stride, dilation) < 1 or out_size(w, padding, padding, kh, stride,
+                                                                           dilation) < 1:
+        return
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((k, c, kh, kh)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"} if host_avx2() else {"kind": "llvm"})
+    spec = dense.make_dense_spec(x.shape, weight.shape, has_bias, activation, target, stride, padding, dilation)
+    n_cb = c // spec.ic_bn
+    spec = dataclasses.replace(spec, cb_chunk=max(d for d in range(1, min(chunk, n_cb) + 1) if n_cb % d == 0),
+                               task_rows=task_rows)
+    event(f"chunks: {n_cb // spec.cb_chunk}; rows divide: {spec.geo.out_height % task_rows == 0}")
+    assert_matches(run_spec(spec, x, weight, bias, target),
+                   torch_conv(x, weight, bias, stride, padding, dilation, activation))
+
+
+def test_reduction_blocking_policy():
+    """Blocked where one output block's weights exceed twice the L1d (a 512-channel 3x3 layer),
+    not where they fit (64 channels); chunks fill at most half the L1d; small maps take several
+    rows per task."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    cache = dense.caches(target)
+    small = dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), True, "relu", target, padding=1)
+    assert small.cb_chunk is None and small.task_rows == 1
+    for shape, w_shape, rows in [((1, 512, 14, 14), (512, 512, 3, 3), 2), ((1, 512, 7, 7), (512, 512, 3, 3), 7),
+                                 ((1, 2048, 7, 7), (512, 2048, 1, 1), 1)]:
+        spec = dense.make_dense_spec(shape, w_shape, True, "relu", target, padding=w_shape[2] // 2)
+        g = spec.geo
+        assert spec.cb_chunk is not None and (g.in_channels // spec.ic_bn) % spec.cb_chunk == 0
+        assert spec.cb_chunk * spec.ic_bn * g.kh * g.kw * spec.oc_bn * 4 <= cache.l1d // 2
+        assert spec.task_rows == rows
+
+
 @pytest.mark.parametrize("shape,kwargs", [
     ((1, 3, 32, 32), dict(k=64, kh=3, padding=1)),                # a CIFAR stem
     ((1, 3, 45, 45), dict(k=64, kh=7, stride=2, padding=3)),      # an ImageNet stem, odd size
     ((2, 64, 14, 14), dict(k=256, kh=1)),                         # pointwise, flattened, no packing
     ((1, 64, 15, 15), dict(k=24, kh=1, stride=2)),                # pointwise stride 2: reads the input in place
     ((1, 32, 7, 7), dict(k=10, kh=3, padding=1)),                 # K not a whole vector block
+    ((1, 512, 14, 14), dict(k=40, kh=3, stride=2, padding=1)),    # reduction blocked, 7 rows per task
+    ((1, 1024, 7, 7), dict(k=24, kh=1)),                          # pointwise, flattened, blocked
 ])
 def test_dense_layers_of_real_models(rng, shape, kwargs):
     k, kh = kwargs.pop("k"), kwargs.pop("kh")
@@ -127,6 +191,7 @@ def test_wrong_input_channels(rng):
     ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
     ((1, 256, 14, 14), (1024, 256, 1, 1), {}),
     ((1, 3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3)),
+    ((1, 512, 14, 14), (512, 512, 3, 3), dict(padding=1)),  # reduction blocked
 ])
 def test_avx512_kernels_build(shape, w_shape, kwargs):
     """The AVX-512 tile (two 16-lane channel vectors, 10-14 pixels) lowers and compiles; this
