@@ -10,6 +10,12 @@ tile holds ``reg_n`` output pixels x ``oc_bn`` channels; each step of the reduct
 serves several FMAs (dense weights share their input windows, which sparse rows do not), and
 both streams are read in order. Pixels past the row's end (a tile that does not divide the row)
 and channels past K (an ``oc_bn`` that does not divide K) are computed on zeros and cropped.
+
+Where one output block's weights exceed the L1d (``reduction_blocking``: 128+ channel 3x3 layers,
+wide pointwise convs), every register tile would stream them from L2 once per tile, and on small
+maps (7x7, 14x14: 2-3 tiles a row) that stream binds. There the reduction runs in chunks of input
+channel blocks sized to the L1d, as a GEMM blocks K: a task (an output block x a few rows) runs all
+its tiles on one chunk before the next, the accumulators kept in a task buffer between chunks.
 """
 from __future__ import annotations
 
@@ -146,7 +152,8 @@ def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, 
     tiles_per_row = spec.padded_width // spec.reg_n
     divisors = [d for d in range(1, g.out_height + 1) if g.out_height % d == 0]
     rows = next((d for d in divisors if d * tiles_per_row >= MIN_TILES_PER_TASK), divisors[-1])
-    while rows > 1 and g.batch * spec.out_blocks * (g.out_height // rows) < 4 * cache.cores:
+    # (a batch of 1 at least: a kernel built for any batch size may mark its batch as negative)
+    while rows > 1 and max(g.batch, 1) * spec.out_blocks * (g.out_height // rows) < 4 * cache.cores:
         rows = max(d for d in divisors if d < rows)
     in_rows = (rows - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1
     x_bytes = spec.ic_bn * in_rows * spec.pack_hw[1] * 4  # the task's input window of one block
