@@ -55,6 +55,9 @@ class DenseConvSpec:
     # the accumulators kept in a task-local buffer between chunks.
     cb_chunk: int | None = None
     task_rows: int = 1  # output rows per task of the parallel loop
+    # Blocked kernels only: a task's rows computed as one run of task_rows * W pixels (tiles cross
+    # row ends, so only the task's last tile pads); task_rows must divide the output rows.
+    flat_rows: bool = False
     kind: str = "dense_conv2d"
 
     @property
@@ -65,12 +68,23 @@ class DenseConvSpec:
 
     @property
     def out_shape(self):
-        return self.geo.out_shape
+        """The kernel's output shape (flat_rows: one row per task, its rows end to end)."""
+        g = self.geo
+        if self.flat_rows:
+            return (g.batch, g.out_channels, g.out_height // self.task_rows, self.task_rows * g.out_width)
+        return g.out_shape
 
     @property
     def layer_out_shape(self):
         """The layer's output shape: ``out_shape`` with a flattened image unflattened."""
+        if self.flat_rows:
+            return self.geo.out_shape
         return self.out_shape[:2] + tuple(self.flat_hw) if self.flat_hw else self.out_shape
+
+    @property
+    def task_pixels(self):
+        """flat_rows: pixels computed per task, rounded up to whole register tiles."""
+        return -(-self.task_rows * self.geo.out_width // self.reg_n) * self.reg_n
 
     @property
     def packs(self):
@@ -104,6 +118,10 @@ class DenseConvSpec:
     def pack_hw(self):
         """(rows, columns) of the packed, padded input."""
         g = self.geo
+        if self.flat_rows:  # the last task's padding pixels run into the rows below
+            last = g.out_height - self.task_rows + (self.task_pixels - 1) // g.out_width
+            return (last * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1,
+                    (g.out_width - 1) * g.stride[1] + (g.kw - 1) * g.dilation[1] + 1)
         return ((g.out_height - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1,
                 (self.padded_width - 1) * g.stride[1] + (g.kw - 1) * g.dilation[1] + 1)
 
@@ -135,7 +153,11 @@ def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=
     ic_bn = 1 if pointwise else max(d for d in range(1, min(geo.in_channels, 16) + 1) if geo.in_channels % d == 0)
     spec = DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
     cb_chunk, task_rows = reduction_blocking(spec, caches(target))
-    return dataclasses.replace(spec, cb_chunk=cb_chunk, task_rows=task_rows)
+    spec = dataclasses.replace(spec, cb_chunk=cb_chunk, task_rows=task_rows)
+    if task_rows > 1:  # several rows per task: one run of pixels, the tile chosen for the whole run
+        _, reg_n = register_tile(geo.out_channels, task_rows * geo.out_width, lanes, vector_registers(target))
+        spec = dataclasses.replace(spec, flat_rows=True, reg_n=reg_n)
+    return spec
 
 
 def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, int]:
@@ -205,13 +227,22 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
         read = lambda n, cb, h, col, ci: x[n, cb, h, col]  # noqa: E731 - the input is its own packing
     cb, r, s, ci = (te.reduce_axis((0, e), name=nm) for e, nm in
                     ((n_cb, "cb"), (g.kh, "r"), (g.kw, "s"), (spec.ic_bn, "ci")))
-    acc = te.compute(
-        (batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
-        lambda n, kb, oh, ow, ko: te.sum(
-            read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
-        name="acc")
+    if spec.flat_rows:  # acc[n, kb, task, pixel of the task, ko]
+        ow_ = g.out_width
+        acc = te.compute(
+            (batch, spec.out_blocks, g.out_height // spec.task_rows, spec.task_pixels, spec.oc_bn),
+            lambda n, kb, t, p, ko: te.sum(
+                read(n, cb, (t * spec.task_rows + p // ow_) * sh + r * dh, (p % ow_) * sw + s * dw, ci)
+                * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
+            name="acc")
+    else:
+        acc = te.compute(
+            (batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
+            lambda n, kb, oh, ow, ko: te.sum(
+                read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
+            name="acc")
 
-    def value(n, k, oh, ow):
+    def value(n, k, oh, ow):  # flat_rows: (task, pixel of the task) for (oh, ow)
         v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
         return activate(v + bias[k] if bias is not None else v, spec.activation)
 
@@ -267,12 +298,12 @@ def _schedule_pack(sch, spec):
 
 def _schedule_blocked(sch, spec, decide):
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)
-    oh_o, oh_i = sch.split(oh, [None, spec.task_rows])
+    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)  # flat_rows: oh is the task, ow its pixels
+    oh_o, oh_i = (oh, []) if spec.flat_rows else (lambda o, i: (o, [i]))(*sch.split(oh, [None, spec.task_rows]))
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     cb_o, cb_i = sch.split(cb, [None, spec.cb_chunk])
-    sch.reorder(n, kb, oh_o, cb_o, oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
+    sch.reorder(n, kb, oh_o, cb_o, *oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
     par = sch.fuse(n, kb, oh_o)
     sch.parallel(par)
     decide.unroll_limit(sch, par)

@@ -81,13 +81,16 @@ def run_spec(spec, x, weight, bias, target):
     n=st.integers(1, 2), c=channels, k=channels, h=st.integers(1, 16), w=st.integers(1, 16),
     kh=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2),
     has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
-    chunk=st.integers(1, 64), task_rows=st.integers(1, 20), seed=st.integers(0, 2**32 - 1),
+    chunk=st.integers(1, 64), task_rows=st.integers(1, 20), flat_rows=st.booleans(), reg_n=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_blocked_reduction_property(n, c, k, h, w, kh, stride, padding, dilation, has_bias, activation, chunk,
-                                    task_rows, seed):
+                                    task_rows, flat_rows, reg_n, seed):
     """The reduction-blocked structure (chunks of input-channel blocks, several rows per task, the
     accumulators in a task buffer between chunks) for any chunk dividing the blocks and any rows
-    per task, dividing the output rows or not; pointwise convs flattened or read in place too."""
+    per task, dividing the output rows or not; with flat_rows, a task's rows as one run of pixels
+    (any tile width; rows per task divide the output rows); pointwise convs flattened or read in
+    place too."""
     rng = np.random.default_rng(seed)
     if out_size(h, padding, padding, kh, stride, dilation) < 1 or out_size(w, padding, padding, kh, stride,
                                                                            dilation) < 1:
@@ -97,10 +100,12 @@ def test_blocked_reduction_property(n, c, k, h, w, kh, stride, padding, dilation
     bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"} if host_avx2() else {"kind": "llvm"})
     spec = dense.make_dense_spec(x.shape, weight.shape, has_bias, activation, target, stride, padding, dilation)
-    n_cb = c // spec.ic_bn
+    n_cb, oh = c // spec.ic_bn, spec.geo.out_height
+    if flat_rows:
+        task_rows = max(d for d in range(1, min(task_rows, oh) + 1) if oh % d == 0)
     spec = dataclasses.replace(spec, cb_chunk=max(d for d in range(1, min(chunk, n_cb) + 1) if n_cb % d == 0),
-                               task_rows=task_rows)
-    event(f"chunks: {n_cb // spec.cb_chunk}; rows divide: {spec.geo.out_height % task_rows == 0}")
+                               task_rows=task_rows, flat_rows=flat_rows, reg_n=reg_n if flat_rows else spec.reg_n)
+    event(f"chunks: {n_cb // spec.cb_chunk}; rows divide: {oh % task_rows == 0}; flat rows: {flat_rows}")
     assert_matches(run_spec(spec, x, weight, bias, target),
                    torch_conv(x, weight, bias, stride, padding, dilation, activation))
 
@@ -113,13 +118,15 @@ def test_reduction_blocking_policy():
     cache = dense.caches(target)
     small = dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), True, "relu", target, padding=1)
     assert small.cb_chunk is None and small.task_rows == 1
-    for shape, w_shape, rows in [((1, 512, 14, 14), (512, 512, 3, 3), 2), ((1, 512, 7, 7), (512, 512, 3, 3), 7),
-                                 ((1, 2048, 7, 7), (512, 2048, 1, 1), 1)]:
+    for shape, w_shape, rows, reg_n in [((1, 512, 14, 14), (512, 512, 3, 3), 2, 4),
+                                        ((1, 512, 7, 7), (512, 512, 3, 3), 7, 5),  # 49 pixels: 10 tiles of 5
+                                        ((1, 2048, 7, 7), (512, 2048, 1, 1), 1, 5)]:
         spec = dense.make_dense_spec(shape, w_shape, True, "relu", target, padding=w_shape[2] // 2)
         g = spec.geo
         assert spec.cb_chunk is not None and (g.in_channels // spec.ic_bn) % spec.cb_chunk == 0
         assert spec.cb_chunk * spec.ic_bn * g.kh * g.kw * spec.oc_bn * 4 <= cache.l1d // 2
-        assert spec.task_rows == rows
+        assert (spec.task_rows, spec.flat_rows, spec.reg_n) == (rows, rows > 1, reg_n)
+        assert spec.layer_out_shape == (1, w_shape[0], shape[2], shape[3])
 
 
 @pytest.mark.parametrize("shape,kwargs", [
