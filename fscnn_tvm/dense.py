@@ -32,10 +32,6 @@ from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
 from .target import Caches, caches, vector_lanes, vector_registers
 
-# Register tiles per task that reuse each chunk of weights once it is in L1 (blocked kernels):
-# on 7x7 and 14x14 maps one row holds 2-3 tiles, which left the chunk's L2 transfer unshared.
-MIN_TILES_PER_TASK = 6
-
 
 @dataclass(frozen=True)
 class DenseConvSpec:
@@ -164,19 +160,18 @@ def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, 
     """(cb_chunk, task_rows). Unblocked (None, 1) while one output block's weights fit twice the
     L1d: each register tile then streams them from L1 or a near L2. Otherwise the reduction runs in
     chunks of input-channel blocks whose weights and input window (for the task's rows) fill at
-    most half the L1d, and a task takes the fewest whole-divisor rows that give it
-    MIN_TILES_PER_TASK register tiles, as long as the parallel loop keeps 4 tasks per core."""
+    most half the L1d, and a task takes the most rows (a divisor of the output rows) whose
+    accumulators fill at most half the L1d while the parallel loop keeps 4 tasks per core: every
+    tile of the task reuses each chunk of weights once it is in L1."""
     g = spec.geo
     n_cb = g.in_channels // spec.ic_bn
     w_bytes = spec.ic_bn * g.kh * g.kw * spec.oc_bn * 4  # weights of one block of input channels
     if n_cb * w_bytes <= 2 * cache.l1d:
         return None, 1
-    tiles_per_row = spec.padded_width // spec.reg_n
-    divisors = [d for d in range(1, g.out_height + 1) if g.out_height % d == 0]
-    rows = next((d for d in divisors if d * tiles_per_row >= MIN_TILES_PER_TASK), divisors[-1])
+    acc_row = spec.padded_width * spec.oc_bn * 4  # accumulator bytes of one output row
     # (a batch of 1 at least: a kernel built for any batch size may mark its batch as negative)
-    while rows > 1 and max(g.batch, 1) * spec.out_blocks * (g.out_height // rows) < 4 * cache.cores:
-        rows = max(d for d in divisors if d < rows)
+    rows = max((d for d in range(1, g.out_height + 1) if g.out_height % d == 0 and d * acc_row <= cache.l1d // 2
+                and max(g.batch, 1) * spec.out_blocks * (g.out_height // d) >= 4 * cache.cores), default=1)
     in_rows = (rows - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1
     x_bytes = spec.ic_bn * in_rows * spec.pack_hw[1] * 4  # the task's input window of one block
     fits = [d for d in range(1, n_cb + 1) if n_cb % d == 0 and d * (w_bytes + x_bytes) <= cache.l1d // 2]

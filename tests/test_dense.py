@@ -112,13 +112,14 @@ def test_blocked_reduction_property(n, c, k, h, w, kh, stride, padding, dilation
 
 def test_reduction_blocking_policy():
     """Blocked where one output block's weights exceed twice the L1d (a 512-channel 3x3 layer),
-    not where they fit (64 channels); chunks fill at most half the L1d; small maps take several
-    rows per task."""
+    not where they fit (64 channels); chunks fill at most half the L1d; a task takes the most rows
+    whose accumulators fill at most half the L1d (small maps: all of them)."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
     cache = dense.caches(target)
     small = dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), True, "relu", target, padding=1)
     assert small.cb_chunk is None and small.task_rows == 1
-    for shape, w_shape, rows, reg_n in [((1, 512, 14, 14), (512, 512, 3, 3), 2, 4),
+    for shape, w_shape, rows, reg_n in [((1, 512, 14, 14), (512, 512, 3, 3), 14, 4),  # 196 pixels: 49 x 4
+                                        ((1, 512, 56, 56), (512, 512, 3, 3), 4, 4),  # accumulators <= L1d / 2
                                         ((1, 512, 7, 7), (512, 512, 3, 3), 7, 5),  # 49 pixels: 10 tiles of 5
                                         ((1, 2048, 7, 7), (512, 2048, 1, 1), 1, 5)]:
         spec = dense.make_dense_spec(shape, w_shape, True, "relu", target, padding=w_shape[2] // 2)
