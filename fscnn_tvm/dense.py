@@ -72,10 +72,10 @@ class DenseConvSpec:
 
     @property
     def layer_out_shape(self):
-        """The layer's output shape: ``out_shape`` with a flattened image unflattened."""
-        if self.flat_rows:
-            return self.geo.out_shape
-        return self.out_shape[:2] + tuple(self.flat_hw) if self.flat_hw else self.out_shape
+        """The layer's output shape: ``out_shape`` with a flattened image (or tasks' rows) unflattened."""
+        if self.flat_hw:
+            return self.out_shape[:2] + tuple(self.flat_hw)
+        return self.geo.out_shape
 
     @property
     def task_pixels(self):
