@@ -24,7 +24,7 @@ def torch_depthwise(x, w, b, stride, padding, dilation, activation):
     return activated(y, activation).numpy()
 
 
-@settings(max_examples=80, deadline=None, database=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     n=st.integers(1, 3), c=st.integers(1, 24) | st.sampled_from([32, 33]), mult=st.sampled_from([1, 1, 2, 3]),
     h=st.integers(1, 30), w=st.integers(1, 40), kh=st.integers(1, 5), kw=st.integers(1, 5),
