@@ -237,12 +237,18 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
                 read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
             name="acc")
 
-    def value(n, k, oh, ow):  # flat_rows: (task, pixel of the task) for (oh, ow)
-        v = acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn]
-        return activate(v + bias[k] if bias is not None else v, spec.activation)
-
-    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
+    # flat_rows: (task, pixel of the task) for (oh, ow)
+    out = conv_epilogue(lambda n, k, oh, ow: acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn],
+                        with_batch(spec.out_shape, batch), bias, spec.activation)
     return [x, w] + ([bias] if bias is not None else []) + [out]
+
+
+def conv_epilogue(acc_at, out_shape, bias, activation) -> te.Tensor:
+    """``out``: the accumulator ``acc_at(n, k, oh, ow)`` plus bias, through the activation."""
+    def value(n, k, oh, ow):
+        v = acc_at(n, k, oh, ow)
+        return activate(v + bias[k] if bias is not None else v, activation)
+    return te.compute(out_shape, value, name="out")
 
 
 def prim_func(spec: DenseConvSpec) -> tvm.tirx.PrimFunc:

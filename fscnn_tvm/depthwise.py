@@ -20,7 +20,8 @@ from tvm import te
 
 from .decisions import FixedDecisions
 from .geometry import ConvGeometry, batch_extent, with_batch
-from .ops import ACTIVATIONS, activate
+from .dense import conv_epilogue
+from .ops import ACTIVATIONS
 from .target import vector_lanes, vector_registers
 
 
@@ -132,11 +133,8 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
             * w[k, r * g.kw + s], axis=[r, s]),
         name="acc")
 
-    def value(n, k, oh, ow):
-        v = acc[n, k, oh, ow]
-        return activate(v + bias[k] if bias is not None else v, spec.activation)
-
-    out = te.compute(with_batch(spec.out_shape, batch), value, name="out")
+    out = conv_epilogue(lambda n, k, oh, ow: acc[n, k, oh, ow], with_batch(spec.out_shape, batch), bias,
+                        spec.activation)
     return [x, w] + ([bias] if bias is not None else []) + [out]
 
 
