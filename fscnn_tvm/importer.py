@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tvm
 
-from . import pick
+from . import chunks, pick
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
                    kernel_view, runs_dense_kernel, static_shape)
 from .bench import table
@@ -211,9 +211,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     program exported with a dynamic batch dimension of its own keeps it without this)."""
     import torch
     from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
 
-    from .target import on_host, resolve_target
+    from .target import caches, on_host, resolve_target
     if isinstance(sparsity_threshold, bool) or not isinstance(sparsity_threshold, (int, float)) \
             or not 0.0 <= sparsity_threshold <= 1.0:
         raise ValueError(f"sparsity_threshold: must be a number in [0, 1], got {sparsity_threshold!r}")
@@ -233,21 +232,92 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         if any(m.training for m in model.modules()):
             notes.append("the model is in training mode: it was imported as in eval mode, BatchNorm folded with its "
                          "running statistics (the model's mode is unchanged)")
+    mod = _translate(program)
+    main = mod["main"]
+    bindings, chains, absorbed = _layers(main)
+    names = layer_names(program)
+    cut = None
+    if program is not model and batch_range is None:
+        cache = caches(target)
+        cut = chunks.plan(main, absorbed, cache.l2 * cache.cores)
+    if cut is not None:
+        try:  # the model traced on one chunk; a model that runs at its batch size only keeps the batch whole
+            small = _translate(export_torch(model, tuple(t[:cut.chunk] for t in _as_tuple(example_inputs))))["main"]
+        except ValueError:
+            small = None
+        if small is not None and chunks.same_prefix(small, main, cut):
+            notes.append(f"the first {cut.index + 1} of {len(bindings)} ops run {cut.chunk} image(s) at a time "
+                         f"({cut.batch // cut.chunk} calls): their batch-{cut.batch} activations exceed the L2 caches")
+        else:
+            cut = None
+
+    def emit(bindings_, chains_, absorbed_, remap):
+        for b in bindings_:
+            if b.var in absorbed_:
+                continue
+            if b.var in chains_:
+                chain = chains_[b.var]
+                chain.x = _substitute(chain.x, remap)
+                chain.head = _substitute(chain.head, remap)
+                remap[b.var] = _emit_chain(bb, chain, len(report), names, sparsity_threshold if sparse else None,
+                                           fmt, block, target, funcs, kernels, report, measure and on_host(target))
+            else:
+                remap[b.var] = bb.emit(_substitute(b.value, remap))
+
+    bb = relax.BlockBuilder()
+    report, funcs, kernels = [], {}, {}
+    if cut is not None:
+        s_bindings, s_chains, s_absorbed = _layers(small)
+        s_params = [relax.Var(p.name, p.ty) for p in small.params]
+        with bb.function("prefix", s_params, private=True):
+            with bb.dataflow():
+                remap = dict(zip(small.params, s_params))
+                emit(s_bindings[: cut.index + 1], s_chains, s_absorbed, remap)
+                out = bb.emit_output(remap[s_bindings[cut.index].var])
+            prefix = bb.emit_func_output(out)
+    params = [relax.Var(p.name, p.ty) for p in main.params]
+    with bb.function("main", params):
+        with bb.dataflow():
+            remap = dict(zip(main.params, params))
+            rest = bindings
+            if cut is not None:
+                pieces = [bb.emit(relax.Call(prefix, [
+                    bb.emit(relax.op.strided_slice(p, axes=[0], begin=[k], end=[k + cut.chunk])) for p in params]))
+                    for k in range(0, cut.batch, cut.chunk)]
+                remap[bindings[cut.index].var] = bb.emit(relax.op.concat(pieces, axis=0))
+                rest = bindings[cut.index + 1:]
+            emit(rest, chains, absorbed, remap)
+            out = bb.emit_output(_substitute(main.body.body, remap))
+        bb.emit_func_output(out)
+    num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
+    shapes = [tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape) for p in main.params]
+    if any(s and s[0] is None for s in shapes) and batch_range is None:  # the program's own dynamic batch
+        bounds = [main.attrs[key] if main.attrs is not None and key in main.attrs else {}
+                  for key in ("tir_var_lower_bound", "tir_var_upper_bound")]
+        name = str(next(p.ty.shape[0] for p in main.params if not isinstance(p.ty.shape[0], tvm.tirx.IntImm)))
+        batch_range = (int(bounds[0].get(name, 1)), int(bounds[1].get(name, 2**31 - 1)))
+    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels, notes, batch_range)
+
+
+def _translate(program):
+    """TVM's Relax module of a torch.export program, with an error that names the frontend."""
+    from tvm.relax.frontend.torch import from_exported_program
     try:
         with warnings.catch_warnings():
             # torch's run_decompositions, called by the frontend, deep-copies its tree specs and
             # warns about its own deprecated LeafSpec check on every import.
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning, module="copyreg")
-            mod = from_exported_program(program, keep_params_as_input=False)
+            return from_exported_program(program, keep_params_as_input=False)
     except Exception as err:
         raise ValueError(f"TVM's Relax frontend could not translate the program "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    main = mod["main"]
+
+
+def _layers(main):
+    """(bindings, layer chains by their last var, bindings absorbed into a chain) of ``main``."""
     bindings = [b for blk in main.body.blocks for b in blk.bindings]
     graph = _Graph(bindings, main.body.body)
-    names = layer_names(program)
-
     chains, absorbed = {}, set()
     for b in bindings:
         if b.var in absorbed:
@@ -260,35 +330,11 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         chains[chain.last_var] = chain
         absorbed |= chain.skip
         absorbed.discard(chain.last_var)
+    return bindings, chains, absorbed
 
-    bb = relax.BlockBuilder()
-    params = [relax.Var(p.name, p.ty) for p in main.params]
-    report, funcs, kernels = [], {}, {}
-    with bb.function("main", params):
-        with bb.dataflow():
-            remap = dict(zip(main.params, params))
-            for b in bindings:
-                if b.var in absorbed:
-                    continue
-                if b.var in chains:
-                    chain = chains[b.var]
-                    chain.x = _substitute(chain.x, remap)
-                    chain.head = _substitute(chain.head, remap)
-                    remap[b.var] = _emit_chain(bb, chain, len(report), names,
-                                               sparsity_threshold if sparse else None, fmt, block,
-                                               target, funcs, kernels, report, measure and on_host(target))
-                else:
-                    remap[b.var] = bb.emit(_substitute(b.value, remap))
-            out = bb.emit_output(_substitute(main.body.body, remap))
-        bb.emit_func_output(out)
-    num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
-    shapes = [tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape) for p in main.params]
-    if any(s and s[0] is None for s in shapes) and batch_range is None:  # the program's own dynamic batch
-        bounds = [main.attrs[key] if main.attrs is not None and key in main.attrs else {}
-                  for key in ("tir_var_lower_bound", "tir_var_upper_bound")]
-        name = str(next(p.ty.shape[0] for p in main.params if not isinstance(p.ty.shape[0], tvm.tirx.IntImm)))
-        batch_range = (int(bounds[0].get(name, 1)), int(bounds[1].get(name, 2**31 - 1)))
-    return ImportedModel(bb.get(), report, shapes, num_outputs, target, kernels, notes, batch_range)
+
+def _as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if hasattr(example_inputs, "shape") else tuple(example_inputs)
 
 
 def batch_range_of(dynamic_batch) -> tuple | None:

@@ -1,0 +1,158 @@
+"""Batch chunks: where a batched model is cut for chunked execution (one live tensor, no chain
+split, nothing that mixes images before it), the chunk size, and whole imports that run their
+prefix in chunks and still match PyTorch."""
+import numpy as np
+import pytest
+import torch
+
+import fscnn_tvm
+from fscnn_tvm import chunks, importer, prune
+from fscnn_tvm.torch_export import export_torch
+
+
+class Block(torch.nn.Module):
+    """conv-bn-relu twice with a residual add: a cut may follow the add, not a conv inside."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)) + x)
+
+
+class Mixing(torch.nn.Module):
+    """A residual net whose middle subtracts the batch mean: images depend on each other there."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU())
+        self.block1, self.block2 = Block(16), Block(16)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.block1(self.stem(x))
+        x = x - x.mean(0, keepdim=True)
+        return self.head(self.block2(x))
+
+
+def _main(model, x):
+    main = importer._translate(export_torch(model, (x,)))["main"]
+    bindings, _, absorbed = importer._layers(main)
+    return main, bindings, absorbed
+
+
+def _pruned(model):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
+    return model.eval()
+
+
+def test_the_cut_leaves_one_tensor_and_stops_before_an_op_that_mixes_images():
+    model = _pruned(Mixing())
+    main, bindings, absorbed = _main(model, torch.randn(4, 3, 16, 16))
+    cut = chunks.plan(main, absorbed, cache_bytes=1)  # every activation exceeds the cache
+    assert cut is not None and cut.batch == 4 and cut.chunk == 1
+    mean = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.mean")
+    assert cut.index < mean
+    assert bindings[cut.index].var not in absorbed  # not inside a conv's chain
+    assert chunks._op(bindings[cut.index].value) == "relax.nn.relu"  # after block1's add: one tensor live
+    for b in bindings[cut.index + 1:]:  # nothing before the cut is read after it, but the cut itself
+        used = set(chunks._free_vars(b.value))
+        assert not used & {x.var for x in bindings[: cut.index]} and not used & set(main.params)
+
+
+def test_the_cut_follows_the_last_activation_over_the_cache_and_chunks_fill_it():
+    model = _pruned(torch.nn.Sequential(Block(8), torch.nn.MaxPool2d(2), Block(8), torch.nn.MaxPool2d(2), Block(8)))
+    main, bindings, absorbed = _main(model, torch.randn(8, 8, 16, 16))
+    image = 8 * 16 * 16 * 4  # bytes of one image's activation before the first pool
+    cut = chunks.plan(main, absorbed, cache_bytes=8 * image - 1)  # only the first stage's batch exceeds it
+    pool = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.nn.max_pool2d")
+    assert cut.index == pool - 1 and cut.chunk == 4  # 4 images' activations fit the cache
+    assert chunks.plan(main, absorbed, cache_bytes=8 * image) is None  # everything fits: no chunks
+    assert chunks.plan(*_main(model, torch.randn(1, 8, 16, 16))[::2], cache_bytes=1) is None  # batch 1
+
+
+def test_a_flatten_that_keeps_the_batch_may_be_chunked_and_one_that_does_not_stops_the_prefix():
+    class Flat(torch.nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.conv, self.keep = torch.nn.Conv2d(3, 4, 3, padding=1), keep
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return (y.flatten(1) if self.keep else y.reshape(1, -1)) * 2.0
+
+    x = torch.randn(2, 3, 8, 8)
+    main, bindings, absorbed = _main(Flat(True).eval(), x)
+    cut = chunks.plan(main, absorbed, cache_bytes=1)
+    assert chunks._op(bindings[cut.index].value) == "relax.multiply"  # the whole model: its last op
+    main, bindings, absorbed = _main(Flat(False).eval(), x)
+    reshape = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.reshape"
+                   and len(b.var.ty.shape) == 2)  # not the bias's (1, 4, 1, 1)
+    assert chunks.plan(main, absorbed, cache_bytes=1).index < reshape
+
+
+def _import_and_check(model, x, **kwargs):
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False, **kwargs)
+    compiled = fscnn_tvm.compile(imported)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = compiled(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+    return imported
+
+
+# Activations of 16 channels at 128x128, batch 6: 6 MiB, over the L2 of any two cores.
+BIG = (6, 3, 128, 128)
+
+
+def test_a_batched_import_runs_its_prefix_in_chunks_and_matches_pytorch():
+    torch.manual_seed(1)
+    model = _pruned(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), Block(16), torch.nn.MaxPool2d(4),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)))
+    imported = _import_and_check(model, torch.randn(*BIG))
+    assert any("at a time" in n for n in imported.notes)
+    assert any(gv.name_hint == "prefix" for gv in imported.mod.functions)
+    assert imported.input_shapes == [BIG]
+    # The prefix's layers are built for the chunk, the rest for the batch.
+    batches = {r.name: r.x_shape[0] for r in imported.report}
+    assert min(batches.values()) < 6 and batches[imported.report[-1].name] == 6
+
+
+def test_images_that_depend_on_each_other_are_never_chunked_across():
+    model = _pruned(Mixing())
+    imported = _import_and_check(model, torch.randn(*BIG))
+    assert any("at a time" in n for n in imported.notes)
+    batches = {r.name: r.x_shape[0] for r in imported.report}
+    assert batches["stem.0"] < 6 and batches["block2.a.0"] == batches["block2.b.0"] == 6
+
+
+def test_a_model_that_runs_at_its_batch_only_keeps_the_batch_whole():
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).view(6, 16, -1).sum(-1)  # a reshape to the constant batch
+
+    imported = _import_and_check(_pruned(Fixed()), torch.randn(*BIG))
+    assert not any("at a time" in n for n in imported.notes)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_dynamic_batch_and_batch_one_imports_have_no_prefix(dynamic):
+    model = _pruned(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()))
+    x = torch.randn(*BIG) if dynamic else torch.randn(1, *BIG[1:])
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False, dynamic_batch=(1, 8) if dynamic else None)
+    assert not any(gv.name_hint == "prefix" for gv in imported.mod.functions)
