@@ -100,7 +100,6 @@ def plan(main, absorbed: set, cache_bytes: int) -> Cut | None:
     images; chunks of the most images whose largest activation fits ``cache_bytes`` (at least
     one; a proper divisor of the batch). ``absorbed``: bindings folded into a layer chain (no
     cut inside a chain)."""
-    from tvm import relax
     batches = {_batch_of(p.ty) for p in main.params}
     if len(batches) != 1 or None in batches or next(iter(batches)) < 2:
         return None
