@@ -1,17 +1,18 @@
-"""Batch chunks: the early layers of a batched model run a chunk of images at a time.
+"""Batch chunks: the layers of a batched model run a chunk of images at a time, depth first.
 
 At batch N the activations of a CNN's early layers are N times one image's: once they exceed
 the caches every layer streams them through memory, and a batch costs more than N single
-images. So a model imported at a static batch N > 1 is cut after the last layer whose batch-N
-activation exceeds the cores' L2: the part before the cut (the *prefix*) is its own function,
-built for a chunk of images and called once per chunk on slices of the input, its outputs
-concatenated into the batch-N tensor the rest of the model runs on. That is depth-first
-execution at the coarsest grain: each image flows through the prefix while its activations are
-in cache.
+images. So a model imported at a static batch N > 1 is cut into *segments*: each runs as its
+own function built for a chunk of images, called once per chunk on slices of its input, the
+outputs concatenated into the batch-N tensor the next segment starts from. A segment's chunk is
+the most images (a divisor of N) whose largest activation in it fits the cores' L2: one image
+through the 112x112 layers, several through the 14x14 ones (a chunk of small images still fills
+the threads, and each call costs a launch per op); the rest of the model, where the whole batch
+fits, runs at batch N. Each image flows through a segment while its activations are in cache.
 
-A cut must leave exactly one live tensor (batch first), and every op before it must treat the
-images of a batch independently: only ops known to do so (``BATCH_INDEPENDENT``, axis
-arguments checked) may be in the prefix, and each of their outputs must keep the batch as its
+A cut must leave exactly one live tensor (batch first), and every op before the last cut must
+treat the images of a batch independently: only ops known to do so (``BATCH_INDEPENDENT``, axis
+arguments checked) may be in a segment, and each of their outputs must keep the batch as its
 first dimension. Anything else ends the region where chunks may run.
 """
 from __future__ import annotations
@@ -35,10 +36,10 @@ BATCH_INDEPENDENT = ELEMENTWISE | SPATIAL | AXIS_OPS | {"relax.reshape"}
 
 
 @dataclass(frozen=True)
-class Cut:
-    index: int  # the prefix is bindings[: index + 1]
-    chunk: int  # images per prefix call
-    batch: int  # the model's batch N
+class Segment:
+    start: int  # bindings[start : end + 1] run as one function
+    end: int
+    chunk: int  # images per call
 
 
 def _op(value):
@@ -93,49 +94,52 @@ def _bytes(ty) -> int:
     return int(np.prod([int(d.value) for d in shape])) * 4
 
 
-def plan(main, absorbed: set, cache_bytes: int) -> Cut | None:
-    """Where to cut ``main`` (a static-batch Relax function) for chunked execution, or None:
-    at the first point that leaves one live tensor after the last binding whose batch-N output
-    exceeds ``cache_bytes`` (the cores' L2), or at the last such point before an op that mixes
-    images; chunks of the most images whose largest activation fits ``cache_bytes`` (at least
-    one; a proper divisor of the batch). ``absorbed``: bindings folded into a layer chain (no
-    cut inside a chain)."""
+def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
+    """The segments of ``main`` (a static-batch Relax function) that run in chunks, in order;
+    empty when none would (batch 1, or every activation of the batch fits ``cache_bytes``).
+    Bindings after the last segment run at the full batch. ``absorbed``: bindings folded into a
+    layer chain (no cut inside a chain)."""
     batches = {_batch_of(p.ty) for p in main.params}
     if len(batches) != 1 or None in batches or next(iter(batches)) < 2:
-        return None
+        return []
     batch = next(iter(batches))
     bindings = [b for blk in main.body.blocks for b in blk.bindings]
     last_use, reads = {}, {}
     for i, b in enumerate(bindings):
-        reads[b.var] = [n for n in _free_vars(b.value)]
+        reads[b.var] = _free_vars(b.value)
         for v in reads[b.var]:
             last_use[v] = i
     for v in _free_vars(main.body.body):
         last_use[v] = len(bindings)
-    big = max((i for i, b in enumerate(bindings) if _bytes(b.var.ty) > cache_bytes), default=None)
-    if big is None:
-        return None
     on_input = set(main.params)  # what depends on the model's inputs (constants' reshapes need not keep the batch)
     live_until = max((last_use.get(p, -1) for p in main.params), default=-1)  # of everything defined so far
-    cuts = []
+    # Blocks between the points where one tensor is live, with the chunk each one's largest activation allows.
+    blocks, start, chunk = [], 0, batch
     for i, b in enumerate(bindings):
         if any(v in on_input for v in reads[b.var]):
             on_input.add(b.var)
             if not _independent(b.value) or _batch_of(b.var.ty) not in (batch, None):
                 break
+            per_image = _bytes(b.var.ty) // batch
+            chunk = min(chunk, max(c for c in range(1, batch + 1) if batch % c == 0
+                                   and (c == 1 or c * per_image <= cache_bytes)))
         if live_until <= i and b.var not in absorbed and b.var in on_input \
                 and _batch_of(b.var.ty) == batch and last_use.get(b.var, -1) > i:
-            cuts.append(i)
-            if i >= big:
-                break
+            blocks.append(Segment(start, i, chunk))
+            start, chunk = i + 1, batch
         live_until = max(live_until, last_use.get(b.var, -1))
-    if not cuts:
-        return None
-    # Images per chunk: as many as keep the prefix's largest activation within the caches (a
-    # chunk of small images still fills the threads; one image of 32x32 does not).
-    peak = max(_bytes(b.var.ty) for b in bindings[: cuts[-1] + 1] if b.var in on_input) // batch
-    chunk = max(c for c in range(1, batch) if batch % c == 0 and (c == 1 or c * peak <= cache_bytes))
-    return Cut(cuts[-1], chunk, batch)
+    # Chunks only grow along the model (a block takes the least of its own and every later
+    # block's), so the activations that shrink and grow again inside each residual block do
+    # not cut the model into many segments, each boundary a concat and a slice.
+    for k in range(len(blocks) - 2, -1, -1):
+        blocks[k] = Segment(blocks[k].start, blocks[k].end, min(blocks[k].chunk, blocks[k + 1].chunk))
+    segments = []
+    for block in blocks:  # neighbours of one chunk size are one segment
+        if segments and segments[-1].chunk == block.chunk:
+            segments[-1] = Segment(segments[-1].start, block.end, block.chunk)
+        else:
+            segments.append(block)
+    return [s for s in segments if s.chunk < batch]
 
 
 def _free_vars(expr) -> list:
@@ -145,18 +149,15 @@ def _free_vars(expr) -> list:
     return found
 
 
-def same_prefix(small, big, cut: Cut) -> bool:
-    """Whether ``small`` (the model traced on one chunk) has the same first ``cut.index + 1``
+def same_bindings(small, big, end: int, chunk: int, batch: int) -> bool:
+    """Whether ``small`` (the model traced on ``chunk`` images) has the same first ``end + 1``
     bindings as ``big`` (traced on the batch): same ops, shapes equal but for the batch."""
-    def prefix(main):
-        return [b for blk in main.body.blocks for b in blk.bindings][: cut.index + 1]
-
     def dims(ty):
         return [int(d.value) if hasattr(d, "value") else None for d in getattr(ty, "shape", None) or []]
 
     def alike(s, b):  # equal, or equal but for a batch-first dimension (a bias's (1, K, 1, 1) is both)
-        return s == b or (s[:1] == [cut.chunk] and b[:1] == [cut.batch] and s[1:] == b[1:])
+        return s == b or (s[:1] == [chunk] and b[:1] == [batch] and s[1:] == b[1:])
 
-    pairs = list(zip(prefix(small), prefix(big)))
-    return len(pairs) == cut.index + 1 and all(
+    pairs = list(zip(*([b for blk in m.body.blocks for b in blk.bindings][: end + 1] for m in (small, big))))
+    return len(pairs) == end + 1 and all(
         _op(s.value) == _op(b.value) and alike(dims(s.var.ty), dims(b.var.ty)) for s, b in pairs)

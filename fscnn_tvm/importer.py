@@ -236,59 +236,75 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     main = mod["main"]
     bindings, chains, absorbed = _layers(main)
     names = layer_names(program)
-    cut = None
+    segments, traced = [], {}
     if program is not model and batch_range is None:
         cache = caches(target)
-        cut = chunks.plan(main, absorbed, cache.l2 * cache.cores)
-    if cut is not None:
+        segments = chunks.plan(main, absorbed, cache.l2 * cache.cores)
+        batch = int(main.params[0].ty.shape[0])
+    for chunk in sorted({seg.chunk for seg in segments}):
         try:  # the model traced on one chunk; a model that runs at its batch size only keeps the batch whole
-            small = _translate(export_torch(model, tuple(t[:cut.chunk] for t in _as_tuple(example_inputs))))["main"]
+            traced[chunk] = _translate(export_torch(model, tuple(t[:chunk] for t in _as_tuple(example_inputs))))["main"]
         except ValueError:
-            small = None
-        if small is not None and chunks.same_prefix(small, main, cut):
-            notes.append(f"the first {cut.index + 1} of {len(bindings)} ops run {cut.chunk} image(s) at a time "
-                         f"({cut.batch // cut.chunk} calls): their batch-{cut.batch} activations exceed the L2 caches")
-        else:
-            cut = None
+            traced[chunk] = None
+        end = max(seg.end for seg in segments if seg.chunk == chunk)
+        if traced[chunk] is None or not chunks.same_bindings(traced[chunk], main, end, chunk, batch):
+            segments = []
+            break
+    if segments:
+        notes.append("images run depth-first in chunks: " + ", ".join(
+            f"ops {seg.start + 1}-{seg.end + 1} of {len(bindings)} {seg.chunk} at a time" for seg in segments)
+            + " (the batch's activations there exceed the L2 caches)")
 
-    def emit(bindings_, chains_, absorbed_, remap):
-        for b in bindings_:
+    # Layers are numbered in graph order (their names and report rows), whichever function emits them.
+    layer_index = {i: k for k, i in enumerate(i for i, b in enumerate(bindings) if b.var in chains)}
+    rows = {}
+
+    def emit(bindings_, lo, hi, chains_, absorbed_, remap):
+        for i in range(lo, hi):
+            b = bindings_[i]
             if b.var in absorbed_:
                 continue
             if b.var in chains_:
                 chain = chains_[b.var]
                 chain.x = _substitute(chain.x, remap)
                 chain.head = _substitute(chain.head, remap)
-                remap[b.var] = _emit_chain(bb, chain, len(report), names, sparsity_threshold if sparse else None,
+                remap[b.var] = _emit_chain(bb, chain, layer_index[i], names, sparsity_threshold if sparse else None,
                                            fmt, block, target, funcs, kernels, report, measure and on_host(target))
+                rows[layer_index[i]] = report.pop()
             else:
                 remap[b.var] = bb.emit(_substitute(b.value, remap))
 
     bb = relax.BlockBuilder()
     report, funcs, kernels = [], {}, {}
-    if cut is not None:
+    functions = []
+    for k, seg in enumerate(segments):  # each segment's function, built from the model traced on its chunk
+        small = traced[seg.chunk]
         s_bindings, s_chains, s_absorbed = _layers(small)
-        s_params = [relax.Var(p.name, p.ty) for p in small.params]
-        with bb.function("prefix", s_params, private=True):
+        inputs = small.params if seg.start == 0 else [s_bindings[seg.start - 1].var]
+        s_params = [relax.Var(p.name if seg.start == 0 else "x", p.ty) for p in inputs]
+        with bb.function(f"chunk{k}", s_params, private=True):
             with bb.dataflow():
-                remap = dict(zip(small.params, s_params))
-                emit(s_bindings[: cut.index + 1], s_chains, s_absorbed, remap)
-                out = bb.emit_output(remap[s_bindings[cut.index].var])
-            prefix = bb.emit_func_output(out)
+                remap = dict(zip(inputs, s_params))
+                emit(s_bindings, seg.start, seg.end + 1, s_chains, s_absorbed, remap)
+                out = bb.emit_output(remap[s_bindings[seg.end].var])
+            functions.append(bb.emit_func_output(out))
     params = [relax.Var(p.name, p.ty) for p in main.params]
     with bb.function("main", params):
         with bb.dataflow():
             remap = dict(zip(main.params, params))
-            rest = bindings
-            if cut is not None:
-                pieces = [bb.emit(relax.Call(prefix, [
-                    bb.emit(relax.op.strided_slice(p, axes=[0], begin=[k], end=[k + cut.chunk])) for p in params]))
-                    for k in range(0, cut.batch, cut.chunk)]
-                remap[bindings[cut.index].var] = bb.emit(relax.op.concat(pieces, axis=0))
-                rest = bindings[cut.index + 1:]
-            emit(rest, chains, absorbed, remap)
+            done = 0
+            for seg, func in zip(segments, functions):
+                emit(bindings, done, seg.start, chains, absorbed, remap)
+                inputs = params if seg.start == 0 else [remap[bindings[seg.start - 1].var]]
+                pieces = [bb.emit(relax.Call(func, [
+                    bb.emit(relax.op.strided_slice(x, axes=[0], begin=[i], end=[i + seg.chunk])) for x in inputs]))
+                    for i in range(0, batch, seg.chunk)]
+                remap[bindings[seg.end].var] = bb.emit(relax.op.concat(pieces, axis=0))
+                done = seg.end + 1
+            emit(bindings, done, len(bindings), chains, absorbed, remap)
             out = bb.emit_output(_substitute(main.body.body, remap))
         bb.emit_func_output(out)
+    report = [rows[k] for k in sorted(rows)]
     num_outputs = len(main.ret_ty.fields) if hasattr(main.ret_ty, "fields") else 1
     shapes = [tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape) for p in main.params]
     if any(s and s[0] is None for s in shapes) and batch_range is None:  # the program's own dynamic batch

@@ -9,6 +9,7 @@ read-only too; only a tuning job opens one to write.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -46,26 +47,86 @@ def has_trace(db, mod, trace) -> bool:
     return any(str(r.trace) == text for r in workload_records(db, mod))
 
 
-def tuned_schedule(db, spec, target):
-    """The best recorded schedule of a kernel, or None."""
-    mod = workload(spec)
-    if not db.has_workload(mod):
-        return None
-    return db.query_schedule(mod, target=target, workload_name="main")
+def width_class(spec):
+    """The workload a sparse kernel's records are shared under by every pattern of its shapes:
+    the ELL table's width (the longest row, which changes with the pattern) rounded up to a
+    power of two. A record replays on any width of its class (``retarget``): each tile's
+    nonzero loop stops at its own longest row, so the width is an extent, not the work."""
+    if not isinstance(spec, KernelSpec):
+        return spec
+    n_kb, width, bo, bi = spec.ell_shape
+    return dataclasses.replace(spec, ell_shape=(n_kb, max(4, 1 << (width - 1).bit_length()), bo, bi))
+
+
+def retarget(trace, from_width: int, to_width: int):
+    """``trace`` of a sparse kernel of ELL width ``from_width`` for one of ``to_width``: the
+    nonzero loop's split (the schedule's first sampled tile) keeps its inner factor (1, 2 or 4:
+    it divides every width, a multiple of ``ops.ELL_WIDTH_MULTIPLE``) and takes the rest. No
+    other decision depends on the width."""
+    if from_width == to_width:
+        return trace
+    for inst in trace.insts:
+        if inst.kind.name == "SamplePerfectTile":
+            decision = [int(d) for d in trace.decisions[inst]]
+            if len(decision) != 2 or decision[0] * decision[1] != from_width or to_width % decision[1]:
+                raise ValueError(f"not a sparse kernel's trace of width {from_width}: first tile {decision}")
+            return trace.with_decision(inst, [to_width // decision[1], decision[1]], remove_postproc=False)
+    return trace  # the default schedule's: its splits leave the outer extent to the loop
+
+
+def _best_trace(db, spec):
+    """(trace, ELL width it is for) of the best record of ``spec`` in ``db``: its own workload's,
+    else its width class's; or None."""
+    for source in dict.fromkeys((spec, width_class(spec))):
+        found = workload_records(db, workload(source))[:1]
+        if found:
+            return found[0].trace, source.ell_shape[1] if isinstance(source, KernelSpec) else None
+    return None
 
 
 def best_schedule(spec, target, db=None):
     """(schedule, tuned): the best record in ``db`` when there is one, else the default. A
-    dynamic-batch kernel takes the record of its batch-1 twin (``kernels.tuned_as``), replayed."""
+    kernel takes the record of its own workload, else of its width class (another pattern of
+    its shapes, ``width_class``); a dynamic-batch kernel the record of its batch-1 twin
+    (``kernels.tuned_as``: the schedules never split the batch loop). The trace is replayed on
+    the kernel."""
     twin = kernels.tuned_as(spec)
-    sch = tuned_schedule(db, twin, target) if db is not None else None
-    if sch is None:
-        return kernels.default_schedule(kernels.prim_func(spec), spec), False
-    if twin is not spec:
-        replayed = tvm.s_tir.Schedule(kernels.prim_func(spec))
-        sch.trace.apply_to_schedule(replayed, remove_postproc=False)
-        sch = replayed
+    found = _best_trace(db, twin) if db is not None else None
+    func = kernels.prim_func(spec)
+    if found is None:
+        return kernels.default_schedule(func, spec), False
+    trace, width = found
+    if width is not None:
+        trace = retarget(trace, width, spec.ell_shape[1])
+    sch = tvm.s_tir.Schedule(func)
+    trace.apply_to_schedule(sch, remove_postproc=False)
     return sch, True
+
+
+def add_width_classes(db, specs, target) -> int:
+    """Commit the best record of each sparse kernel in ``specs`` under its width class too (the
+    class's first record, or a faster one than it holds), so other patterns of the same shapes
+    find it; returns how many were committed."""
+    added = 0
+    for spec in {kernels.tuned_as(s) for s in specs if isinstance(s, KernelSpec)}:
+        cls = width_class(spec)
+        best = workload_records(db, workload(spec))[:1]
+        if cls == spec or not best:
+            continue
+        held = workload_records(db, workload(cls))[:1]
+        if held and _seconds(held[0]) <= _seconds(best[0]):
+            continue
+        mod = workload(cls)
+        trace = retarget(best[0].trace, spec.ell_shape[1], cls.ell_shape[1])
+        db.commit_tuning_record(ms.database.TuningRecord(
+            trace, db.commit_workload(mod), best[0].run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        added += 1
+    return added
+
+
+def _seconds(record) -> float:
+    secs = [float(t) for t in record.run_secs or []]
+    return sum(secs) / len(secs) if secs else float("inf")
 
 
 def schedule_kernels(imported, target, db=None):

@@ -28,7 +28,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels, ops
 from .intrinsics import import_cpu_intrinsics
-from .records import has_trace, schedule_kernels, workload, workload_records
+from .records import add_width_classes, has_trace, schedule_kernels, workload, workload_records
 from .target import resolve_target
 from .tuning_log import open_database
 
@@ -228,6 +228,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     result = TuneResult(log_dir, tasks, before, dict(before))
     if remaining <= 0:
         log.info("%s already holds %d records for %d tasks; nothing to tune", log_dir, sum(before.values()), len(tasks))
+        add_width_classes(db, [t.spec for t in tasks], target)
         return result
     budget = [remaining]  # shared by the tasks' searches
     contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=t.space,
@@ -247,6 +248,8 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     if sum(result.records.values()) <= sum(before.values()):
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
                           "failed to build or run (see the warnings above)")
+    # The best records serve other pruning patterns of the same shapes too.
+    add_width_classes(db, [t.spec for t in tasks], target)
     return result
 
 

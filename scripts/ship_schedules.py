@@ -8,6 +8,12 @@ arguments (``target.json``), so `fscnn_tvm.compile` uses it when the user passes
 
 ``--target`` must be the target the log was tuned for (default: this host's). Run it from a
 source checkout: it writes into the package's own folder.
+
+    python scripts/ship_schedules.py --classes [NAME ...]
+
+adds to shipped sets (all, or those named) each sparse kernel's record under its width class
+(``records.add_width_classes``), so the set serves every pruning pattern of the model's shapes, not
+only the pattern it was tuned on: the model is rebuilt from the set's ``tuned_on`` arguments.
 ``scripts/tune_shipped.sh`` re-tunes and re-ships every shipped set.
 """
 import argparse
@@ -17,7 +23,37 @@ from importlib import resources
 from fscnn_tvm import records
 from fscnn_tvm.target import resolve_target
 
+def add_classes(name):
+    """Re-ship set ``name`` with width-class records for the kernels of the model it was tuned on."""
+    import shlex
+    import tempfile
+
+    import fscnn_tvm
+    from fscnn_tvm import cli
+    from fscnn_tvm.tuning_log import copy_records, open_database
+    with resources.as_file(records.SHIPPED) as shipped:
+        folder = os.path.join(shipped, name)
+        [meta] = [s for s in records.shipped_sets(shipped) if s.name == name]
+        target = resolve_target({"kind": "llvm", "mcpu": meta.mcpu, "num-cores": 2})
+        args = cli.build_parser().parse_args(["tune"] + shlex.split(meta.tuned_on))
+        model, example, _ = cli.load_model(args)
+        imported = fscnn_tvm.import_torch(model, example, args.threshold, args.fmt, args.block, target, measure=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            db = open_database(tmp, write=True)
+            copy_records(open_database(folder), db)
+            added = records.add_width_classes(db, [k.spec for k in imported.kernels.values()], target)
+            count = records.ship(tmp, folder, target, meta.tuned_on)
+    print(f"{name}: {added} width-class records added, {count} records shipped")
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["--classes"]:
+        with resources.as_file(records.SHIPPED) as shipped:
+            names = sys.argv[2:] or [s.name for s in records.shipped_sets(shipped)]
+        for name in names:
+            add_classes(name)
+        sys.exit(0)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log_dir")
     p.add_argument("name")

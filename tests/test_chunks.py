@@ -1,6 +1,6 @@
 """Batch chunks: where a batched model is cut for chunked execution (one live tensor, no chain
 split, nothing that mixes images before it), the chunk size, and whole imports that run their
-prefix in chunks and still match PyTorch."""
+segments in chunks and still match PyTorch."""
 import numpy as np
 import pytest
 import torch
@@ -55,32 +55,44 @@ def _pruned(model):
     return model.eval()
 
 
-def test_the_cut_leaves_one_tensor_and_stops_before_an_op_that_mixes_images():
+def _check_cuts(main, bindings, absorbed, segments):
+    """Each segment ends where one tensor is live, outside any chain: nothing it defines but its
+    last var (and no model input) is read after it."""
+    for seg in segments:
+        assert bindings[seg.end].var not in absorbed
+        for b in bindings[seg.end + 1:]:
+            used = set(chunks._free_vars(b.value))
+            assert not used & {x.var for x in bindings[: seg.end]} and not used & set(main.params)
+
+
+def test_segments_end_where_one_tensor_is_live_and_before_an_op_that_mixes_images():
     model = _pruned(Mixing())
     main, bindings, absorbed = _main(model, torch.randn(4, 3, 16, 16))
-    cut = chunks.plan(main, absorbed, cache_bytes=1)  # every activation exceeds the cache
-    assert cut is not None and cut.batch == 4 and cut.chunk == 1
+    segments = chunks.plan(main, absorbed, cache_bytes=1)  # every activation exceeds the cache
+    assert [s.chunk for s in segments] == [1] and segments[0].start == 0
     mean = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.mean")
-    assert cut.index < mean
-    assert bindings[cut.index].var not in absorbed  # not inside a conv's chain
-    assert chunks._op(bindings[cut.index].value) == "relax.nn.relu"  # after block1's add: one tensor live
-    for b in bindings[cut.index + 1:]:  # nothing before the cut is read after it, but the cut itself
-        used = set(chunks._free_vars(b.value))
-        assert not used & {x.var for x in bindings[: cut.index]} and not used & set(main.params)
+    assert segments[0].end < mean
+    assert chunks._op(bindings[segments[0].end].value) == "relax.nn.relu"  # after block1's add
+    _check_cuts(main, bindings, absorbed, segments)
 
 
-def test_the_cut_follows_the_last_activation_over_the_cache_and_chunks_fill_it():
+def test_each_segment_takes_as_many_images_as_its_activations_fit():
     model = _pruned(torch.nn.Sequential(Block(8), torch.nn.MaxPool2d(2), Block(8), torch.nn.MaxPool2d(2), Block(8)))
     main, bindings, absorbed = _main(model, torch.randn(8, 8, 16, 16))
     image = 8 * 16 * 16 * 4  # bytes of one image's activation before the first pool
-    cut = chunks.plan(main, absorbed, cache_bytes=8 * image - 1)  # only the first stage's batch exceeds it
-    pool = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.nn.max_pool2d")
-    assert cut.index == pool - 1 and cut.chunk == 4  # 4 images' activations fit the cache
-    assert chunks.plan(main, absorbed, cache_bytes=8 * image) is None  # everything fits: no chunks
-    assert chunks.plan(*_main(model, torch.randn(1, 8, 16, 16))[::2], cache_bytes=1) is None  # batch 1
+    pools = [i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.nn.max_pool2d"]
+    # 16x16 maps: 2 images fit; 8x8: 8 (the whole batch: no segment); 4x4 too
+    segments = chunks.plan(main, absorbed, cache_bytes=2 * image)
+    assert [(s.start, s.end, s.chunk) for s in segments] == [(0, pools[0] - 1, 2)]
+    # 16x16: 1 image; 8x8 (a quarter of the bytes): 2; 4x4: 8
+    segments = chunks.plan(main, absorbed, cache_bytes=image // 2)
+    assert [(s.start, s.chunk) for s in segments] == [(0, 1), (pools[0], 2)] and segments[1].end == pools[1] - 1
+    _check_cuts(main, bindings, absorbed, segments)
+    assert chunks.plan(main, absorbed, cache_bytes=8 * image) == []  # everything fits: no chunks
+    assert chunks.plan(*_main(model, torch.randn(1, 8, 16, 16))[::2], cache_bytes=1) == []  # batch 1
 
 
-def test_a_flatten_that_keeps_the_batch_may_be_chunked_and_one_that_does_not_stops_the_prefix():
+def test_a_flatten_that_keeps_the_batch_may_be_chunked_and_one_that_does_not_ends_the_segments():
     class Flat(torch.nn.Module):
         def __init__(self, keep):
             super().__init__()
@@ -92,12 +104,12 @@ def test_a_flatten_that_keeps_the_batch_may_be_chunked_and_one_that_does_not_sto
 
     x = torch.randn(2, 3, 8, 8)
     main, bindings, absorbed = _main(Flat(True).eval(), x)
-    cut = chunks.plan(main, absorbed, cache_bytes=1)
-    assert chunks._op(bindings[cut.index].value) == "relax.multiply"  # the whole model: its last op
+    [segment] = chunks.plan(main, absorbed, cache_bytes=1)
+    assert chunks._op(bindings[segment.end].value) == "relax.multiply"  # the whole model: its last op
     main, bindings, absorbed = _main(Flat(False).eval(), x)
     reshape = next(i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.reshape"
                    and len(b.var.ty.shape) == 2)  # not the bias's (1, 4, 1, 1)
-    assert chunks.plan(main, absorbed, cache_bytes=1).index < reshape
+    assert chunks.plan(main, absorbed, cache_bytes=1)[-1].end < reshape
 
 
 def _import_and_check(model, x, **kwargs):
@@ -114,7 +126,7 @@ def _import_and_check(model, x, **kwargs):
 BIG = (6, 3, 128, 128)
 
 
-def test_a_batched_import_runs_its_prefix_in_chunks_and_matches_pytorch():
+def test_a_batched_import_runs_its_segments_in_chunks_and_matches_pytorch():
     torch.manual_seed(1)
     model = _pruned(torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), Block(16), torch.nn.MaxPool2d(4),
@@ -122,9 +134,10 @@ def test_a_batched_import_runs_its_prefix_in_chunks_and_matches_pytorch():
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)))
     imported = _import_and_check(model, torch.randn(*BIG))
     assert any("at a time" in n for n in imported.notes)
-    assert any(gv.name_hint == "prefix" for gv in imported.mod.functions)
+    assert any(gv.name_hint.startswith("chunk") for gv in imported.mod.functions)
     assert imported.input_shapes == [BIG]
-    # The prefix's layers are built for the chunk, the rest for the batch.
+    assert [r.name for r in imported.report] == ["0", "2.a.0", "2.b.0", "4", "8"]  # graph order, whoever emits
+    # The segments' layers are built for their chunk, the rest for the batch.
     batches = {r.name: r.x_shape[0] for r in imported.report}
     assert min(batches.values()) < 6 and batches[imported.report[-1].name] == 6
 
@@ -151,8 +164,8 @@ def test_a_model_that_runs_at_its_batch_only_keeps_the_batch_whole():
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_dynamic_batch_and_batch_one_imports_have_no_prefix(dynamic):
+def test_dynamic_batch_and_batch_one_imports_have_no_chunks(dynamic):
     model = _pruned(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()))
     x = torch.randn(*BIG) if dynamic else torch.randn(1, *BIG[1:])
     imported = fscnn_tvm.import_torch(model, (x,), measure=False, dynamic_batch=(1, 8) if dynamic else None)
-    assert not any(gv.name_hint == "prefix" for gv in imported.mod.functions)
+    assert not any(gv.name_hint.startswith("chunk") for gv in imported.mod.functions)

@@ -7,10 +7,17 @@ import shutil
 import zipfile
 from importlib import resources
 
+import numpy as np
 import pytest
+import torch
+import tvm
+from tvm.s_tir import meta_schedule as ms
 
 import fscnn_tvm
-from fscnn_tvm import records
+from fscnn_tvm import dense, formats, ops, records
+from fscnn_tvm.decisions import SampledDecisions
+from fscnn_tvm.layer import _build
+from fscnn_tvm.target import resolve_target
 from fscnn_tvm.tuning_log import RECORDS, open_database
 
 UNTUNED = "have no tuned record"
@@ -114,3 +121,51 @@ def test_compile_warns_once_when_sparse_kernels_have_no_record(small_model, defa
 def test_a_missing_log_directory_is_named(small_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="tuning_log: .*missing is not a directory"):
         records.resolve_database(str(tmp_path / "missing"), small_model[2].target)
+
+
+
+def _conv_spec(seed, sparsity=0.9):
+    """A 3x3 conv's weight, sparse kernel spec and arrays for a pattern drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((32, 24, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < sparsity] = 0
+    spec, arrays = ops.kernel_inputs("conv2d", formats.to_csr(w), (1, 24, 14, 14), None, "relu", resolve_target(None),
+                                     padding=1)
+    return w, spec, arrays
+
+
+def test_width_classes_are_powers_of_two_and_leave_other_kernels_alone():
+    _, spec, _ = _conv_spec(0)
+    width, cls = spec.ell_shape[1], records.width_class(spec)
+    assert width <= cls.ell_shape[1] < 2 * width and cls.ell_shape[1] & (cls.ell_shape[1] - 1) == 0
+    assert cls.ell_shape[0::2] == spec.ell_shape[0::2] and records.width_class(cls) == cls
+    dense_spec, _ = dense.dense_inputs(np.ones((8, 4, 3, 3), np.float32), (1, 4, 8, 8), None, None,
+                                       resolve_target(None), padding=1)
+    assert records.width_class(dense_spec) is dense_spec
+
+
+def test_a_record_tuned_on_one_pattern_serves_another_pattern_of_the_same_shapes():
+    """Sampled schedules (as a tuning job records them) of the kernel for one pattern, the best
+    committed under its width class: the kernel of another pattern, another ELL width in that
+    class, replays it with its own width and computes the conv."""
+    target = resolve_target(None)
+    _, spec, _ = _conv_spec(0)
+    w, other, arrays = next(s for s in (_conv_spec(seed) for seed in range(1, 60))
+                            if s[1].ell_shape[1] != spec.ell_shape[1]
+                            and records.width_class(s[1]) == records.width_class(spec))
+    db = ms.database.MemoryDatabase()
+    mod = records.workload(spec)
+    for seed in (1, 2, 3):  # sampled decisions, the nonzero loop's split among them
+        sch = ops.schedule_sparse(mod["main"], spec, SampledDecisions(), seed=seed)
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3 * seed], target,
+                                                         ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    assert records.best_schedule(other, target, db)[1] is False  # no record of its own, none for its class
+    assert records.add_width_classes(db, [spec], target) == 1
+    assert records.add_width_classes(db, [spec], target) == 0  # the class holds that record already
+    sch, tuned = records.best_schedule(other, target, db)
+    assert tuned
+    x = np.random.default_rng(1).standard_normal((1, 24, 14, 14)).astype(np.float32)
+    out = tvm.runtime.empty(other.out_shape, "float32")
+    _build(sch, target)(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in arrays], out)
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
