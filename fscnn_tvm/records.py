@@ -60,17 +60,19 @@ def width_class(spec):
 
 def retarget(trace, from_width: int, to_width: int):
     """``trace`` of a sparse kernel of ELL width ``from_width`` for one of ``to_width``: the
-    nonzero loop's split (the schedule's first sampled tile) keeps its inner factor (1, 2 or 4:
-    it divides every width, a multiple of ``ops.ELL_WIDTH_MULTIPLE``) and takes the rest. No
-    other decision depends on the width."""
+    nonzero loop's split (the schedule's first sampled tile) keeps its inner factor where it
+    divides the new width (1, 2 and 4 divide every width, a multiple of
+    ``ops.ELL_WIDTH_MULTIPLE``; a 3 becomes a 2) and takes the rest. No other decision depends
+    on the width."""
     if from_width == to_width:
         return trace
     for inst in trace.insts:
         if inst.kind.name == "SamplePerfectTile":
             decision = [int(d) for d in trace.decisions[inst]]
-            if len(decision) != 2 or decision[0] * decision[1] != from_width or to_width % decision[1]:
+            if len(decision) != 2 or decision[0] * decision[1] != from_width:
                 raise ValueError(f"not a sparse kernel's trace of width {from_width}: first tile {decision}")
-            return trace.with_decision(inst, [to_width // decision[1], decision[1]], remove_postproc=False)
+            inner = max(d for d in range(1, decision[1] + 1) if to_width % d == 0)
+            return trace.with_decision(inst, [to_width // inner, inner], remove_postproc=False)
     return trace  # the default schedule's: its splits leave the outer extent to the loop
 
 
