@@ -193,7 +193,23 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         spec, weights = dense.dense_inputs(chain.weight, view_shape, bias_of(chain), chain.activation, target,
                                            **conv_args)
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer, _subsamples(chain))
+    if runs_dense_linear(chain):
+        # A linear layer is a 1x1 conv on a 1x1 image: the dense kernel streams the weights in
+        # output-channel blocks (TVM's lowering of the matmul ran MobileNetV2's 1280->1000
+        # classifier in 1.9 ms, this kernel in 0.07 ms, AVX2, 2 threads).
+        from tvm import relax
+        (n, k), m = static_shape(chain.x), chain.weight.shape[0]
+        spec, weights = dense.dense_inputs(chain.weight.reshape(m, k, 1, 1), (n, k, 1, 1), bias_of(chain),
+                                           chain.activation, target)
+        out = emit_kernel(bb, chain, spec, weights, "dense_linear", funcs, kernels_, layer)
+        return bb.emit(relax.op.reshape(out, (chain.x.ty.shape[0], m)))
     return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
+
+
+def runs_dense_linear(chain) -> bool:
+    """Whether a linear chain left dense runs our dense kernel (a constant 2-D float32 weight)."""
+    return chain.kind == "linear" and chain.weight is not None and chain.weight.ndim == 2 \
+        and chain.weight.dtype == np.float32 and chain.x.ty.dtype == "float32" and len(chain.x.ty.shape) == 2
 
 
 def conv_args_of(chain) -> dict:

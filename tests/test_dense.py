@@ -210,3 +210,26 @@ def test_avx512_kernels_build(shape, w_shape, kwargs):
     assert spec.oc_bn == 32 and 2 * spec.reg_n + 3 <= 32
     sch = kernels.default_schedule(kernels.prim_func(spec), spec)
     assert tvm.compile(tvm.IRModule({"main": kernels.lower(sch)}), target=target) is not None
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dense_linear_layers_run_the_dense_kernel_in_a_model(dynamic):
+    """Linear layers left dense (under the threshold, or the dense baseline) run the dense kernel
+    as a 1x1 conv on a 1x1 image, bias and ReLU fused, at a fixed or a dynamic batch."""
+    import torch
+
+    import fscnn_tvm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 37), torch.nn.ReLU(),
+                                torch.nn.Linear(37, 5)).eval()
+    x = torch.randn(3, 3, 4, 4)
+    imported = fscnn_tvm.import_torch(model, (x,), sparse=False, measure=False,
+                                      dynamic_batch=(1, 6) if dynamic else None)
+    assert sorted(name.rsplit("_", 1)[0] for name in imported.kernels) == ["dense_linear"] * 2
+    assert [r.fused for r in imported.report] == [["bias", "relu"], ["bias"]]
+    compiled = fscnn_tvm.compile(imported)
+    for batch in (1, 3, 6) if dynamic else (3,):
+        xb = torch.randn(batch, 3, 4, 4)
+        with torch.no_grad():
+            ref = model(xb).numpy()
+        np.testing.assert_allclose(compiled(xb), ref, rtol=1e-4, atol=1e-4)
