@@ -50,16 +50,23 @@ def _check_tuned(model, x, imported, log_dir, result, tmp_path):
     # The default schedule was measured and recorded too: the search starts from it, and the
     # best record can never be slower than running without a log.
     db = tuning.open_database(log_dir)
-    for task in tuning.extract_tasks(imported, str(tmp_path / "args"), dense=False):
+    tasks = tuning.extract_tasks(imported, str(tmp_path / "args"), dense=False)
+    for task in tasks:
         default = str(fscnn_tvm.ops.default_schedule(task.mod["main"], task.spec).trace)
-        records = db.get_top_k(db.commit_workload(task.mod), 10**6)
-        assert any(str(r.trace) == default for r in records), task.name
-    with open(os.path.join(log_dir, RECORDS)) as f:  # TVM's own JSON database format
-        assert sum(1 for line in f if line.strip()) == sum(result.records.values())
+        found = db.get_top_k(db.commit_workload(task.mod), 10**6)
+        assert any(str(r.trace) == default for r in found), task.name
+    # Each kernel's best record under its width class too (other patterns of its shapes find it).
+    classes = {records.width_class(t.spec) for t in tasks} - {t.spec for t in tasks}
+    assert all(len(records.workload_records(db, records.workload(c))) == 1 for c in classes)
+
+    def lines():
+        with open(os.path.join(log_dir, RECORDS)) as f:  # TVM's own JSON database format
+            return sum(1 for line in f if line.strip())
+    assert lines() == sum(result.records.values()) + len(classes)
     _check(fscnn_tvm.compile(imported, tuning_log=log_dir), model, x)
     # The same budget again: nothing left to tune, no new records.
     again = tuning.tune(imported, trials=12, log_dir=log_dir, dense=False)
-    assert again.records == result.records
+    assert again.records == result.records and lines() == sum(result.records.values()) + len(classes)
 
 
 def test_tuned_csr_kernels_match_pytorch_and_the_log_is_reused(csr_log, tmp_path):
@@ -359,7 +366,7 @@ def test_cli_tune_tunes_the_sparse_module_and_the_dense_one_it_is_compared_again
     program = str(tmp_path / "small.pt2")
     torch.export.save(torch.export.export(model, (x,)), program)
     log_dir = str(tmp_path / "log")
-    assert cli(["tune", "--program", program, "--trials", "12", "--log", log_dir, "--no-measure"]) == 0
+    assert cli(["tune", "--program", program, "--trials", "8", "--log", log_dir, "--no-measure"]) == 0
     out = capsys.readouterr().out
     assert "tuning the dense module's conv/matmul ops" in out and "best_ms" in out
     db = tuning.open_database(log_dir)
