@@ -161,3 +161,43 @@ def same_bindings(small, big, end: int, chunk: int, batch: int) -> bool:
     pairs = list(zip(*([b for blk in m.body.blocks for b in blk.bindings][: end + 1] for m in (small, big))))
     return len(pairs) == end + 1 and all(
         _op(s.value) == _op(b.value) and alike(dims(s.var.ty), dims(b.var.ty)) for s, b in pairs)
+
+
+def checked_plan(main, absorbed: set, cache_bytes: int, trace) -> tuple[list[Segment], dict]:
+    """(``plan``'s segments, the model traced on each chunk size: ``trace(chunk)``, a Relax main
+    or None), or ([], {}) when a trace fails or differs from ``main`` where its segments run."""
+    segments = plan(main, absorbed, cache_bytes)
+    traced = {}
+    for chunk in sorted({seg.chunk for seg in segments}):
+        traced[chunk] = trace(chunk)
+        end = max(seg.end for seg in segments if seg.chunk == chunk)
+        if traced[chunk] is None or not same_bindings(traced[chunk], main, end, chunk, _batch_of(main.params[0].ty)):
+            return [], {}
+    return segments, traced
+
+
+def segment_function(bb, name: str, traced, seg: Segment, layers, emit):
+    """The private Relax function of ``seg``, built from ``traced`` (the model traced on the
+    segment's chunk): its inputs are the model's (the first segment's) or the one tensor live
+    where it starts. ``layers(main)``: (bindings, chains, absorbed); ``emit(bindings, lo, hi,
+    chains, absorbed, remap)`` emits ``bindings[lo:hi]``. Returns its GlobalVar."""
+    from tvm import relax
+    bindings, chains, absorbed = layers(traced)
+    inputs = traced.params if seg.start == 0 else [bindings[seg.start - 1].var]
+    params = [relax.Var(p.name if seg.start == 0 else "x", p.ty) for p in inputs]
+    with bb.function(name, params, private=True):
+        with bb.dataflow():
+            remap = dict(zip(inputs, params))
+            emit(bindings, seg.start, seg.end + 1, chains, absorbed, remap)
+            out = bb.emit_output(remap[bindings[seg.end].var])
+        return bb.emit_func_output(out)
+
+
+def call_in_chunks(bb, func, inputs: list, chunk: int):
+    """``func`` on the batch: its inputs sliced into chunks, one call each, the outputs concatenated."""
+    from tvm import relax
+    batch = int(inputs[0].ty.shape[0])
+    pieces = [bb.emit(relax.Call(func, [bb.emit(relax.op.strided_slice(x, axes=[0], begin=[i], end=[i + chunk]))
+                                        for x in inputs]))
+              for i in range(0, batch, chunk)]
+    return bb.emit(relax.op.concat(pieces, axis=0))

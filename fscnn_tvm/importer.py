@@ -238,18 +238,13 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     names = layer_names(program)
     segments, traced = [], {}
     if program is not model and batch_range is None:
+        def trace(chunk):  # the model traced on one chunk; a model that runs at its batch size only: None
+            try:
+                return _translate(export_torch(model, tuple(t[:chunk] for t in _as_tuple(example_inputs))))["main"]
+            except ValueError:
+                return None
         cache = caches(target)
-        segments = chunks.plan(main, absorbed, cache.l2 * cache.cores)
-        batch = int(main.params[0].ty.shape[0])
-    for chunk in sorted({seg.chunk for seg in segments}):
-        try:  # the model traced on one chunk; a model that runs at its batch size only keeps the batch whole
-            traced[chunk] = _translate(export_torch(model, tuple(t[:chunk] for t in _as_tuple(example_inputs))))["main"]
-        except ValueError:
-            traced[chunk] = None
-        end = max(seg.end for seg in segments if seg.chunk == chunk)
-        if traced[chunk] is None or not chunks.same_bindings(traced[chunk], main, end, chunk, batch):
-            segments = []
-            break
+        segments, traced = chunks.checked_plan(main, absorbed, cache.l2 * cache.cores, trace)
     if segments:
         notes.append("images run depth-first in chunks: " + ", ".join(
             f"ops {seg.start + 1}-{seg.end + 1} of {len(bindings)} {seg.chunk} at a time" for seg in segments)
@@ -276,18 +271,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     bb = relax.BlockBuilder()
     report, funcs, kernels = [], {}, {}
-    functions = []
-    for k, seg in enumerate(segments):  # each segment's function, built from the model traced on its chunk
-        small = traced[seg.chunk]
-        s_bindings, s_chains, s_absorbed = _layers(small)
-        inputs = small.params if seg.start == 0 else [s_bindings[seg.start - 1].var]
-        s_params = [relax.Var(p.name if seg.start == 0 else "x", p.ty) for p in inputs]
-        with bb.function(f"chunk{k}", s_params, private=True):
-            with bb.dataflow():
-                remap = dict(zip(inputs, s_params))
-                emit(s_bindings, seg.start, seg.end + 1, s_chains, s_absorbed, remap)
-                out = bb.emit_output(remap[s_bindings[seg.end].var])
-            functions.append(bb.emit_func_output(out))
+    functions = [chunks.segment_function(bb, f"chunk{k}", traced[seg.chunk], seg, _layers, emit)
+                 for k, seg in enumerate(segments)]
     params = [relax.Var(p.name, p.ty) for p in main.params]
     with bb.function("main", params):
         with bb.dataflow():
@@ -296,10 +281,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             for seg, func in zip(segments, functions):
                 emit(bindings, done, seg.start, chains, absorbed, remap)
                 inputs = params if seg.start == 0 else [remap[bindings[seg.start - 1].var]]
-                pieces = [bb.emit(relax.Call(func, [
-                    bb.emit(relax.op.strided_slice(x, axes=[0], begin=[i], end=[i + seg.chunk])) for x in inputs]))
-                    for i in range(0, batch, seg.chunk)]
-                remap[bindings[seg.end].var] = bb.emit(relax.op.concat(pieces, axis=0))
+                remap[bindings[seg.end].var] = chunks.call_in_chunks(bb, func, inputs, seg.chunk)
                 done = seg.end + 1
             emit(bindings, done, len(bindings), chains, absorbed, remap)
             out = bb.emit_output(_substitute(main.body.body, remap))
