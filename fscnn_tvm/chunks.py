@@ -106,10 +106,10 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
     bindings = [b for blk in main.body.blocks for b in blk.bindings]
     last_use, reads = {}, {}
     for i, b in enumerate(bindings):
-        reads[b.var] = _free_vars(b.value)
+        reads[b.var] = free_vars(b.value)
         for v in reads[b.var]:
             last_use[v] = i
-    for v in _free_vars(main.body.body):
+    for v in free_vars(main.body.body):
         last_use[v] = len(bindings)
     on_input = set(main.params)  # what depends on the model's inputs (constants' reshapes need not keep the batch)
     live_until = max((last_use.get(p, -1) for p in main.params), default=-1)  # of everything defined so far
@@ -142,7 +142,8 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
     return [s for s in segments if s.chunk < batch]
 
 
-def _free_vars(expr) -> list:
+def free_vars(expr) -> list:
+    """Every var ``expr`` reads, in visiting order (repeats included)."""
     from tvm import relax
     found = []
     relax.analysis.post_order_visit(expr, lambda n: found.append(n) if isinstance(n, relax.Var) else None)

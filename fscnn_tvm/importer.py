@@ -100,20 +100,13 @@ class _Graph:
             relax.analysis.post_order_visit(value, self._count)
         self.users = {}
         for b in bindings:
-            for v in self._vars(b.value):
+            for v in chunks.free_vars(b.value):
                 self.users.setdefault(v, []).append(b.var)
 
     def _count(self, node):
         from tvm import relax
         if isinstance(node, relax.Var):
             self.uses[node] = self.uses.get(node, 0) + 1
-
-    @staticmethod
-    def _vars(value):
-        from tvm import relax
-        found = []
-        relax.analysis.post_order_visit(value, lambda n: found.append(n) if isinstance(n, relax.Var) else None)
-        return found
 
     def only_user(self, var):
         """The binding var that is ``var``'s single use, if any."""

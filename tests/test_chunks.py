@@ -61,7 +61,7 @@ def _check_cuts(main, bindings, absorbed, segments):
     for seg in segments:
         assert bindings[seg.end].var not in absorbed
         for b in bindings[seg.end + 1:]:
-            used = set(chunks._free_vars(b.value))
+            used = set(chunks.free_vars(b.value))
             assert not used & {x.var for x in bindings[: seg.end]} and not used & set(main.params)
 
 
