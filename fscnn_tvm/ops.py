@@ -203,19 +203,27 @@ def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
     # 0.95-1.10x on maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2 (16, a line
     # is two vectors) 4 x 2 rows x 2 vectors beat 4 x 4 x 1 by 1.1-1.3x on 28-112-wide maps
     # (e.g. 512->512 at 28, 256->512 at 28, stride-2 layers), where 56-wide rows (7 vectors)
-    # keep 4 x 4 x 1. A one-row image (a flattened pointwise conv) spans vectors instead: as
+    # keep 4 x 4 x 1. Where 4 channels leave no room for a second row (7-row maps on AVX2),
+    # 2 channels x 7 rows beat 4 x 1 row: 2.0x on 512->512 at 7x7, 1.7-1.8x on 7x7 pointwise
+    # convs (1.1x over their flattened 1 x 7 vectors). A one-row image (a flattened pointwise conv) spans vectors instead: as
     # many as the registers hold besides a broadcast, a load and two spares, then channels up
     # to 4 in what is left (a channel's offset load and broadcast serve one FMA per vector, so
     # vectors, not channels, cut the loads per FMA). Measured on AVX2 at 90 %: 1024->256 at
     # 14x14 (25 vectors) 2 channels x 5 vectors 1.37-1.47x over 4 x 1; 512->128 at 28x28
     # 1 x 7 1.03-1.08x over 4 x 2.
-    channels = _largest_divisor(n_kb, 4)
     vectors = _largest_divisor(n_vectors, spec.line_vectors)
-    rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))
-    if rows > 1:
-        return channels, rows, vectors
+    for channels in sorted({_largest_divisor(n_kb, c) for c in (4, 2)}, reverse=True):
+        rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))
+        if rows > 1:
+            return channels, rows, vectors
     vectors = _largest_divisor(n_vectors, spec.registers - 4)
     return _largest_divisor(n_kb, min(4, (spec.registers - 4) // vectors)), 1, vectors
+
+
+def folds_batch(spec: KernelSpec) -> bool:
+    """Whether the register tile can span images: a conv kernel of a fixed batch above one
+    (a banded layout is laid out per image and band, so its tiles stay in one image)."""
+    return spec.kind == "conv2d" and spec.batch > 1 and not spec.band_rows
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -259,6 +267,9 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     vector loops, so each weight is broadcast once per tile and each input vector loaded once
     per tile; bias and activation are applied on the way out; tiles run in parallel over
     (batch, channel tiles[, row tiles]). Linear: block rows in parallel.
+    A conv of a fixed batch above one may also span images in its tile (a sampled decision; the
+    default is one image: at batch 8, 2 or 4 images per tile ran 0.97-1.03x on 7x7 and 14x14
+    layers, where the input loads, not the weight broadcasts, bind).
     ``decide`` fixes or samples the tile sizes (``seed``: of the sampling, 1 .. 2**31-1; None: random) and
     whether each tile's nonzero loop is bounded (TILE_BOUND); ``variant`` (one of ``variants(spec)``,
     default ``default_variant``) picks the parallel loop."""
@@ -273,29 +284,35 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
     decide.tile_bound(sch, w_o)
     kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo), [None, channels]))
+    if folds_batch(spec):
+        n, n_i = sch.split(n, decide.tile(sch, n, 2, 8, [None, 1]))
+    else:
+        n_i = None
     if spec.kind == "conv2d":
         ow_q, ow_v = sch.split(ow, [None, spec.lanes])
         ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 8, [None, vectors]))
         if spec.band_rows:
             oh_b, oh = sch.split(oh, [None, spec.band_rows])
         oh_o, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
+        # The register tile: channels x images x rows x vectors, one accumulator each.
+        tile = [loop for loop in (kb_i, n_i, oh_i, io, ow_u) if loop is not None]
         if variant == "bands":
-            sch.reorder(n, oh_b, kb_o, oh_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+            sch.reorder(n, oh_b, kb_o, oh_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
             # One loop over bands runs each band's layout, then its tiles (``merge``, not
             # ``compute_at``, which cannot bound a region read through the offsets).
             layout_n, layout_band, _ = sch.get_loops(sch.get_sblock("x_flat"))
             par = sch.merge(sch.fuse(layout_n, layout_band), sch.fuse(n, oh_b))
         elif variant == "rows+channels":
-            sch.reorder(n, oh_o, kb_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+            sch.reorder(n, oh_o, kb_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
             par = sch.fuse(n, oh_o, kb_o)
         elif variant == "tiles":
-            sch.reorder(n, oh_o, ow_o, kb_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+            sch.reorder(n, oh_o, ow_o, kb_o, w_o, red_i, w_i, *tile, ow_v)
             par = sch.fuse(n, oh_o, ow_o, kb_o)
         else:
-            sch.reorder(n, kb_o, oh_o, ow_o, w_o, red_i, w_i, kb_i, oh_i, io, ow_u, ow_v)
+            sch.reorder(n, kb_o, oh_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
             par = sch.fuse(n, kb_o, oh_o) if variant == "channels+rows" else sch.fuse(n, kb_o)
         sch.vectorize(ow_v)
-        tile_loop, inner = par if variant == "tiles" else ow_o, (kb_i, oh_i, io, ow_u)
+        tile_loop, inner = par if variant == "tiles" else ow_o, tile
     else:
         sch.reorder(kb_o, n, oh, ow, w_o, red_i, w_i, kb_i, io)
         par, tile_loop, inner = kb_o, n, (kb_i,)
@@ -312,9 +329,9 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     for loop in sch.get_loops(init)[-len(inner) - 1:-1]:  # the init's copies of ``inner``
         sch.unroll(loop)
     if spec.kind == "conv2d":
-        *_, o_k, o_h, o_w = sch.get_loops(out)
-        sch.unroll(o_k)
-        sch.unroll(o_h)
+        *_, o_n, o_k, o_h, o_w = sch.get_loops(out)
+        for loop in (o_n, o_k, o_h) if n_i is not None else (o_k, o_h):
+            sch.unroll(loop)
         _, o_wv = sch.split(o_w, [None, spec.lanes])
         sch.vectorize(o_wv)
         _schedule_layout(sch, spec)
