@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import numpy as np
 import tvm
@@ -220,9 +220,8 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     tasks = extract_tasks(imported, args_dir, dense)
     if not tasks:
         raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
-    builder = ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
-    runner = _runner(tracker, args_dir)
-    _record_defaults([t for t in tasks if t.spec is not None], target, builder, runner, db)
+    pools = _Pools(tracker, args_dir)
+    _record_defaults([t for t in tasks if t.spec is not None], target, pools, db)
     before = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     remaining = trials - sum(before.values())
     result = TuneResult(log_dir, tasks, before, dict(before))
@@ -243,7 +242,7 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     start = time.time()
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
                   max_trials_global=remaining, num_trials_per_iter=min(per_iter, remaining),
-                  builder=builder, runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks)
+                  builder=pools.builder, runner=pools.runner, database=db, cost_model="xgb", measure_callbacks=callbacks)
     result.records = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     if sum(result.records.values()) <= sum(before.values()):
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "
@@ -282,7 +281,23 @@ class TuneResult:
         return rows
 
 
-def _record_defaults(tasks, target, builder, runner, db):
+class _Pools:
+    """The builder and runner, made on first use: each starts worker processes that import TVM
+    (seconds apiece), which a job with nothing left to measure should not pay for."""
+
+    def __init__(self, tracker, args_dir):
+        self._tracker, self._args_dir = tracker, args_dir
+
+    @cached_property
+    def builder(self):
+        return ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
+
+    @cached_property
+    def runner(self):
+        return _runner(self._tracker, self._args_dir)
+
+
+def _record_defaults(tasks, target, pools, db):
     """Measure each sparse task's default schedule, unless the log has it, and record it like
     any candidate. The search then starts from it (evolutionary search seeds its population from
     the database), and a task's best record is never slower than what ``compile`` runs without
@@ -292,10 +307,10 @@ def _record_defaults(tasks, target, builder, runner, db):
     tasks, schedules = [tasks[i] for i in missing], [schedules[i] for i in missing]
     if not tasks:
         return
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    built = pools.builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
     args = [ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]) for t in tasks]
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
-    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
+    futures = pools.runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
     for i, future in zip(ok, futures):
         result = future.result()
         if result.error_msg is None:
