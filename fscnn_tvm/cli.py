@@ -155,7 +155,7 @@ def _schedules(args):
     model, example, name = load_model(args)
     imported = import_torch(model, example, args.threshold, args.fmt, args.block, target,
                             measure=not args.no_measure)
-    _, untuned = records.schedule_kernels(imported, target, records.shipped_database(target))
+    _, untuned = records.schedule_kernels(imported, records.shipped_database(target))
     sparse = records.sparse_kernels(imported)
     missing = [k for k in sparse if k in untuned]
     print(f"{name}: {len(sparse) - len(missing)} of {len(sparse)} sparse kernels have a shipped record for this CPU "

@@ -271,15 +271,7 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     sch.reorder(n, kb, oh, ow_o, cb, r, s, ci, ow_i, ko_o, ko_v)
-    par = sch.fuse(n, kb, oh)
-    sch.parallel(par)
-    decide.unroll_limit(sch, par)
-    sch.reverse_compute_at(out, ow_o, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    sch.vectorize(ko_v)
-    for loop in (ci, ow_i, ko_o):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(acc, cb)
+    init = _registers(sch, decide, acc, out, (n, kb, oh), lambda par: ow_o, (ci, ow_i, ko_o, ko_v), cb)
     *_, i_ow, i_ko, i_v = sch.get_loops(init)
     sch.unroll(i_ow)
     sch.unroll(i_ko)
@@ -288,6 +280,23 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
         sch.unroll(loop)
     _schedule_pack(sch, spec)
     return sch
+
+
+def _registers(sch, decide, acc, out, outer, epilogue_at, tile, reduction):
+    """The steps both structures share: ``outer`` fused into the parallel loop, the epilogue
+    moved to ``epilogue_at(parallel loop)``, the accumulators in registers (``tile``: the
+    channel, pixel and channel-vector loops unrolled, the lanes vectorised), the zeroing split
+    off at ``reduction``. Returns the zeroing block."""
+    par = sch.fuse(*outer)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    sch.reverse_compute_at(out, epilogue_at(par), preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    *unrolled, lanes = tile
+    sch.vectorize(lanes)
+    for loop in unrolled:
+        sch.unroll(loop)
+    return sch.decompose_reduction(acc, reduction)
 
 
 def _schedule_pack(sch, spec):
@@ -305,19 +314,10 @@ def _schedule_blocked(sch, spec, decide):
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     cb_o, cb_i = sch.split(cb, [None, spec.cb_chunk])
     sch.reorder(n, kb, oh_o, cb_o, *oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
-    par = sch.fuse(n, kb, oh_o)
-    sch.parallel(par)
-    decide.unroll_limit(sch, par)
-    sch.reverse_compute_at(out, par, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    sch.vectorize(ko_v)
-    for loop in (ci, ow_i, ko_o):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(acc, cb_o)
+    init = _registers(sch, decide, acc, out, (n, kb, oh_o), lambda par: par, (ci, ow_i, ko_o, ko_v), cb_o)
     *_, i_ow, i_ko = sch.get_loops(init)
-    i_ko_o, i_v = sch.split(i_ko, [None, spec.lanes])
+    _, i_v = sch.split(i_ko, [None, spec.lanes])
     sch.vectorize(i_v)
-    *_, o_ow = sch.get_loops(out)
     _schedule_pack(sch, spec)
     return sch
 

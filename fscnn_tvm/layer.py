@@ -81,7 +81,7 @@ class SparseLayer(KernelLayer):
         self._upload()
         sch, self.tuned = None, False
         if tuning_db is not None:
-            sch, self.tuned = best_schedule(self.spec, self.target, tuning_db)
+            sch, self.tuned = best_schedule(self.spec, tuning_db)
         self._func = _build(sch, self.target) if self.tuned else _compiled(self.spec, str(self.target))
 
 

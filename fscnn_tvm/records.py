@@ -86,7 +86,7 @@ def _best_trace(db, spec):
     return None
 
 
-def best_schedule(spec, target, db=None):
+def best_schedule(spec, db=None):
     """(schedule, tuned): the best record in ``db`` when there is one, else the default. A
     kernel takes the record of its own workload, else of its width class (another pattern of
     its shapes, ``width_class``); a dynamic-batch kernel the record of its batch-1 twin
@@ -115,10 +115,10 @@ def add_width_classes(db, specs, target) -> int:
         best = workload_records(db, workload(spec))[:1]
         if cls == spec or not best:
             continue
-        held = workload_records(db, workload(cls))[:1]
+        mod = workload(cls)
+        held = workload_records(db, mod)[:1]
         if held and _seconds(held[0]) <= _seconds(best[0]):
             continue
-        mod = workload(cls)
         trace = retarget(best[0].trace, spec.ell_shape[1], cls.ell_shape[1])
         db.commit_tuning_record(ms.database.TuningRecord(
             trace, db.commit_workload(mod), best[0].run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
@@ -131,13 +131,13 @@ def _seconds(record) -> float:
     return sum(secs) / len(secs) if secs else float("inf")
 
 
-def schedule_kernels(imported, target, db=None):
+def schedule_kernels(imported, db=None):
     """The module with every kernel of ours scheduled: the best record in ``db`` when there
     is one, else the default schedule. Returns (module, names of kernels left untuned)."""
     mod = imported.mod.clone() if hasattr(imported.mod, "clone") else tvm.IRModule(dict(imported.mod.functions))
     untuned = []
     for name, kernel in imported.kernels.items():
-        sch, tuned = best_schedule(kernel.spec, target, db)
+        sch, tuned = best_schedule(kernel.spec, db)
         if not tuned:
             untuned.append(name)
         # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.

@@ -187,7 +187,7 @@ def compile(imported, target=None, tuning_log=None, use_shipped=True, tune_comma
     target = resolve_target(target) if target is not None else imported.target
     looked_up = tuning_log is not None or use_shipped  # else no record was wanted: nothing to warn about
     db, label = resolve_database(tuning_log, target) if looked_up else (None, "")
-    mod, untuned = schedule_kernels(imported, target, db)
+    mod, untuned = schedule_kernels(imported, db)
     sparse = sparse_kernels(imported)
     missing = [name for name in untuned if name in sparse]
     if warn_untuned and looked_up and missing:

@@ -121,7 +121,7 @@ def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
         from tvm.s_tir.meta_schedule.relax_integration import extract_tasks as relax_tasks
         from tvm import relax
 
-        mod, _ = schedule_kernels(imported, imported.target)
+        mod, _ = schedule_kernels(imported)
         # The same fusion compile_relax applies, so the tuned workloads match at compile time.
         mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                         relax.transform.FoldConstant(), relax.transform.FuseOps(),

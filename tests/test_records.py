@@ -27,11 +27,11 @@ def test_each_kernel_gets_its_best_record_or_its_default(small_model, default_lo
     _, _, imported = small_model
     db = open_database(default_log)
     for kernel in imported.kernels.values():
-        sch, tuned = records.best_schedule(kernel.spec, imported.target, db)
+        sch, tuned = records.best_schedule(kernel.spec, db)
         assert tuned and records.has_trace(db, records.workload(kernel.spec), sch.trace)
         assert len(records.workload_records(db, records.workload(kernel.spec))) == 1
-    assert records.schedule_kernels(imported, imported.target, db)[1] == []
-    assert records.schedule_kernels(imported, imported.target)[1] == list(imported.kernels)
+    assert records.schedule_kernels(imported, db)[1] == []
+    assert records.schedule_kernels(imported)[1] == list(imported.kernels)
     assert records.sparse_kernels(imported) == list(imported.kernels)  # two convs and the linear
 
 
@@ -45,7 +45,7 @@ def test_shipped_sets_apply_on_cpus_of_their_simd_width_only(small_model, defaul
     assert (listed.name, listed.mcpu, listed.tuned_on, listed.records) == ("small", mcpu, "--program small.pt2", 3)
     db = records._shipped(mcpu, shipped)
     assert db is not None
-    assert records.schedule_kernels(imported, imported.target, db)[1] == []
+    assert records.schedule_kernels(imported, db)[1] == []
     # Records apply to every CPU of the same SIMD width (AVX-512 records on any AVX-512 CPU, ...).
     same_width = {"znver4": "skylake-avx512", "znver3": "haswell"}.get(mcpu)
     if same_width:
@@ -159,10 +159,10 @@ def test_a_record_tuned_on_one_pattern_serves_another_pattern_of_the_same_shapes
         sch = ops.schedule_sparse(mod["main"], spec, SampledDecisions(), seed=seed)
         db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3 * seed], target,
                                                          ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-    assert records.best_schedule(other, target, db)[1] is False  # no record of its own, none for its class
+    assert records.best_schedule(other, db)[1] is False  # no record of its own, none for its class
     assert records.add_width_classes(db, [spec], target) == 1
     assert records.add_width_classes(db, [spec], target) == 0  # the class holds that record already
-    sch, tuned = records.best_schedule(other, target, db)
+    sch, tuned = records.best_schedule(other, db)
     assert tuned
     x = np.random.default_rng(1).standard_normal((1, 24, 14, 14)).astype(np.float32)
     out = tvm.runtime.empty(other.out_shape, "float32")
