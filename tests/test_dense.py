@@ -168,6 +168,17 @@ def test_register_tile_fits_the_registers(lanes, registers, out_channels, width)
     assert reg_n >= (registers - vectors - 1) // vectors * 2 // 3
 
 
+def test_flattened_rows_take_a_dividing_tile_else_the_widest():
+    """A flattened pointwise conv reads its input in place when a tile divides its pixels (3136:
+    4 pixels); 49 pixels divide by none of 4-6, the input is packed anyway: the widest, 6."""
+    assert dense.register_tile(64, 3136, 8, 16, flat=True) == (16, 4)
+    assert dense.register_tile(64, 49, 8, 16, flat=True) == (16, 6)
+    assert dense.register_tile(64, 49, 8, 16) == (16, 5)  # a row of a 3x3 conv: least padding
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    spec = dense.make_dense_spec((1, 320, 7, 7), (1280, 320, 1, 1), True, None, target)
+    assert spec.flat_hw == (7, 7) and spec.reg_n == 6 and spec.packs
+
+
 def test_packed_weight_round_trips(rng):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     w = rng.standard_normal((20, 48, 3, 3)).astype(np.float32)
