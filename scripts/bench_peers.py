@@ -128,15 +128,19 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp):
             worker = Worker(python, engine, onnx_path, x.shape[0], threads)
             workers.append(worker)
             bench.check_close(engine, worker.output(x_path, tmp), ref, rtol=1e-3)
+    def pytorch(warmup):
+        with torch.no_grad():
+            return bench.measure(lambda: model(x), warmup, 2, budget / rounds)
+
+    engines = [("pytorch", pytorch), ("ours", lambda warmup: bench.measure(ours, warmup, 2, budget / rounds))] \
+        + [(w.name, lambda warmup, w=w: w.time(x_path, budget / rounds, warmup, 2)) for w in workers]
     try:
-        samples = {name: [] for name in ["pytorch", "ours"] + [w.name for w in workers]}
+        samples = {name: [] for name, _ in engines}
         for r in range(rounds):
-            warmup = 3 if r == 0 else 1
-            with torch.no_grad():
-                samples["pytorch"].append(bench.measure(lambda: model(x), warmup, 2, budget / rounds))
-            samples["ours"].append(bench.measure(ours, warmup, 2, budget / rounds))
-            for w in workers:
-                samples[w.name].append(w.time(x_path, budget / rounds, warmup, 2))
+            # The order turns every round, so no engine always runs right after the same one (an
+            # engine's threads may still spin, or its data still fill the caches, when the next starts).
+            for name, time_it in engines[r % len(engines):] + engines[:r % len(engines)]:
+                samples[name].append(time_it(3 if r == 0 else 1))
     finally:
         for w in workers:
             w.close()
