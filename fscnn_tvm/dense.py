@@ -282,7 +282,7 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     sch.reorder(n, kb, oh, ow_o, cb, r, s, ci, ow_i, ko_o, ko_v)
-    init = _registers(sch, decide, acc, out, (n, kb, oh), lambda par: ow_o, (ci, ow_i, ko_o, ko_v), cb)
+    init = _registers(sch, decide, acc, out, (n, kb, oh), (ci, ow_i, ko_o, ko_v), cb, epilogue_at=ow_o)
     *_, i_ow, i_ko, i_v = sch.get_loops(init)
     sch.unroll(i_ow)
     sch.unroll(i_ko)
@@ -293,15 +293,15 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     return sch
 
 
-def _registers(sch, decide, acc, out, outer, epilogue_at, tile, reduction):
+def _registers(sch, decide, acc, out, outer, tile, reduction, epilogue_at=None):
     """The steps both structures share: ``outer`` fused into the parallel loop, the epilogue
-    moved to ``epilogue_at(parallel loop)``, the accumulators in registers (``tile``: the
+    moved to ``epilogue_at`` (None: the parallel loop), the accumulators in registers (``tile``: the
     channel, pixel and channel-vector loops unrolled, the lanes vectorised), the zeroing split
     off at ``reduction``. Returns the zeroing block."""
     par = sch.fuse(*outer)
     sch.parallel(par)
     decide.unroll_limit(sch, par)
-    sch.reverse_compute_at(out, epilogue_at(par), preserve_unit_loops=True)
+    sch.reverse_compute_at(out, par if epilogue_at is None else epilogue_at, preserve_unit_loops=True)
     sch.set_scope(acc, 0, "local")
     *unrolled, lanes = tile
     sch.vectorize(lanes)
@@ -325,7 +325,7 @@ def _schedule_blocked(sch, spec, decide):
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     cb_o, cb_i = sch.split(cb, [None, spec.cb_chunk])
     sch.reorder(n, kb, oh_o, cb_o, *oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
-    init = _registers(sch, decide, acc, out, (n, kb, oh_o), lambda par: par, (ci, ow_i, ko_o, ko_v), cb_o)
+    init = _registers(sch, decide, acc, out, (n, kb, oh_o), (ci, ow_i, ko_o, ko_v), cb_o)
     *_, i_ow, i_ko = sch.get_loops(init)
     _, i_v = sch.split(i_ko, [None, spec.lanes])
     sch.vectorize(i_v)

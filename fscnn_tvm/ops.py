@@ -198,19 +198,20 @@ def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
     # CSR: up to 4 channels x whole vectors along a row, up to one cache line (then each
     # nonzero's window loads whole lines, and a tile spans fewer rows of the input, which
     # matters where the input band lives in L2), x as many rows as the registers hold (at
-    # most 7): each channel's weight broadcast and offset load then serve more FMAs. Measured
-    # at 90 %: with AVX-512 (32 registers, a line is one vector) 4 x 7 rows beat 4 x <=4 by
-    # 0.95-1.10x on maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2 (16, a line
-    # is two vectors) 4 x 2 rows x 2 vectors beat 4 x 4 x 1 by 1.1-1.3x on 28-112-wide maps
-    # (e.g. 512->512 at 28, 256->512 at 28, stride-2 layers), where 56-wide rows (7 vectors)
-    # keep 4 x 4 x 1. Where 4 channels leave no room for a second row (7-row maps on AVX2),
-    # 2 channels x 7 rows beat 4 x 1 row: 2.0x on 512->512 at 7x7, 1.7-1.8x on 7x7 pointwise
-    # convs (1.1x over their flattened 1 x 7 vectors). A one-row image (a flattened pointwise conv) spans vectors instead: as
-    # many as the registers hold besides a broadcast, a load and two spares, then channels up
-    # to 4 in what is left (a channel's offset load and broadcast serve one FMA per vector, so
-    # vectors, not channels, cut the loads per FMA). Measured on AVX2 at 90 %: 1024->256 at
-    # 14x14 (25 vectors) 2 channels x 5 vectors 1.37-1.47x over 4 x 1; 512->128 at 28x28
-    # 1 x 7 1.03-1.08x over 4 x 2.
+    # most 7): each channel's weight broadcast and offset load then serve more FMAs.
+    # Measured at 90 %: with AVX-512 (32 registers, a line is one vector) 4 x 7 rows beat 4
+    # x <=4 by 0.95-1.10x on maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2
+    # (16, a line is two vectors) 4 x 2 rows x 2 vectors beat 4 x 4 x 1 by 1.1-1.3x on
+    # 28-112-wide maps (e.g. 512->512 at 28, 256->512 at 28, stride-2 layers), where 56-wide
+    # rows (7 vectors) keep 4 x 4 x 1. Where 4 channels leave no room for a second row
+    # (7-row maps on AVX2), 2 channels x 7 rows beat 4 x 1 row: 2.0x on 512->512 at 7x7,
+    # 1.7-1.8x on 7x7 pointwise convs (1.1x over their flattened 1 x 7 vectors). A one-row
+    # image (a flattened pointwise conv) spans vectors instead: as many as the registers
+    # hold besides a broadcast, a load and two spares, then channels up to 4 in what is left
+    # (a channel's offset load and broadcast serve one FMA per vector, so vectors, not
+    # channels, cut the loads per FMA). Measured on AVX2 at 90 %: 1024->256 at 14x14 (25
+    # vectors) 2 channels x 5 vectors 1.37-1.47x over 4 x 1; 512->128 at 28x28 1 x 7
+    # 1.03-1.08x over 4 x 2.
     vectors = _largest_divisor(n_vectors, spec.line_vectors)
     for channels in sorted({_largest_divisor(n_kb, c) for c in (4, 2)}, reverse=True):
         rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))
@@ -329,10 +330,10 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     for loop in sch.get_loops(init)[-len(inner) - 1:-1]:  # the init's copies of ``inner``
         sch.unroll(loop)
     if spec.kind == "conv2d":
-        *_, o_n, o_k, o_h, o_w = sch.get_loops(out)
-        for loop in (o_n, o_k, o_h) if n_i is not None else (o_k, o_h):
+        loops = sch.get_loops(out)
+        for loop in loops[-4 if n_i is not None else -3:-1]:  # [images,] channels, rows of the tile
             sch.unroll(loop)
-        _, o_wv = sch.split(o_w, [None, spec.lanes])
+        _, o_wv = sch.split(loops[-1], [None, spec.lanes])
         sch.vectorize(o_wv)
         _schedule_layout(sch, spec)
     return sch

@@ -242,7 +242,8 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     start = time.time()
     ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=log_dir,
                   max_trials_global=remaining, num_trials_per_iter=min(per_iter, remaining),
-                  builder=pools.builder, runner=pools.runner, database=db, cost_model="xgb", measure_callbacks=callbacks)
+                  builder=pools.builder, runner=pools.runner, database=db, cost_model="xgb",
+                  measure_callbacks=callbacks)
     result.records = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     if sum(result.records.values()) <= sum(before.values()):
         raise TuningError(f"tuning recorded 0 valid trials in {time.time() - start:.0f} s: every candidate "

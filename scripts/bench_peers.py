@@ -128,6 +128,7 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp):
             worker = Worker(python, engine, onnx_path, x.shape[0], threads)
             workers.append(worker)
             bench.check_close(engine, worker.output(x_path, tmp), ref, rtol=1e-3)
+
     def pytorch(warmup):
         with torch.no_grad():
             return bench.measure(lambda: model(x), warmup, 2, budget / rounds)
