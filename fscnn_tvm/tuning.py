@@ -3,22 +3,20 @@ rules for the dense ops), XGBoost cost model, JSON tuning logs that TVM's tools 
 
 Three traps each turn a tuning run into "0 valid trials" without an error (see README):
 the stock LocalBuilder imports tensor intrinsics for ~40 s per batch and times out, so we
-pass our own build function; the stock runner feeds random index buffers that gather out of
-bounds, so each candidate is measured on its layer's real arrays, saved next to the log and
+build with our own builder (``measure``); the stock runner feeds random index buffers that
+gather out of bounds, so each candidate is measured on its layer's real arrays, saved next to the log and
 looked up by the argument shapes; and the default design space cannot sample the sparse
 block, so each kernel brings its own (``ops.schedule_sparse`` with sampled decisions).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
-from functools import cached_property, partial
 
 import numpy as np
 import tvm
@@ -26,61 +24,19 @@ from tvm.ir.utils import derived_object
 from tvm.rpc import base as rpc_base
 from tvm.s_tir import meta_schedule as ms
 
-from . import kernels, ops
+from . import kernels
 from .intrinsics import import_cpu_intrinsics
+from .measure import Pools, args_key
 from .records import add_width_classes, has_trace, schedule_kernels, workload, workload_records
 from .target import resolve_target
 from .tuning_log import open_database
 
 log = logging.getLogger("fscnn_tvm.tuning")
 ARGS_DIR = "args"
-# Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
-# stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
-EVALUATOR = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=10, enable_cpu_cache_flush=False)
 
 
 class TuningError(RuntimeError):
     """A tuning job that produced nothing usable."""
-
-
-# ----------------------------------------------------------------------------- workers
-# These run in meta_schedule's worker processes; they are module-level so they pickle by name.
-
-def build_module(mod, target, _params):
-    """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start);
-    a sparse kernel is lowered as ``compile`` will run it."""
-    from tvm.driver import build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    mod = tvm.IRModule({gv: ops.lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
-                        for gv, f in mod.functions.items()})
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
-def args_key(args_info) -> str:
-    return hashlib.sha1(json.dumps(args_info).encode()).hexdigest()[:20]
-
-
-def _real_arguments(device, args_info, alloc_repeat, args_dir):
-    path = os.path.join(args_dir, args_key(args_info) + ".npz")
-    if not os.path.exists(path):  # a dense task: random data is fine
-        from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
-        return default_alloc_argument(device, args_info, alloc_repeat)
-    saved = np.load(path)
-    rng = np.random.default_rng(0)
-    args = []
-    for i, (_, dtype, shape) in enumerate(args_info):
-        value = saved[f"a{i}"] if f"a{i}" in saved else rng.standard_normal(shape).astype(dtype)
-        args.append(tvm.runtime.tensor(value, device))
-    return [args for _ in range(alloc_repeat)]
-
-
-def alloc_local(device, args_info, alloc_repeat, args_dir):
-    return _real_arguments(device, args_info, alloc_repeat, args_dir)
-
-
-def alloc_rpc(session, device, args_info, alloc_repeat, args_dir):
-    del session  # tensors are created on the remote device through it
-    return _real_arguments(device, args_info, alloc_repeat, args_dir)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -101,10 +57,10 @@ def kernel_space(spec):
     return ms.space_generator.ScheduleFn(lambda sch: kernels.design_spaces(sch.mod["main"], spec))
 
 
-def extract_tasks(imported, args_dir: str, dense: bool = True) -> list[Task]:
+def extract_tasks(imported, args_dir: str, dense: bool = True, target=None) -> list[Task]:
     """One task per sparse kernel (measured on its first layer's real arrays) and, with
     ``dense``, one per fused dense conv/matmul function of the module (TVM's default rules)."""
-    import_cpu_intrinsics()  # before meta_schedule imports all of TVM's
+    import_cpu_intrinsics(imported.target if target is None else target)  # before meta_schedule imports all of TVM's
     os.makedirs(args_dir, exist_ok=True)
     tasks = []
     for name, kernel in imported.kernels.items():
@@ -215,12 +171,20 @@ def tune(imported, trials: int = 64, log_dir: str = "tuning_logs/default", targe
     _check_log_dir(log_dir)
     tracker = _tracker(rpc) if rpc is not None else None
     target = resolve_target(target) if target is not None else imported.target
+    with _JOB:
+        return _tune(imported, trials, log_dir, target, tracker, dense, trials_per_iter, seed, progress)
+
+
+_JOB = threading.Lock()
+
+
+def _tune(imported, trials, log_dir, target, tracker, dense, trials_per_iter, seed, progress):
     db = open_database(log_dir, write=True)
     args_dir = os.path.join(log_dir, ARGS_DIR)
-    tasks = extract_tasks(imported, args_dir, dense)
+    tasks = extract_tasks(imported, args_dir, dense, target)
     if not tasks:
         raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
-    pools = _Pools(tracker, args_dir)
+    pools = Pools(tracker, args_dir)
     _record_defaults([t for t in tasks if t.spec is not None], target, pools, db)
     before = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     remaining = trials - sum(before.values())
@@ -282,22 +246,6 @@ class TuneResult:
         return rows
 
 
-class _Pools:
-    """The builder and runner, made on first use: each starts worker processes that import TVM
-    (seconds apiece), which a job with nothing left to measure should not pay for."""
-
-    def __init__(self, tracker, args_dir):
-        self._tracker, self._args_dir = tracker, args_dir
-
-    @cached_property
-    def builder(self):
-        return ms.builder.LocalBuilder(f_build=build_module, timeout_sec=120)
-
-    @cached_property
-    def runner(self):
-        return _runner(self._tracker, self._args_dir)
-
-
 def _record_defaults(tasks, target, pools, db):
     """Measure each sparse task's default schedule, unless the log has it, and record it like
     any candidate. The search then starts from it (evolutionary search seeds its population from
@@ -346,13 +294,3 @@ def _tracker(rpc, timeout_s: float = 5.0):
     if struct.unpack("<i", answer)[0] != rpc_base.RPC_TRACKER_MAGIC:
         raise TuningError(f"rpc: {host}:{port} answers but is not a TVM RPC tracker")
     return host, port, str(key)
-
-
-def _runner(tracker, args_dir):
-    if tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=EVALUATOR,
-                                 f_alloc_argument=partial(alloc_local, args_dir=args_dir))
-    host, port, key = tracker
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
-    return ms.runner.RPCRunner(config, evaluator_config=EVALUATOR,
-                               f_alloc_argument=partial(alloc_rpc, args_dir=args_dir))
