@@ -90,6 +90,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             index[1] = params["w_perm"][index[1]]
             permuted.append(node)
             return _block_with(node, tirx.BufferStore(store.buffer, store.value, index))
+        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
+            return split_partial_vector(node)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params["w_length"]) if int(node.annotations[TILE_BOUND]) else node.extent
@@ -100,6 +102,36 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
     return func.with_body(body)
+
+
+def split_partial_vector(loop):
+    """A vectorised loop over one predicated block (a register tile's store past the row's end)
+    as ``if every lane is inside: the store unpredicated, else: lane by lane``. Otherwise LLVM
+    emits a masked store for every vector, and on AVX2 Zen 3 that cost ~30 cycles apiece: a
+    14x14 pointwise conv whose 196-pixel rows pad to 200 ran 2.3x slower than a 192-pixel one.
+    None (keep the loop) unless the predicate is ``a < b`` with ``a`` rising by a constant
+    step per lane and ``b`` free of the lane."""
+    from tvm.s_tir.stmt import SBlockRealize
+    tirx = tvm.tirx
+    realize, lane = loop.body, loop.loop_var
+    if not isinstance(realize, SBlockRealize) or not isinstance(realize.predicate, tirx.LT):
+        return None
+    a, b = realize.predicate.a, realize.predicate.b
+
+    def at(expr, value):
+        analyzer = tvm.sym.Analyzer()
+        analyzer.bind(lane, value)
+        return analyzer.simplify(expr)
+    step = tvm.sym.Analyzer().simplify(at(a, 1) - at(a, 0))
+    if (any(v.same_as(lane) for v in tirx.analysis.undefined_vars(b)) or not isinstance(step, tirx.IntImm)
+            or step.value <= 0 or not tvm.sym.Analyzer().can_prove_equal(at(a, 2) - at(a, 1), step)):
+        return None
+    whole = _for_with(loop, body=SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block))
+    lanes = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.SERIAL, realize)
+    inside = tvm.sym.Analyzer().simplify(at(a, loop.min + loop.extent - 1) < b)
+    if isinstance(inside, tirx.IntImm):  # (a row of fewer pixels than a vector: never whole)
+        return whole if inside.value else lanes
+    return tirx.IfThenElse(inside, whole, lanes)
 
 
 def _tile_bound(loop, w_length):
