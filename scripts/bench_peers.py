@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ from fscnn_tvm import bench, prune, zoo
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.environ.get("FSCNN_TVM_DEEPSPARSE_VENV", os.path.expanduser("~/.cache/fscnn-tvm/deepsparse-venv"))
 SEED = 20261129  # weights and pruning pattern: no shipped record was tuned on it
+# An engine's threads may spin for a while after its last run and take the cores from the next
+# engine: our MobileNetV2 at batch 8 ran 1.6x slower right after an ONNX Runtime run, and not
+# after a 0.3 s pause (2 cores). So each engine's turn starts after that pause.
+SETTLE_S = 0.3
 
 # (name, in, out, size, kernel, stride): VGG16-224's 3x3 convs, ResNet-50's 1x1 and stride-2 convs, a 64->64@56.
 LAYERS = [
@@ -138,9 +143,10 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp):
     try:
         samples = {name: [] for name, _ in engines}
         for r in range(rounds):
-            # The order turns every round, so no engine always runs right after the same one (an
-            # engine's threads may still spin, or its data still fill the caches, when the next starts).
+            # The order turns every round, so no engine always runs right after the same one (its
+            # data may still fill the caches), and each starts once the last one's threads are idle.
             for name, time_it in engines[r % len(engines):] + engines[:r % len(engines)]:
+                time.sleep(SETTLE_S)
                 samples[name].append(time_it(3 if r == 0 else 1))
     finally:
         for w in workers:
