@@ -243,6 +243,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             f"ops {seg.start + 1}-{seg.end + 1} of {len(bindings)} {seg.chunk} at a time" for seg in segments)
             + " (the batch's activations there exceed the L2 caches)")
 
+    if measure and sparse and on_host(target):
+        pick.prebuild(_timed_convs(bindings, chains, segments, traced, sparsity_threshold, fmt, block), target)
     # Layers are numbered in graph order (their names and report rows), whichever function emits them.
     layer_index = {i: k for k, i in enumerate(i for i, b in enumerate(bindings) if b.var in chains)}
     rows = {}
@@ -340,6 +342,24 @@ def batch_range_of(dynamic_batch) -> tuple | None:
         return int(dynamic_batch[0]), int(dynamic_batch[1])
     raise ValueError(f"dynamic_batch: expected True or (lo, hi) with 1 <= lo < hi (one batch size needs no "
                      f"dynamic batch: import with an example of that size), got {dynamic_batch!r}")
+
+
+def _timed_convs(bindings, chains, segments, traced, threshold, fmt, block) -> list[tuple]:
+    """``pick.time_conv``'s arguments for every conv whose sparse and dense kernels ``_emit_chain``
+    will race: the chains of ``main`` outside the segments, and of each segment's traced program
+    inside it (their inputs have the chunk's batch)."""
+    emitted = [chains[b.var] for i, b in enumerate(bindings)
+               if b.var in chains and not any(seg.start <= i <= seg.end for seg in segments)]
+    for seg in segments:
+        seg_bindings, seg_chains, _ = _layers(traced[seg.chunk])
+        emitted += [seg_chains[b.var] for b in seg_bindings[seg.start:seg.end + 1] if b.var in seg_chains]
+    convs = []
+    for chain in emitted:
+        if dense_reason(chain, threshold) is None and runs_dense_kernel(chain):
+            x_shape, conv_args = kernel_view(chain)
+            convs.append((chain.weight, x_shape, bias_of(chain), chain.activation,
+                          *choose_format(chain.weight, fmt, block), conv_args))
+    return convs
 
 
 def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):

@@ -169,3 +169,24 @@ def test_dynamic_batch_and_batch_one_imports_have_no_chunks(dynamic):
     x = torch.randn(*BIG) if dynamic else torch.randn(1, *BIG[1:])
     imported = fscnn_tvm.import_torch(model, (x,), measure=False, dynamic_batch=(1, 8) if dynamic else None)
     assert not any(gv.name_hint.startswith("chunk") for gv in imported.mod.functions)
+
+
+def test_the_kernels_built_ahead_are_the_ones_the_sparse_dense_choice_races(monkeypatch):
+    """Built two at a time before the races: each raced conv's kernels, at the batch it runs
+    (its chunk's inside a segment), and nothing else. (Timings stubbed: tests do not assert speed.)"""
+    from fscnn_tvm import pick
+    built, raced = [], []
+    monkeypatch.setattr(pick, "prebuild", lambda convs, target: built.extend(convs))
+    monkeypatch.setattr(pick, "time_conv", lambda *a, **k: raced.append(a[:6] + (k,)) or (1.0, 2.0))  # (no target)
+    torch.manual_seed(1)
+    model = _pruned(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), Block(16), torch.nn.MaxPool2d(4),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten()))
+    imported = fscnn_tvm.import_torch(model, (torch.randn(*BIG),))
+    assert any("at a time" in n for n in imported.notes) and len(raced) == 4
+
+    def key(conv):
+        weight, x_shape, bias, activation, fmt, block, conv_args = conv
+        return weight.tobytes(), tuple(x_shape), activation, fmt, block, str(conv_args)
+    assert sorted(map(key, built)) == sorted(map(key, raced))
+    assert {c[1][0] for c in raced} == {r.x_shape[0] for r in imported.report} and min(c[1][0] for c in raced) < 6

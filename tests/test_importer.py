@@ -105,13 +105,17 @@ def test_measured_choice_keeps_the_faster_kernel(monkeypatch, sparse_ms, dense_m
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, w_in), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_measured_choice_times_real_kernels():
-    from fscnn_tvm import pick
+def test_measured_choice_times_real_kernels_built_ahead():
+    from fscnn_tvm import layer, pick
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * (rng.random((16, 8, 3, 3)) > 0.8)
-    sparse_ms, dense_ms = pick.time_conv(w, (1, 8, 12, 12), None, "relu", "csr", None,
-                                         fscnn_tvm.resolve_target(None), stride=1, padding=(1, 1, 1, 1), dilation=1)
+    conv_args = {"stride": 1, "padding": (1, 1, 1, 1), "dilation": 1}
+    target = fscnn_tvm.resolve_target(None)
+    pick.prebuild([(w, (1, 8, 12, 12), None, "relu", "csr", None, conv_args)], target)
+    built = layer._compiled.cache_info().misses
+    sparse_ms, dense_ms = pick.time_conv(w, (1, 8, 12, 12), None, "relu", "csr", None, target, **conv_args)
     assert 0 < sparse_ms < 1e3 and 0 < dense_ms < 1e3
+    assert layer._compiled.cache_info().misses == built  # both kernels were built ahead
 
 
 def test_no_timing_for_another_cpu(monkeypatch):
