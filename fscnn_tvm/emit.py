@@ -218,3 +218,15 @@ def conv_args_of(chain) -> dict:
     a = chain.head.attrs
     return {"stride": tuple(int(s) for s in a.strides), "padding": tuple(int(p) for p in a.padding),
             "dilation": tuple(int(d) for d in a.dilation), "groups": int(a.groups)}
+
+
+def raced_convs(chains, threshold, fmt, block) -> list[tuple]:
+    """``pick.time_conv``'s arguments (conv_args a dict last) for each of ``chains`` whose sparse
+    and dense kernels the import races: pruned over the threshold, run by our dense kernel too."""
+    convs = []
+    for chain in chains:
+        if dense_reason(chain, threshold) is None and runs_dense_kernel(chain):
+            x_shape, conv_args = kernel_view(chain)
+            convs.append((chain.weight, x_shape, bias_of(chain), chain.activation,
+                          *choose_format(chain.weight, fmt, block), conv_args))
+    return convs

@@ -17,7 +17,7 @@ import tvm
 
 from . import chunks, pick
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
-                   kernel_view, runs_dense_kernel, static_shape)
+                   kernel_view, raced_convs, runs_dense_kernel, static_shape)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
 
@@ -345,21 +345,14 @@ def batch_range_of(dynamic_batch) -> tuple | None:
 
 
 def _timed_convs(bindings, chains, segments, traced, threshold, fmt, block) -> list[tuple]:
-    """``pick.time_conv``'s arguments for every conv whose sparse and dense kernels ``_emit_chain``
-    will race: the chains of ``main`` outside the segments, and of each segment's traced program
-    inside it (their inputs have the chunk's batch)."""
+    """``emit.raced_convs`` of the chains ``emit`` will emit: ``main``'s outside the segments, and
+    each segment's traced program's inside it (their inputs have the chunk's batch)."""
     emitted = [chains[b.var] for i, b in enumerate(bindings)
                if b.var in chains and not any(seg.start <= i <= seg.end for seg in segments)]
     for seg in segments:
         seg_bindings, seg_chains, _ = _layers(traced[seg.chunk])
         emitted += [seg_chains[b.var] for b in seg_bindings[seg.start:seg.end + 1] if b.var in seg_chains]
-    convs = []
-    for chain in emitted:
-        if dense_reason(chain, threshold) is None and runs_dense_kernel(chain):
-            x_shape, conv_args = kernel_view(chain)
-            convs.append((chain.weight, x_shape, bias_of(chain), chain.activation,
-                          *choose_format(chain.weight, fmt, block), conv_args))
-    return convs
+    return raced_convs(emitted, threshold, fmt, block)
 
 
 def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):
