@@ -54,6 +54,7 @@ class DenseConvSpec:
     # Blocked kernels only: a task's rows computed as one run of task_rows * W pixels (tiles cross
     # row ends, so only the task's last tile pads); task_rows must divide the output rows.
     flat_rows: bool = False
+    residual: bool = False  # a tensor of the output's shape (``out_shape``) added before the activation
     kind: str = "dense_conv2d"
 
     @property
@@ -249,16 +250,20 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
             name="acc")
 
     # flat_rows: (task, pixel of the task) for (oh, ow)
+    residual = te.placeholder(with_batch(spec.out_shape, batch), "float32", name="residual") \
+        if spec.residual else None
     out = conv_epilogue(lambda n, k, oh, ow: acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn],
-                        with_batch(spec.out_shape, batch), bias, spec.activation)
-    return [x, w] + ([bias] if bias is not None else []) + [out]
+                        with_batch(spec.out_shape, batch), bias, spec.activation, residual)
+    return [x, w] + [t for t in (bias, residual) if t is not None] + [out]
 
 
-def conv_epilogue(acc_at, out_shape, bias, activation) -> te.Tensor:
-    """``out``: the accumulator ``acc_at(n, k, oh, ow)`` plus bias, through the activation."""
+def conv_epilogue(acc_at, out_shape, bias, activation, residual=None) -> te.Tensor:
+    """``out``: the accumulator ``acc_at(n, k, oh, ow)`` plus bias (and ``residual``), through
+    the activation."""
     def value(n, k, oh, ow):
         v = acc_at(n, k, oh, ow)
-        return activate(v + bias[k] if bias is not None else v, activation)
+        v = v + bias[k] if bias is not None else v
+        return activate(v + residual[n, k, oh, ow] if residual is not None else v, activation)
     return te.compute(out_shape, value, name="out")
 
 

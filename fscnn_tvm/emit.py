@@ -3,6 +3,7 @@ grouped kernel or TVM's), and its ``call_tir`` with the kernel's constant arrays
 added to the module once per spec and remembered as a ``Kernel`` (what tuning works on)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,8 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
     from tvm import relax
     batch = chain.x.ty.shape[0]
     dynamic = not isinstance(batch, tvm.tirx.IntImm)
+    if chain.residual is not None:  # (only sparse and dense conv kernels' chains carry one)
+        spec = dataclasses.replace(spec, residual=True)
     if dynamic:
         spec = kernels.batched(spec, DYNAMIC)
     if spec not in funcs:
@@ -90,7 +93,11 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
         x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=stride))
         x_shape = kernel_view(chain)[0]
     x = x if spec.x_shape[1:] == x_shape[1:] else bb.emit(relax.op.reshape(x, shape(spec.x_shape)))
-    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights],
+    residual = []
+    if chain.residual is not None:  # viewed as the kernel's output (a flattened image, tasks' rows)
+        same = spec.out_shape == spec.layer_out_shape
+        residual = [chain.residual if same else bb.emit(relax.op.reshape(chain.residual, shape(spec.out_shape)))]
+    out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights] + residual,
                                  relax.TensorType(shape(spec.out_shape), "float32")))
     return out if spec.out_shape == spec.layer_out_shape else \
         bb.emit(relax.op.reshape(out, shape(spec.layer_out_shape)))

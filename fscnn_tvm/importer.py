@@ -87,6 +87,8 @@ class Chain:
     bias: np.ndarray | None = None
     activation: str | None = None
     fused: list = field(default_factory=list)
+    # A tensor of the output's shape added before the activation (a residual): read in the epilogue.
+    residual: object = None
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain
 
@@ -148,8 +150,10 @@ def _per_channel(shape, channels: int, kind: str) -> bool:
     return shape in allowed
 
 
-def _extend(chain: Chain, graph: _Graph):
-    """Absorb bias add, BatchNorm and ReLU that follow the head, in that order when present."""
+def _extend(chain: Chain, graph: _Graph, taken=frozenset()):
+    """Absorb bias add, BatchNorm, a residual add and ReLU that follow the head, in that order
+    when present. A residual add that ``taken`` holds (another chain's, whose output is the other
+    operand) is left to it."""
     out_ch = chain.weight.shape[0]
     while True:
         user = graph.only_user(chain.last_var)
@@ -160,6 +164,12 @@ def _extend(chain: Chain, graph: _Graph):
         if name == "relax.add" and chain.activation is None:
             other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
             b = graph.const_of(other)
+            if b is None and chain.residual is None and user not in taken and _residual_fits(other, chain):
+                chain.residual = other
+                chain.fused.append("add")
+                chain.skip.add(chain.last_var)
+                chain.last_var = user
+                continue
             # The shape as added (after any reshape const_of saw through) decides what it broadcasts along.
             if b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
                 return
@@ -185,6 +195,15 @@ def _extend(chain: Chain, graph: _Graph):
             return
         chain.skip.add(chain.last_var)
         chain.last_var = user
+
+
+def _residual_fits(other, chain) -> bool:
+    """Whether ``other`` can be added in the epilogue of ``chain``'s kernel: a float32 tensor of
+    exactly the conv's output shape, for a conv our sparse and dense kernels both run."""
+    out = getattr(chain.last_var, "ty", None)
+    return runs_dense_kernel(chain) and isinstance(getattr(other, "ty", None), type(out)) \
+        and other.ty.dtype == "float32" and hasattr(out, "shape") \
+        and [str(d) for d in other.ty.shape] == [str(d) for d in out.shape]
 
 
 def _is_relu6(clip) -> bool:
@@ -257,6 +276,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             if b.var in chains_:
                 chain = chains_[b.var]
                 chain.x = _substitute(chain.x, remap)
+                chain.residual = None if chain.residual is None else _substitute(chain.residual, remap)
                 chain.head = _substitute(chain.head, remap)
                 remap[b.var] = _emit_chain(bb, chain, layer_index[i], names, sparsity_threshold if sparse else None,
                                            fmt, block, target, funcs, kernels, report, measure and on_host(target))
@@ -319,7 +339,7 @@ def _layers(main):
         if chain is None:
             continue
         if chain.weight is not None:
-            _extend(chain, graph)
+            _extend(chain, graph, absorbed | set(chains))
         chains[chain.last_var] = chain
         absorbed |= chain.skip
         absorbed.discard(chain.last_var)

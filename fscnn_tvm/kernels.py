@@ -43,9 +43,11 @@ def batched(spec, batch):
 
 def tuned_as(spec):
     """The spec a kernel is tuned and its records looked up as: a dynamic-batch kernel as its
-    batch-1 twin (the schedules never split the batch loop, so a twin's trace replays on it)."""
+    batch-1 twin (the schedules never split the batch loop), a kernel that adds a residual as
+    its twin without (the epilogue's loops are the same): the twin's trace replays on it."""
     batch = spec.batch if isinstance(spec, ops.KernelSpec) else spec.geo.batch
-    return batched(spec, 1) if batch == DYNAMIC else spec
+    spec = batched(spec, 1) if batch == DYNAMIC else spec
+    return dataclasses.replace(spec, residual=False) if getattr(spec, "residual", False) else spec
 
 
 def lower(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:

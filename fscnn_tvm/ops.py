@@ -86,13 +86,15 @@ def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride, band
         name="acc")
 
 
-def epilogue_compute(acc, out_shape, bias, activation):
-    """Crop padded channels and columns, add bias, apply the activation."""
+def epilogue_compute(acc, out_shape, bias, activation, residual=None, perm=None):
+    """Crop padded channels and columns, add bias (and the residual, at the table channel's
+    output channel ``perm[k]``), apply the activation."""
     bo = acc.shape[2]
 
     def value(n, k, *hw):
         v = acc[n, k // bo, k % bo, hw[0], hw[1]] if hw else acc[n, k // bo, k % bo, 0, 0]
-        return activate(v + bias[k] if bias is not None else v, activation)
+        v = v + bias[k] if bias is not None else v
+        return activate(v + residual[n, perm[k], hw[0], hw[1]] if residual is not None else v, activation)
 
     return te.compute(out_shape, value, name="out")
 
@@ -130,6 +132,7 @@ class KernelSpec:
     # Output rows per band when the input is laid out band by band inside the parallel loop
     # (``band_rows_for``); None: one layout pass over the whole input first.
     band_rows: int | None = None
+    residual: bool = False  # conv: a tensor of the output's shape added before the activation
 
     @property
     def x_shape(self):
@@ -175,8 +178,10 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     else:
         x = te.placeholder((batch, spec.in_features), "float32", name="x")
         acc = sparse_accumulate_compute(x, w_data, w_offset, (1, 1), 0)
-    out = epilogue_compute(acc, with_batch(spec.out_shape, batch), bias, spec.activation)
-    return [x, w_data, w_offset, w_length, w_perm] + ([bias] if bias is not None else []) + [out]
+    residual = te.placeholder(with_batch(spec.out_shape, batch), "float32", name="residual") \
+        if spec.residual else None
+    out = epilogue_compute(acc, with_batch(spec.out_shape, batch), bias, spec.activation, residual, w_perm)
+    return [x, w_data, w_offset, w_length, w_perm] + [t for t in (bias, residual) if t is not None] + [out]
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -310,3 +310,51 @@ def test_subsampling_pointwise_convs_run_on_the_subsampled_input(threshold):
     assert all(k.spec.geo.stride == (1, 1) for k in imported.kernels.values())
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+class _Residual(torch.nn.Module):
+    """A 3x3 conv + BN + residual + ReLU (ResNet's), then a 1x1 conv + bias + residual (MobileNetV2's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)) + x)
+        return self.b(y) + y
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])  # sparse kernels, dense kernels
+def test_a_residual_add_is_read_in_the_producing_convs_epilogue(threshold):
+    torch.manual_seed(0)
+    model = _Residual()
+    with torch.no_grad():
+        model.bn.running_mean.normal_(0, 0.1)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
+    x = torch.randn(2, 8, 16, 6)  # the 1x1 conv runs on its image flattened to one row of 96 pixels
+    imported = fscnn_tvm.import_torch(model.eval(), (x,), sparsity_threshold=threshold, measure=False)
+    rows = {r.name: r for r in imported.report}
+    assert rows["a"].fused == ["bias", "bn", "add", "relu"] and rows["b"].fused == ["bias", "add"]
+    assert all(k.spec.residual for k in imported.kernels.values()) and len(imported.kernels) == 2
+    assert [r.rewritten for r in imported.report] == [threshold < 1] * 2
+    assert "relax.add" not in imported.mod["main"].script()
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_an_add_the_epilogue_cannot_take_stays_an_add():
+    class Broadcast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x, y):
+            return torch.relu(self.conv(x) + y)  # y broadcasts along the rows: not the output's shape
+    model = Broadcast().eval()
+    prune.prune_magnitude(model, 0.8, keep_first_conv_dense=False)
+    x, y = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 1, 6)
+    imported = fscnn_tvm.import_torch(model, (x, y), measure=False)
+    assert imported.report[0].fused == ["bias"] and not any(k.spec.residual for k in imported.kernels.values())
+    ref = model(x, y).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, y), ref, rtol=1e-4, atol=1e-4)

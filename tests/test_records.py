@@ -14,7 +14,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 import fscnn_tvm
-from fscnn_tvm import dense, formats, ops, records
+from fscnn_tvm import dense, formats, kernels, ops, records
 from fscnn_tvm.decisions import SampledDecisions
 from fscnn_tvm.layer import _build
 from fscnn_tvm.target import resolve_target
@@ -169,3 +169,21 @@ def test_a_record_tuned_on_one_pattern_serves_another_pattern_of_the_same_shapes
     _build(sch, target)(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in arrays], out)
     ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)).numpy()
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_that_adds_a_residual_replays_the_record_of_its_twin_without(small_model, default_log):
+    import dataclasses
+    model, x, imported = small_model
+    kernel = next(k for n, k in imported.kernels.items() if "conv" in n)  # model[0]: conv 8->16, ReLU
+    spec = dataclasses.replace(kernel.spec, residual=True)
+    assert kernels.tuned_as(spec) == kernel.spec
+    sch, tuned = records.best_schedule(spec, open_database(default_log))
+    assert tuned
+    func = _build(sch, imported.target)
+    residual = np.random.default_rng(0).standard_normal(spec.out_shape).astype(np.float32)
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    func(tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(a) for a in kernel.arrays], tvm.runtime.tensor(residual),
+         out)
+    conv = model[0]
+    ref = torch.relu(conv(x) + torch.from_numpy(residual)).detach().numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
