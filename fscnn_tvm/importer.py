@@ -1,11 +1,9 @@
 """PyTorch model -> Relax -> conv/linear layers rewritten to our kernels.
 
-``torch.export`` then TVM's Relax frontend give one dataflow block of Relax calls. We walk it
-once, recognise each layer *chain* (conv2d or linear, then optionally a per-channel bias add,
-eval-mode BatchNorm and ReLU/ReLU6, each intermediate used only by the next step), fold BatchNorm
-into the weight and bias (scaling keeps zeros zero), and hand the chain to ``emit``: one
-``call_tir`` of the sparse or dense kernel (bias and activation fused), or dense Relax ops. One
-small matcher per layer kind, as in TVM's own frontends.
+``torch.export`` then TVM's Relax frontend give one dataflow block of Relax calls. Each layer
+*chain* found in it (``chains``: conv2d or linear and the ops folded into it) goes to ``emit``:
+one ``call_tir`` of the sparse or dense kernel (bias, residual and activation fused), or dense
+Relax ops; a batched model's first layers run depth-first in chunks of images (``chunks``).
 """
 from __future__ import annotations
 
@@ -16,13 +14,11 @@ import numpy as np
 import tvm
 
 from . import chunks, pick
+from .chains import find_chains
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
                    kernel_view, raced_convs, runs_dense_kernel, static_shape)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
-
-FUSED_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.clip": "relu6"}  # clip: only clip(x, 0, 6)
-
 
 @dataclass
 class LayerReport:
@@ -65,152 +61,6 @@ class ImportedModel:
                 + "".join(f"\nnote: {n}" for n in self.notes))
 
 
-# ----------------------------------------------------------------------------- matching
-
-def _const(expr):
-    import tvm
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
-
-
-def _op_name(expr):
-    from tvm import relax
-    return expr.op.name if isinstance(expr, relax.Call) and hasattr(expr.op, "name") else None
-
-
-@dataclass
-class Chain:
-    """A conv/linear layer and the ops folded into it."""
-    kind: str
-    head: object  # the conv2d / matmul call
-    x: object  # its data input
-    weight: np.ndarray | None  # OIHW or (out, in); None when not a constant
-    bias: np.ndarray | None = None
-    activation: str | None = None
-    fused: list = field(default_factory=list)
-    # A tensor of the output's shape added before the activation (a residual): read in the epilogue.
-    residual: object = None
-    last_var: object = None  # the var the whole chain's result is bound to
-    skip: set = field(default_factory=set)  # bindings absorbed into the chain
-
-
-class _Graph:
-    def __init__(self, bindings, outputs):
-        from tvm import relax
-        self.defs = {b.var: b.value for b in bindings}
-        self.uses: dict = {}
-        for value in [b.value for b in bindings] + [outputs]:
-            relax.analysis.post_order_visit(value, self._count)
-        self.users = {}
-        for b in bindings:
-            for v in chunks.free_vars(b.value):
-                self.users.setdefault(v, []).append(b.var)
-
-    def _count(self, node):
-        from tvm import relax
-        if isinstance(node, relax.Var):
-            self.uses[node] = self.uses.get(node, 0) + 1
-
-    def only_user(self, var):
-        """The binding var that is ``var``'s single use, if any."""
-        users = self.users.get(var, [])
-        return users[0] if self.uses.get(var, 0) == 1 and len(users) == 1 else None
-
-    def const_of(self, expr):
-        """A constant, seen through a reshape of a constant."""
-        value = _const(expr)
-        if value is None and expr in self.defs and _op_name(self.defs[expr]) == "relax.reshape":
-            value = _const(self.defs[expr].args[0])
-        return value
-
-
-def _match_head(var, value, graph: _Graph) -> Chain | None:
-    name = _op_name(value)
-    if name == "relax.nn.conv2d":
-        return Chain("conv2d", value, value.args[0], _const(value.args[1]), last_var=var)
-    if name == "relax.matmul":
-        rhs = value.args[1]
-        w_t = rhs in graph.defs and _op_name(graph.defs[rhs]) == "relax.permute_dims" \
-            and _const(graph.defs[rhs].args[0])
-        if w_t is not None and w_t is not False and w_t.ndim == 2 and len(value.args[0].ty.shape) == 2:
-            chain = Chain("linear", value, value.args[0], w_t, last_var=var)
-            chain.skip.add(rhs) if graph.uses.get(rhs, 0) == 1 else None
-            return chain
-        if len(getattr(value.args[0].ty, "shape", [])) == 2:
-            return Chain("linear", value, value.args[0], None, last_var=var)
-    return None
-
-
-def _per_channel(shape, channels: int, kind: str) -> bool:
-    """Whether a constant of ``shape`` added to the layer's output is one value per output channel:
-    (K, 1, 1) or (1, K, 1, 1) after a conv, (K,) or (1, K) after a linear. Anything else broadcasts
-    along other axes (a (K,) vector added to NCHW runs along the width; an (N, 1) column along the
-    batch) and stays an add."""
-    shape = tuple(int(d) for d in shape)
-    allowed = {(channels, 1, 1), (1, channels, 1, 1)} if kind == "conv2d" else {(channels,), (1, channels)}
-    return shape in allowed
-
-
-def _extend(chain: Chain, graph: _Graph, taken=frozenset()):
-    """Absorb bias add, BatchNorm, a residual add and ReLU that follow the head, in that order
-    when present. A residual add that ``taken`` holds (another chain's, whose output is the other
-    operand) is left to it."""
-    out_ch = chain.weight.shape[0]
-    while True:
-        user = graph.only_user(chain.last_var)
-        if user is None:
-            return
-        value = graph.defs[user]
-        name = _op_name(value)
-        if name == "relax.add" and chain.activation is None:
-            other = value.args[1] if value.args[0].same_as(chain.last_var) else value.args[0]
-            b = graph.const_of(other)
-            if b is None and chain.residual is None and user not in taken and _residual_fits(other, chain):
-                chain.residual = other
-                chain.fused.append("add")
-                chain.skip.add(chain.last_var)
-                chain.last_var = user
-                continue
-            # The shape as added (after any reshape const_of saw through) decides what it broadcasts along.
-            if b is None or not _per_channel(getattr(other.ty, "shape", ()), out_ch, chain.kind):
-                return
-            chain.bias = (0 if chain.bias is None else chain.bias) + b.reshape(-1).astype(np.float32)
-            chain.fused.append("bias")
-        elif name == "relax.nn.batch_norm" and chain.kind == "conv2d" and chain.activation is None \
-                and int(value.attrs.axis) == 1:
-            params = [_const(a) for a in value.args[1:5]]
-            getter = graph.only_user(user)
-            if any(p is None for p in params) or getter is None or int(getattr(graph.defs[getter], "index", -1)) != 0:
-                return
-            gamma, beta, mean, var = params
-            scale = gamma / np.sqrt(var + float(value.attrs.epsilon))
-            chain.weight = chain.weight * scale[:, None, None, None].astype(np.float32)
-            chain.bias = ((0 if chain.bias is None else chain.bias) - mean) * scale + beta
-            chain.fused.append("bn")
-            chain.skip.add(user)
-            user = getter
-        elif name in FUSED_ACTIVATIONS and chain.activation is None and (name != "relax.clip" or _is_relu6(value)):
-            chain.activation = FUSED_ACTIVATIONS[name]
-            chain.fused.append(chain.activation)
-        else:
-            return
-        chain.skip.add(chain.last_var)
-        chain.last_var = user
-
-
-def _residual_fits(other, chain) -> bool:
-    """Whether ``other`` can be added in the epilogue of ``chain``'s kernel: a float32 tensor of
-    exactly the conv's output shape, for a conv our sparse and dense kernels both run."""
-    out = getattr(chain.last_var, "ty", None)
-    return runs_dense_kernel(chain) and isinstance(getattr(other, "ty", None), type(out)) \
-        and other.ty.dtype == "float32" and hasattr(out, "shape") \
-        and [str(d) for d in other.ty.shape] == [str(d) for d in out.shape]
-
-
-def _is_relu6(clip) -> bool:
-    bounds = [getattr(a, "value", None) for a in clip.args[1:3]]  # FloatImm (PrimValue in some versions)
-    return [getattr(b, "value", b) for b in bounds] == [0.0, 6.0]
-
-
 def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto", block=None,
                  target=None, sparse=True, measure=True, dynamic_batch=None) -> ImportedModel:
     """Import a ``torch.nn.Module`` (with ``example_inputs``) or a ``torch.export``
@@ -246,7 +96,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                          "running statistics (the model's mode is unchanged)")
     mod = _translate(program)
     main = mod["main"]
-    bindings, chains, absorbed = _layers(main)
+    bindings, chains, absorbed = find_chains(main)
     names = layer_names(program)
     segments, traced = [], {}
     if program is not model and batch_range is None:
@@ -286,7 +136,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     bb = relax.BlockBuilder()
     report, funcs, kernels = [], {}, {}
-    functions = [chunks.segment_function(bb, f"chunk{k}", traced[seg.chunk], seg, _layers, emit)
+    functions = [chunks.segment_function(bb, f"chunk{k}", traced[seg.chunk], seg, find_chains, emit)
                  for k, seg in enumerate(segments)]
     params = [relax.Var(p.name, p.ty) for p in main.params]
     with bb.function("main", params):
@@ -327,25 +177,6 @@ def _translate(program):
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def _layers(main):
-    """(bindings, layer chains by their last var, bindings absorbed into a chain) of ``main``."""
-    bindings = [b for blk in main.body.blocks for b in blk.bindings]
-    graph = _Graph(bindings, main.body.body)
-    chains, absorbed = {}, set()
-    for b in bindings:
-        if b.var in absorbed:
-            continue
-        chain = _match_head(b.var, b.value, graph)
-        if chain is None:
-            continue
-        if chain.weight is not None:
-            _extend(chain, graph, absorbed | set(chains))
-        chains[chain.last_var] = chain
-        absorbed |= chain.skip
-        absorbed.discard(chain.last_var)
-    return bindings, chains, absorbed
-
-
 def _as_tuple(example_inputs) -> tuple:
     return (example_inputs,) if hasattr(example_inputs, "shape") else tuple(example_inputs)
 
@@ -370,7 +201,7 @@ def _timed_convs(bindings, chains, segments, traced, threshold, fmt, block) -> l
     emitted = [chains[b.var] for i, b in enumerate(bindings)
                if b.var in chains and not any(seg.start <= i <= seg.end for seg in segments)]
     for seg in segments:
-        seg_bindings, seg_chains, _ = _layers(traced[seg.chunk])
+        seg_bindings, seg_chains, _ = find_chains(traced[seg.chunk])
         emitted += [seg_chains[b.var] for b in seg_bindings[seg.start:seg.end + 1] if b.var in seg_chains]
     return raced_convs(emitted, threshold, fmt, block)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fscnn_tvm
-from fscnn_tvm import chunks, importer, prune
+from fscnn_tvm import chains, chunks, importer, prune
 from fscnn_tvm.torch_export import export_torch
 
 
@@ -39,7 +39,7 @@ class Mixing(torch.nn.Module):
 
 def _main(model, x):
     main = importer._translate(export_torch(model, (x,)))["main"]
-    bindings, _, absorbed = importer._layers(main)
+    bindings, _, absorbed = chains.find_chains(main)
     return main, bindings, absorbed
 
 
