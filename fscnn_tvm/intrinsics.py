@@ -24,14 +24,16 @@ def cpu_module(target) -> str:
 
 def import_cpu_intrinsics(target) -> None:
     """Register the tensor intrinsics of ``target``'s CPU family."""
-    if PACKAGE not in sys.modules:
-        import tvm.s_tir
-        package = importlib.util.module_from_spec(importlib.util.find_spec(PACKAGE))
-        sys.modules[PACKAGE] = package
-        tvm.s_tir.tensor_intrin = package
-        try:
-            importlib.import_module(f"{PACKAGE}.{cpu_module(target)}")
-        except BaseException:
-            del sys.modules[PACKAGE]  # leave TVM's own import to run in full
-            raise
-    importlib.import_module(f"{PACKAGE}.{cpu_module(target)}")  # another family's, later in a process
+    module = f"{PACKAGE}.{cpu_module(target)}"
+    if PACKAGE in sys.modules:  # ours (another family's module may be missing) or TVM's whole import
+        importlib.import_module(module)
+        return
+    import tvm.s_tir
+    package = importlib.util.module_from_spec(importlib.util.find_spec(PACKAGE))
+    sys.modules[PACKAGE] = package
+    tvm.s_tir.tensor_intrin = package
+    try:
+        importlib.import_module(module)
+    except BaseException:
+        del sys.modules[PACKAGE]  # leave TVM's own import to run in full
+        raise

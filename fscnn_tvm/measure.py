@@ -20,7 +20,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-from . import ops
+from . import _threads, ops
 
 # Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
 # stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
@@ -79,7 +79,7 @@ class PooledBuilder(ms.builder.PyBuilder):
     def __init__(self, timeout_sec: float = 120):
         super().__init__()
         self.timeout_sec = timeout_sec
-        self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=timeout_sec,
+        self.pool = PopenPoolExecutor(max_workers=_threads.cores(), timeout=timeout_sec,
                                       maximum_process_uses=USES)
 
     def build(self, build_inputs):

@@ -4,9 +4,9 @@ rules for the dense ops), XGBoost cost model, JSON tuning logs that TVM's tools 
 Three traps each turn a tuning run into "0 valid trials" without an error (see README):
 the stock LocalBuilder imports tensor intrinsics for ~40 s per batch and times out, so we
 build with our own builder (``measure``); the stock runner feeds random index buffers that
-gather out of bounds, so each candidate is measured on its layer's real arrays, saved next to the log and
-looked up by the argument shapes; and the default design space cannot sample the sparse
-block, so each kernel brings its own (``ops.schedule_sparse`` with sampled decisions).
+gather out of bounds, so each candidate is measured on its layer's real arrays, saved next to
+the log and looked up by the argument shapes; and the default design space cannot sample the
+sparse block, so each kernel brings its own (``ops.schedule_sparse`` with sampled decisions).
 """
 from __future__ import annotations
 
