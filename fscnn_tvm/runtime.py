@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import vmbuild
 from .records import resolve_database, schedule_kernels, sparse_kernels
 from .target import resolve_target
 from .tuning_log import open_database
@@ -207,7 +208,8 @@ def _python_tune_command(kernels: int) -> str:
 
 def compile_module(mod, target, tuning_log=None):
     """Build a Relax module; with a tuning log (a directory or an open database) its records
-    are applied to the dense ops. Operators no record schedules are parallelised (below)."""
+    are applied to the dense ops. Operators no record schedules are parallelised (below); the
+    TIR functions compile on every core (``vmbuild``)."""
     from tvm.relax.backend.cpu_generic import pipeline as passes  # (its __init__ omits one of the four)
     from tvm.relax.transform import MetaScheduleApplyDatabase
 
@@ -215,18 +217,15 @@ def compile_module(mod, target, tuning_log=None):
 
     # TVM's own CPU pipeline plus the two steps of meta_schedule's compile_relax: fuse exactly
     # as tuning's task extraction did (so records match), then apply the records.
-    @tvm.transform.module_pass(opt_level=0)
-    def pipeline(mod, _ctx):
+    with target, (db if db is not None else contextlib.nullcontext()), tvm.transform.PassContext(opt_level=3):
         mod = tvm.transform.Sequential(passes.library_dispatch_passes(target)
                                        + passes.legalize_passes(target))(mod)
         if db is not None:
             mod = MetaScheduleApplyDatabase()(mod)
         mod = _parallelize_unscheduled(mod)
-        return tvm.transform.Sequential(passes.dataflow_lower_passes(target)
-                                        + passes.finalize_passes(target))(mod)
-
-    with target, (db if db is not None else contextlib.nullcontext()), tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        mod = tvm.transform.Sequential(passes.dataflow_lower_passes(target)
+                                       + passes.finalize_passes(target))(mod)
+        return vmbuild.build(mod, target)
 
 
 def _parallelize_unscheduled(mod):
