@@ -7,9 +7,10 @@ import dataclasses
 
 import tvm
 
-from . import dense, depthwise, ops
+from . import dense, depthwise, ops, schedule
 from .decisions import SampledDecisions
 from .geometry import DYNAMIC
+from .lowering import kernel_func
 
 # Kernels of a single structure: (module with prim_func/default_schedule, its schedule function).
 _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
@@ -17,12 +18,11 @@ _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
 
 
 def prim_func(spec) -> tvm.tirx.PrimFunc:
-    module = _SINGLE.get(type(spec), (ops,))[0]
-    return module.prim_func(spec)
+    return _SINGLE[type(spec)][0].prim_func(spec) if type(spec) in _SINGLE else ops.prim_func(spec)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec) -> tvm.s_tir.Schedule:
-    module = _SINGLE.get(type(spec), (ops,))[0]
+    module = _SINGLE[type(spec)][0] if type(spec) in _SINGLE else schedule
     return module.default_schedule(func, spec)
 
 
@@ -30,7 +30,7 @@ def design_spaces(func: tvm.tirx.PrimFunc, spec) -> list:
     """One schedule with sampled decisions per structural variant of the kernel."""
     if type(spec) in _SINGLE:
         return [_SINGLE[type(spec)][1](func, spec, SampledDecisions())]
-    return [ops.schedule_sparse(func, spec, SampledDecisions(), v) for v in ops.variants(spec)]
+    return [schedule.schedule_sparse(func, spec, SampledDecisions(), v) for v in schedule.variants(spec)]
 
 
 def batched(spec, batch):
@@ -51,5 +51,5 @@ def tuned_as(spec):
 
 
 def lower(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
-    """A scheduled kernel as it runs (``ops.lower_sparse`` passes dense kernels through)."""
-    return ops.kernel_func(sch)
+    """A scheduled kernel as it runs (``lowering.lower_sparse`` passes dense kernels through)."""
+    return kernel_func(sch)

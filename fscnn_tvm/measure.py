@@ -20,7 +20,8 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-from . import _threads, ops
+from . import _threads
+from .lowering import lower_sparse
 
 # Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
 # stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
@@ -33,7 +34,7 @@ def build_module(mod, target, _params):
     a sparse kernel is lowered as ``compile`` will run it."""
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    mod = tvm.IRModule({gv: ops.lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
+    mod = tvm.IRModule({gv: lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
                         for gv, f in mod.functions.items()})
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 

@@ -13,7 +13,9 @@ The ELL table holds rows grouped by length, so a register tile's rows are alike;
 nonzero loop stops at its longest row and the epilogue stores each row to its channel
 (``lower_sparse``, the one step applied after scheduling, wherever a kernel is built).
 
-Compute (what) and schedule (how) are separate functions; ``kernel_func`` lowers a schedule.
+This module says *what* (the compute) and derives a layer's ``KernelSpec`` from its shapes and the
+CPU description, with the default register tile; ``schedule`` says *how*; ``lowering`` rewrites the
+scheduled TIR.
 """
 from __future__ import annotations
 
@@ -25,9 +27,7 @@ import tvm
 from tvm import te
 
 from . import formats as F
-from .decisions import TILE_BOUND, FixedDecisions, SampledDecisions  # noqa: F401 - part of ops' API
 from .geometry import ConvGeometry, batch_extent, with_batch
-from .lowering import kernel_func, lower_sparse  # noqa: F401 - part of ops' API
 from .target import Caches, caches, vector_lanes, vector_registers
 
 ACTIVATIONS = (None, "relu", "relu6")
@@ -184,7 +184,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     return [x, w_data, w_offset, w_length, w_perm] + [t for t in (bias, residual) if t is not None] + [out]
 
 
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- the default register tile
 
 def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
@@ -232,138 +232,7 @@ def folds_batch(spec: KernelSpec) -> bool:
     return spec.kind == "conv2d" and spec.batch > 1 and not spec.band_rows
 
 
-# Structural choices, one design space each (meta_schedule replays traces, so a choice that
-# changes which primitives run cannot be a sampled decision).
-# "channels": parallel over channel tiles, each sweeping all rows (input re-read per tile).
-# "rows+channels": row tiles outermost, so all channel tiles of a band of rows reuse that
-# band of input while it is in cache: what large feature maps need.
-# "tiles": every tile coordinate (rows, pixel vectors) outside the channel tiles, so the
-# channel tiles of one pixel tile run back to back on the input slab that tile reads.
-VARIANTS = ("channels", "channels+rows", "rows+channels", "tiles")
-# A spec with ``band_rows`` has one: "bands", parallel over bands of rows, each band laying out
-# its input and then running all its channel tiles.
-BANDED = ("bands",)
-
-
-def variants(spec: KernelSpec) -> tuple:
-    """The structural variants (design spaces) a kernel of ``spec`` can be scheduled with."""
-    if spec.kind != "conv2d":
-        return VARIANTS[:1]
-    return BANDED if spec.band_rows else VARIANTS
-
-
-def default_variant(spec: KernelSpec) -> str:
-    """A one-row image (a flattened pointwise conv) whose input exceeds one core's L2 runs
-    "tiles": its row tile is the whole image, and each channel tile would re-read all of it
-    from L3; pixel tiles outermost keep one tile's slab of every input channel in L1 while all
-    channel tiles use it. Measured at 90 %, AVX2 (512 KiB L2): 512->128 at 28x28 (1.6 MB of
-    input) 1.5x; where the input fits L2, row tiles outermost won: 128->512 at 28x28 1.6x,
-    32->192 2.6x, 64->384 at 14x14 1.2x. Other maps run row tiles outermost."""
-    options = variants(spec)
-    if spec.kind == "conv2d" and spec.geo.out_height == 1 and "tiles" in options \
-            and spec.geo.flat_size * 4 > spec.l2_bytes:
-        return "tiles"
-    return "rows+channels" if "rows+channels" in options else options[-1]
-
-
-def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecisions(),
-                    variant: str | None = None, seed: int | None = None) -> tvm.s_tir.Schedule:
-    """Register-blocked schedule. Conv: a tile of (channels x output rows x whole vectors of
-    output pixels) stays in registers across the nonzero loop, which sits outside the
-    vector loops, so each weight is broadcast once per tile and each input vector loaded once
-    per tile; bias and activation are applied on the way out; tiles run in parallel over
-    (batch, channel tiles[, row tiles]). Linear: block rows in parallel.
-    A conv of a fixed batch above one may also span images in its tile (a sampled decision; the
-    default is one image: at batch 8, 2 or 4 images per tile ran 0.97-1.03x on 7x7 and 14x14
-    layers, where the input loads, not the weight broadcasts, bind).
-    ``decide`` fixes or samples the tile sizes (``seed``: of the sampling, 1 .. 2**31-1; None: random) and
-    whether each tile's nonzero loop is bounded (TILE_BOUND); ``variant`` (one of ``variants(spec)``,
-    default ``default_variant``) picks the parallel loop."""
-    variant = variant or default_variant(spec)
-    if variant not in variants(spec):
-        raise ValueError(f"variant {variant!r}: this kernel's variants are {variants(spec)}")
-    sch = tvm.s_tir.Schedule(func, seed=seed)
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    _, _, bo, _ = spec.ell_shape
-    n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
-    channels, rows, vectors = _default_tile(spec)
-    w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
-    decide.tile_bound(sch, w_o)
-    kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo), [None, channels]))
-    if folds_batch(spec):
-        n, n_i = sch.split(n, decide.tile(sch, n, 2, 8, [None, 1]))
-    else:
-        n_i = None
-    if spec.kind == "conv2d":
-        ow_q, ow_v = sch.split(ow, [None, spec.lanes])
-        ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 8, [None, vectors]))
-        if spec.band_rows:
-            oh_b, oh = sch.split(oh, [None, spec.band_rows])
-        oh_o, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
-        # The register tile: channels x images x rows x vectors, one accumulator each.
-        tile = [loop for loop in (kb_i, n_i, oh_i, io, ow_u) if loop is not None]
-        if variant == "bands":
-            sch.reorder(n, oh_b, kb_o, oh_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
-            # One loop over bands runs each band's layout, then its tiles (``merge``, not
-            # ``compute_at``, which cannot bound a region read through the offsets).
-            layout_n, layout_band, _ = sch.get_loops(sch.get_sblock("x_flat"))
-            par = sch.merge(sch.fuse(layout_n, layout_band), sch.fuse(n, oh_b))
-        elif variant == "rows+channels":
-            sch.reorder(n, oh_o, kb_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
-            par = sch.fuse(n, oh_o, kb_o)
-        elif variant == "tiles":
-            sch.reorder(n, oh_o, ow_o, kb_o, w_o, red_i, w_i, *tile, ow_v)
-            par = sch.fuse(n, oh_o, ow_o, kb_o)
-        else:
-            sch.reorder(n, kb_o, oh_o, ow_o, w_o, red_i, w_i, *tile, ow_v)
-            par = sch.fuse(n, kb_o, oh_o) if variant == "channels+rows" else sch.fuse(n, kb_o)
-        sch.vectorize(ow_v)
-        tile_loop, inner = par if variant == "tiles" else ow_o, tile
-    else:
-        sch.reorder(kb_o, n, oh, ow, w_o, red_i, w_i, kb_i, io)
-        par, tile_loop, inner = kb_o, n, (kb_i,)
-        if bo > 1:
-            sch.vectorize(io)
-    sch.parallel(par)
-    decide.unroll_limit(sch, par)
-    # Keep unit loops: the epilogue's loops are picked by position below.
-    sch.reverse_compute_at(out, tile_loop, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
-    for loop in (w_i, *inner):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(acc, w_o)
-    for loop in sch.get_loops(init)[-len(inner) - 1:-1]:  # the init's copies of ``inner``
-        sch.unroll(loop)
-    if spec.kind == "conv2d":
-        loops = sch.get_loops(out)
-        for loop in loops[-4 if n_i is not None else -3:-1]:  # [images,] channels, rows of the tile
-            sch.unroll(loop)
-        _, o_wv = sch.split(loops[-1], [None, spec.lanes])
-        sch.vectorize(o_wv)
-        _schedule_layout(sch, spec)
-    return sch
-
-
-def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
-    return schedule_sparse(func, spec)
-
-
-def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
-    """Split the flat axis along (channel-phase plane, row, column) so the index decode
-    simplifies away, columns vectorised; one plane per parallel task (banded: each band is
-    laid out inside the parallel loop, by the task that reads it)."""
-    geo = spec.geo
-    *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
-    rows = geo.band_height(spec.band_rows)
-    tail = spec.padded_width - geo.out_width
-    planes = geo.in_channels * geo.phases + -(-tail // (rows * geo.phase_width))  # extra planes cover the zero tail
-    plane, row, col = sch.split(f, [planes, rows, geo.phase_width])
-    if not spec.band_rows:
-        sch.parallel(sch.fuse(*outer, plane))
-    sch.vectorize(col)
-
-
-# ----------------------------------------------------------------------------- build and run
+# ----------------------------------------------------------------------------- a layer's spec and arrays
 
 def choose_lanes(out_width: int, native: int) -> int:
     """Vector width for the output rows: native or half, whichever pads the row least. Never

@@ -6,7 +6,7 @@ the stock LocalBuilder imports tensor intrinsics for ~40 s per batch and times o
 build with our own builder (``measure``); the stock runner feeds random index buffers that
 gather out of bounds, so each candidate is measured on its layer's real arrays, saved next to
 the log and looked up by the argument shapes; and the default design space cannot sample the
-sparse block, so each kernel brings its own (``ops.schedule_sparse`` with sampled decisions).
+sparse block, so each kernel brings its own (``schedule.schedule_sparse`` with sampled decisions).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import torch
 import tvm
 
 import fscnn_tvm
-from fscnn_tvm import lowering, ops
+from fscnn_tvm import lowering, ops, schedule
 from fscnn_tvm.formats import to_csr
 
 
@@ -14,7 +14,7 @@ def _scheduled(rng):
     w[rng.random(w.shape) < 0.7] = 0
     spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 4, 8, 8), None, "relu", fscnn_tvm.resolve_target(None),
                                 padding=1)
-    return ops.schedule_sparse(ops.prim_func(spec), spec).mod["main"]
+    return schedule.schedule_sparse(ops.prim_func(spec), spec).mod["main"]
 
 
 def test_the_rewrite_permutes_the_one_epilogue_store():
@@ -55,7 +55,7 @@ def test_stores_past_the_row_end_split_off_the_whole_vectors(hw, split):
     vector is slow on AVX2 CPUs) and the rest lane by lane, with the same result. (7x7 runs per
     row: no row has a whole vector.)"""
     layer, x, ref = _pointwise(np.random.default_rng(hw), hw)
-    lowered = lowering.lower_sparse(ops.schedule_sparse(ops.prim_func(layer.spec), layer.spec).mod["main"])
+    lowered = lowering.lower_sparse(schedule.schedule_sparse(ops.prim_func(layer.spec), layer.spec).mod["main"])
     script = lowered.script()
     assert "T.where" in script  # the lane-by-lane stores keep their predicate
     assert not split or "if " in script

@@ -14,7 +14,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 import fscnn_tvm
-from fscnn_tvm import dense, formats, kernels, ops, records
+from fscnn_tvm import dense, formats, kernels, ops, records, schedule
 from fscnn_tvm.decisions import SampledDecisions
 from fscnn_tvm.layer import _build
 from fscnn_tvm.target import resolve_target
@@ -156,7 +156,7 @@ def test_a_record_tuned_on_one_pattern_serves_another_pattern_of_the_same_shapes
     db = ms.database.MemoryDatabase()
     mod = records.workload(spec)
     for seed in (1, 2, 3):  # sampled decisions, the nonzero loop's split among them
-        sch = ops.schedule_sparse(mod["main"], spec, SampledDecisions(), seed=seed)
+        sch = schedule.schedule_sparse(mod["main"], spec, SampledDecisions(), seed=seed)
         db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3 * seed], target,
                                                          ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
     assert records.best_schedule(other, db)[1] is False  # no record of its own, none for its class

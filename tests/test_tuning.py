@@ -52,7 +52,7 @@ def _check_tuned(model, x, imported, log_dir, result, tmp_path):
     db = tuning.open_database(log_dir)
     tasks = tuning.extract_tasks(imported, str(tmp_path / "args"), dense=False)
     for task in tasks:
-        default = str(fscnn_tvm.ops.default_schedule(task.mod["main"], task.spec).trace)
+        default = str(fscnn_tvm.schedule.default_schedule(task.mod["main"], task.spec).trace)
         found = db.get_top_k(db.commit_workload(task.mod), 10**6)
         assert any(str(r.trace) == default for r in found), task.name
     # Each kernel's best record under its width class too (other patterns of its shapes find it).

@@ -1,0 +1,67 @@
+"""schedule: every point of the sparse kernel's design space computes the layer; the default
+schedule's structure (tiles bounded by their longest row, the parallel loop's variant)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+import fscnn_tvm
+from fscnn_tvm import layer, ops, schedule
+from fscnn_tvm.decisions import TILE_BOUND, SampledDecisions
+from fscnn_tvm.formats import to_csr
+from fscnn_tvm.lowering import kernel_func
+from test_ops import _uneven_rows, assert_matches, banded, rng, torch_conv, torch_linear  # noqa: F401 - rng: fixture
+
+
+def _run_sampled(kind, w, x, bias, fmt, block, variant, seed, **conv):
+    target = fscnn_tvm.resolve_target(None)
+    spec, arrays = ops.kernel_inputs(kind, fscnn_tvm.formats.to_format(w, fmt, block), x.shape, bias, "relu",
+                                     target, **conv)
+    sch = schedule.schedule_sparse(ops.prim_func(spec), spec, SampledDecisions(), variant, seed)
+    out = np.zeros(spec.out_shape, np.float32)
+    tensors = [tvm.runtime.tensor(a) for a in [x, *arrays, out]]
+    layer._build(sch, target)(*tensors)
+    event(f"{kind}: nonzero loop bounded per tile: {'w_length[' in kernel_func(sch).script()}")
+    return tensors[-1].numpy()
+
+
+@settings(max_examples=16, deadline=None)
+@given(seed=st.integers(1, 2**30), variant=st.sampled_from(schedule.VARIANTS + schedule.BANDED),
+       fmt=st.sampled_from(["csr", "bsr"]))
+def test_sampled_schedules_match_pytorch(seed, variant, fmt):
+    """Any point the tuner may pick (tiles, unrolling, bounded or padded nonzero loops) computes
+    the layer: rows of every length, channels stored through the table's permutation."""
+    rng = np.random.default_rng(seed)
+    block = (4, 1) if fmt == "bsr" else None
+    w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
+    x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        if variant in schedule.BANDED:
+            patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, seed))
+        out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
+    assert_matches(out, torch_conv(x, w, b, stride=2, padding=1, activation="relu"))
+    wl, xl = _uneven_rows(rng, (19, 40)), rng.standard_normal((3, 40)).astype(np.float32)
+    out = _run_sampled("linear", wl, xl, b[:19], fmt, block, None, seed)
+    assert_matches(out, torch_linear(xl, wl, b[:19], activation="relu"))
+
+
+def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
+    target = fscnn_tvm.resolve_target(None)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(_uneven_rows(rng, (8, 4, 3, 3))), (1, 4, 8, 8), None, None,
+                                target, padding=1)
+    sch = schedule.default_schedule(ops.prim_func(spec), spec)
+    assert "w_length[" not in sch.mod["main"].script()
+    lowered = kernel_func(sch).script()
+    assert "T.max(w_length[" in lowered and "w_perm[" in lowered and TILE_BOUND not in lowered
+
+
+@pytest.mark.parametrize("cin,size,variant", [(512, 28, "tiles"), (128, 28, "rows+channels"), (64, 56, "rows+channels")])
+def test_default_variant_keeps_pixel_tiles_outermost_only_where_the_input_exceeds_l2(rng, cin, size, variant):
+    w = rng.standard_normal((64, cin, 1, 1)).astype(np.float32)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, cin, size, size), None, None,
+                                fscnn_tvm.resolve_target("llvm -mcpu=haswell"))
+    spec = dataclasses.replace(spec, l2_bytes=512 << 10)
+    assert schedule.default_variant(spec) == variant
