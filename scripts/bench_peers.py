@@ -175,7 +175,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsity", default="0.5,0.7,0.9,0.95", help="comma-separated (layers and models)")
     p.add_argument("--layers", default="all", help="'all', 'none', or comma-separated substrings of layer names")
-    p.add_argument("--models", default="", help="comma-separated zoo models, e.g. vgg16,resnet50,mobilenet_v2")
+    p.add_argument("--models", default="", help="comma-separated zoo models, e.g. vgg16,resnet50,mobilenet_v2, or 'none'")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--budget", type=float, default=2.0, help="seconds per engine and case, over all rounds")
@@ -200,6 +200,10 @@ def main(argv=None):
                 peers["deepsparse"] = python
             else:
                 print(f"DeepSparse: not compared ({why})", flush=True)
+    models = [] if args.models == "none" else [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in zoo.MODELS]
+    if unknown:  # before any case runs, not after an hour of them
+        p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(sorted(zoo.MODELS))} (or 'none')")
     sparsities = [float(s) for s in args.sparsity.split(",") if s]
     batches = [int(b) for b in args.batch.split(",") if b]
     wanted = [] if args.layers == "none" else LAYERS if args.layers == "all" else \
@@ -210,7 +214,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(f"{name} {int(s * 100)}% b{b}", lambda lay=lay, s=s, b=b: conv_case(*lay[1:], s, b))
                  for b in batches for s in sparsities for lay in wanted for name in [lay[0]]]
-        for name in [m for m in args.models.split(",") if m]:
+        for name in models:
             for b in batches:
                 for s in sparsities:
                     def make(name=name, s=s, b=b):

@@ -125,3 +125,19 @@ def test_layer_command_checks_and_times_every_engine(tmp_path, capsys):
     assert engines[0] == "pytorch dense" and "tvm sparse csr" in engines and "tvm dense (ours)" in engines
     assert all(r["median_ms"] > 0 and r["runs"] >= 10 for r in result["rows"])
     assert "vs_best_dense" in capsys.readouterr().out
+
+
+def test_bench_peers_refuses_an_unknown_model_before_running_any_case(tmp_path):
+    """An unknown --models name is an error up front (it used to crash after every layer case
+    had run, writing nothing); 'none' means no model."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "bench_peers.py")
+    done = subprocess.run([sys.executable, script, "--models", "resnet50,nonsense", "--layers", "none",
+                           "--no-deepsparse", "--no-onnxruntime"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown nonsense" in done.stderr and "(or 'none')" in done.stderr
+    none = subprocess.run([sys.executable, script, "--models", "none", "--layers", "none", "--no-deepsparse",
+                           "--no-onnxruntime", "--out", str(tmp_path / "peers")], capture_output=True, text=True,
+                          timeout=120)
+    assert none.returncode == 0, none.stderr
