@@ -140,7 +140,7 @@ def _logs(args):
 
 
 def _schedules(args):
-    from . import bench, import_torch, records
+    from . import bench, records
     from .target import mcpu_lanes, resolve_target
     target = resolve_target(args.target)
     mcpu = str(target.attrs.get("mcpu", ""))
@@ -152,14 +152,21 @@ def _schedules(args):
         print(f"this CPU: {mcpu or '?'} ({lanes} float32 lanes): {sum(r['applies here'] == 'yes' for r in rows)} of "
               f"{len(rows)} sets apply")
         return
+    name, sparse, missing = shipped_coverage(args, target)
+    print(f"{name}: {len(sparse) - len(missing)} of {len(sparse)} sparse kernels have a shipped record for this CPU "
+          f"({mcpu or '?'}, {lanes} float32 lanes)" + (f"; default schedules: {', '.join(missing)}" if missing else ""))
+
+
+def shipped_coverage(args, target) -> tuple[str, list, list]:
+    """(model name, its sparse kernels, those without a shipped record for ``target``) for the
+    model ``args`` describe (--model/--program and how to prune and import it)."""
+    from . import import_torch, records
     model, example, name = load_model(args)
     imported = import_torch(model, example, args.threshold, args.fmt, args.block, target,
                             measure=not args.no_measure)
     _, untuned = records.schedule_kernels(imported, records.shipped_database(target))
     sparse = records.sparse_kernels(imported)
-    missing = [k for k in sparse if k in untuned]
-    print(f"{name}: {len(sparse) - len(missing)} of {len(sparse)} sparse kernels have a shipped record for this CPU "
-          f"({mcpu or '?'}, {lanes} float32 lanes)" + (f"; default schedules: {', '.join(missing)}" if missing else ""))
+    return name, sparse, [k for k in sparse if k in untuned]
 
 
 RATE_COLUMNS = ["tvm_sparse_ms", "best_dense_ms", "sparse_images_per_s", "best_dense_images_per_s", "speedup"]
