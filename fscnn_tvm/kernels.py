@@ -18,12 +18,11 @@ _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
 
 
 def prim_func(spec) -> tvm.tirx.PrimFunc:
-    return _SINGLE[type(spec)][0].prim_func(spec) if type(spec) in _SINGLE else ops.prim_func(spec)
+    return _SINGLE.get(type(spec), (ops,))[0].prim_func(spec)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec) -> tvm.s_tir.Schedule:
-    module = _SINGLE[type(spec)][0] if type(spec) in _SINGLE else schedule
-    return module.default_schedule(func, spec)
+    return _SINGLE.get(type(spec), (schedule,))[0].default_schedule(func, spec)
 
 
 def design_spaces(func: tvm.tirx.PrimFunc, spec) -> list:

@@ -173,6 +173,7 @@ class ShippedSet:
     lanes: int  # its float32 SIMD lanes: the set serves every CPU with as many
     tuned_on: str  # the `fscnn-tvm tune` arguments of the pruned model
     records: int
+    target: str = ""  # the TVM target (JSON) the records were tuned for
 
 
 def shipped_sets(directory=SHIPPED) -> list[ShippedSet]:
@@ -185,7 +186,7 @@ def shipped_sets(directory=SHIPPED) -> list[ShippedSet]:
         meta = json.loads((folder / TARGET_FILE).read_text())
         mcpu = meta.get("mcpu", "")
         found.append(ShippedSet(folder.name, mcpu, mcpu_lanes(mcpu), meta.get("tuned_on", ""),
-                                sum(1 for line in _lines(folder / RECORDS) if line.strip())))
+                                sum(1 for line in _lines(folder / RECORDS) if line.strip()), meta.get("target", "")))
     return found
 
 

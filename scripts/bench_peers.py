@@ -184,6 +184,10 @@ def main(argv=None):
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "peers"))
     args = p.parse_args(argv)
+    models = [] if args.models == "none" else [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in zoo.MODELS]
+    if unknown:  # before the peers' set-up and any case, not after an hour of them
+        p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(sorted(zoo.MODELS))} (or 'none')")
     threads = bench.set_threads(args.threads)
     peers = {}
     if not args.no_onnxruntime:
@@ -200,10 +204,6 @@ def main(argv=None):
                 peers["deepsparse"] = python
             else:
                 print(f"DeepSparse: not compared ({why})", flush=True)
-    models = [] if args.models == "none" else [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in zoo.MODELS]
-    if unknown:  # before any case runs, not after an hour of them
-        p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(sorted(zoo.MODELS))} (or 'none')")
     sparsities = [float(s) for s in args.sparsity.split(",") if s]
     batches = [int(b) for b in args.batch.split(",") if b]
     wanted = [] if args.layers == "none" else LAYERS if args.layers == "all" else \

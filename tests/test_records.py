@@ -207,7 +207,6 @@ def test_every_sparse_kernel_of_a_shipped_sets_model_has_a_record(shipped):
     """No silent staleness: the model a set was tuned on, imported today for the set's CPU, finds a
     shipped record (its own or its width class's) for every sparse kernel."""
     from fscnn_tvm.cli import build_parser, shipped_coverage
-    meta = json.loads((resources.files("fscnn_tvm") / "schedules" / shipped.name / "target.json").read_text())
-    args = build_parser().parse_args(["schedules", *meta["tuned_on"].split(), "--no-measure"])
-    _, sparse, missing = shipped_coverage(args, tvm.target.Target(json.loads(meta["target"])))
+    args = build_parser().parse_args(["schedules", *shipped.tuned_on.split(), "--no-measure"])
+    _, sparse, missing = shipped_coverage(args, tvm.target.Target(json.loads(shipped.target)))
     assert sparse and not missing, f"{len(missing)} of {len(sparse)} sparse kernels have no record: {missing}"
