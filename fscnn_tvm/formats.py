@@ -101,6 +101,20 @@ class Ell:
         channel = np.arange(self.rows)
         return (self.order[channel // bo] * bo + channel % bo).astype(INDEX_DTYPE)
 
+    def chunk_starts(self, cols_per_chunk: int, chunks: int) -> np.ndarray:
+        """(KB, chunks + 1): the slot where each row's nonzeros of columns from ``c *
+        cols_per_chunk`` on begin (the last entry its length), a row's slots being in column
+        order; a table of one column per slot (CSR) only."""
+        if self.cols.shape[2] != 1 or self.data.shape[2:] != (1, 1):
+            raise ValueError("chunk_starts: a table of 1x1 blocks (CSR) only")
+        used = np.arange(self.cols.shape[1])[None, :] < self.lengths[:, None]
+        chunk = np.where(used, self.cols[:, :, 0] // cols_per_chunk, chunks)
+        if used.any() and (np.diff(np.where(used, self.cols[:, :, 0], np.iinfo(INDEX_DTYPE).max), axis=1) < 0).any():
+            raise ValueError("chunk_starts: a row's slots are not in column order")
+        starts = np.zeros((len(self.lengths), chunks + 1), INDEX_DTYPE)
+        starts[:, 1:] = (chunk[:, :, None] < np.arange(1, chunks + 1)[None, None, :]).sum(axis=1)
+        return starts
+
 
 def _row_order(lengths: np.ndarray, full_rows: int) -> np.ndarray:
     """Block rows by length, groups of SORT_GROUP dealt heaviest, lightest, next heaviest...;

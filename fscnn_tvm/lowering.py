@@ -94,7 +94,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             return split_partial_vector(node)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
-            extent = _tile_bound(node, params["w_length"]) if int(node.annotations[TILE_BOUND]) else node.extent
+            extent = _tile_bound(node, params) if int(node.annotations[TILE_BOUND]) else node.extent
             return _for_with(node, extent=extent, annotations=annotations)
         return None
 
@@ -134,13 +134,25 @@ def split_partial_vector(loop):
     return tirx.IfThenElse(inside, whole, lanes)
 
 
-def _tile_bound(loop, w_length):
+def _tile_bound(loop, params):
     """ceil(longest row of the tile / slots per iteration of ``loop``): the update block's
-    block-row binding evaluated at every value of the loops inside ``loop`` it depends on."""
+    block-row binding evaluated at every value of the loops inside ``loop`` it depends on. A
+    chunked kernel's rows are their slots on the chunk ``loop`` runs (``w_start``)."""
     from tvm.s_tir.stmt import SBlockRealize
     nodes = _visit(loop.body, [])
     update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
-    kb_binding, width = update.iter_values[1], int(update.block.iter_vars[5].dom.extent)
+    kb_binding = update.iter_values[1]
+    if "w_start" in params:
+        chunk, width = update.iter_values[5], int(update.block.iter_vars[6].dom.extent)
+        w_start = params["w_start"]
+
+        def length(kb):
+            return w_start[kb, chunk + 1] - w_start[kb, chunk]
+    else:
+        width = int(update.block.iter_vars[5].dom.extent)
+
+        def length(kb):
+            return params["w_length"][kb]
     depends = tvm.tirx.analysis.undefined_vars(kb_binding)
     inner = [n for n in nodes if isinstance(n, tvm.tirx.For)
              and any(v.same_as(n.loop_var) for v in depends)]
@@ -149,7 +161,7 @@ def _tile_bound(loop, w_length):
         analyzer = tvm.sym.Analyzer()
         for n, v in zip(inner, values):
             analyzer.bind(n.loop_var, v)
-        rows.append(w_length[analyzer.simplify(kb_binding)])
+        rows.append(length(analyzer.simplify(kb_binding)))
     longest = functools.reduce(tvm.tirx.max, rows)
     per_iteration = width // int(loop.extent)
     return tvm.tirx.floordiv(longest + per_iteration - 1, per_iteration) if per_iteration > 1 else longest

@@ -51,11 +51,17 @@ def width_class(spec):
     """The workload a sparse kernel's records are shared under by every pattern of its shapes:
     the ELL table's width (the longest row, which changes with the pattern) rounded up to a
     power of two. A record replays on any width of its class (``retarget``): each tile's
-    nonzero loop stops at its own longest row, so the width is an extent, not the work."""
+    nonzero loop stops at its own longest row, so the width is an extent, not the work. A chunked
+    kernel's widest chunk is rounded the same way."""
     if not isinstance(spec, KernelSpec):
         return spec
     n_kb, width, bo, bi = spec.ell_shape
-    return dataclasses.replace(spec, ell_shape=(n_kb, max(4, 1 << (width - 1).bit_length()), bo, bi))
+    return dataclasses.replace(spec, ell_shape=(n_kb, _width_class(width), bo, bi),
+                               chunk_width=_width_class(spec.chunk_width) if spec.chunk_channels else 0)
+
+
+def _width_class(width: int) -> int:
+    return max(4, 1 << (width - 1).bit_length())
 
 
 def retarget(trace, from_width: int, to_width: int):
@@ -82,7 +88,9 @@ def _best_trace(db, spec):
     for source in dict.fromkeys((spec, width_class(spec))):
         found = workload_records(db, workload(source))[:1]
         if found:
-            return found[0].trace, source.ell_shape[1] if isinstance(source, KernelSpec) else None
+            # (a chunked kernel's schedule has no decision on the width: nothing to retarget)
+            retargets = isinstance(source, KernelSpec) and not source.chunk_channels
+            return found[0].trace, source.ell_shape[1] if retargets else None
     return None
 
 
@@ -119,7 +127,7 @@ def add_width_classes(db, specs, target) -> int:
         held = workload_records(db, mod)[:1]
         if held and _seconds(held[0]) <= _seconds(best[0]):
             continue
-        trace = retarget(best[0].trace, spec.ell_shape[1], cls.ell_shape[1])
+        trace = best[0].trace if spec.chunk_channels else retarget(best[0].trace, spec.ell_shape[1], cls.ell_shape[1])
         db.commit_tuning_record(ms.database.TuningRecord(
             trace, db.commit_workload(mod), best[0].run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
         added += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tvm
 
 from .decisions import FixedDecisions
-from .ops import KernelSpec, _default_tile, folds_batch
+from .ops import KernelSpec, _default_tile, chunk_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -22,12 +22,17 @@ VARIANTS = ("channels", "channels+rows", "rows+channels", "tiles")
 # A spec with ``band_rows`` has one: "bands", parallel over bands of rows, each band laying out
 # its input and then running all its channel tiles.
 BANDED = ("bands",)
+# A spec with ``chunk_channels`` has one: "chunks", parallel over tasks (a band of rows x a
+# group of channels), each running all its channels on one chunk of input channels, then the next.
+CHUNKED = ("chunks",)
 
 
 def variants(spec: KernelSpec) -> tuple:
     """The structural variants (design spaces) a kernel of ``spec`` can be scheduled with."""
     if spec.kind != "conv2d":
         return VARIANTS[:1]
+    if spec.chunk_channels:
+        return CHUNKED
     return BANDED if spec.band_rows else VARIANTS
 
 
@@ -62,6 +67,8 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     if variant not in variants(spec):
         raise ValueError(f"variant {variant!r}: this kernel's variants are {variants(spec)}")
     sch = tvm.s_tir.Schedule(func, seed=seed)
+    if variant == "chunks":
+        return _schedule_chunks(sch, spec, decide)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     _, _, bo, _ = spec.ell_shape
     n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
@@ -120,6 +127,50 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
         _, o_wv = sch.split(loops[-1], [None, spec.lanes])
         sch.vectorize(o_wv)
         _schedule_layout(sch, spec)
+    return sch
+
+
+def chunk_task_channels(spec: KernelSpec) -> int:
+    """Table channels per task of a chunked kernel: the most (a divisor) that still leaves 4
+    tasks per core with the tile's bands of rows, so each chunk's input window, once in L1,
+    serves as many channels as it can."""
+    rows, _ = chunk_tile(spec)
+    bands = spec.geo.out_height // rows * max(spec.batch, 1)
+    n_kb = spec.ell_shape[0]
+    return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
+
+
+def _schedule_chunks(sch, spec: KernelSpec, decide):
+    """Chunked reduction: a task (a band of rows x a group of table channels, in parallel) runs,
+    for each chunk of input channels, every register tile of one channel x rows x vectors over
+    that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
+    accumulators wait in a task buffer between chunks."""
+    from .decisions import TILE_BOUND
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    n, kb, io, oh, ow, red_c, red_w = sch.get_loops(acc)
+    rows, vectors = chunk_tile(spec)
+    kb_t, kb_o = sch.split(kb, decide.tile(sch, kb, 2, 64, [None, chunk_task_channels(spec)]))
+    oh_t, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
+    ow_q, ow_v = sch.split(ow, [None, spec.lanes])
+    ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 16, [None, vectors]))
+    sch.reorder(n, kb_t, oh_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
+    par = sch.fuse(n, kb_t, oh_t)
+    sch.parallel(par)
+    decide.unroll_limit(sch, par)
+    sch.annotate(red_w, TILE_BOUND, 1)  # the chunk's own end: no slot of the next chunk runs
+    sch.reverse_compute_at(out, par, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    for loop in (io, oh_i, ow_u):
+        sch.unroll(loop)
+    sch.vectorize(ow_v)
+    init = sch.decompose_reduction(acc, red_c)
+    *_, i_io, i_oh, i_u, i_v = sch.get_loops(init)
+    for loop in (i_io, i_oh, i_u):
+        sch.unroll(loop)
+    sch.vectorize(i_v)
+    *_, o_w = sch.get_loops(out)
+    sch.vectorize(sch.split(o_w, [None, spec.lanes])[1])
+    _schedule_layout(sch, spec)
     return sch
 
 

@@ -258,6 +258,27 @@ def test_ell_tiles_hold_rows_of_equal_length_and_threads_equal_work():
     assert abs(ell.lengths[:half].sum() - ell.lengths[half:].sum()) <= 0.05 * lengths.sum()
 
 
+@pytest.mark.parametrize("per_chunk,chunks", [(9, 4), (18, 2), (36, 1), (3, 12)])
+def test_ell_chunk_starts_bound_each_rows_nonzeros_of_a_chunk(per_chunk, chunks):
+    """Slots ``starts[kb, c] .. starts[kb, c + 1]`` of table row kb hold exactly its nonzeros in
+    columns ``c * per_chunk ..`` (rows of every length, an empty one included)."""
+    w = random_weight((13, 4, 3, 3), 0.7, seed=per_chunk)
+    w[5] = 0.0
+    ell = to_csr(w).ell(4)
+    starts = ell.chunk_starts(per_chunk, chunks)
+    assert starts.shape == (13, chunks + 1) and (starts[:, -1] == ell.lengths).all()
+    for kb in range(13):
+        for c in range(chunks):
+            cols = ell.cols[kb, starts[kb, c]:starts[kb, c + 1], 0]
+            expected = np.flatnonzero(w[ell.perm[kb]].reshape(-1))
+            assert list(cols) == [e for e in expected if c * per_chunk <= e < (c + 1) * per_chunk]
+
+
+def test_ell_chunk_starts_of_a_blocked_table_is_an_error():
+    with pytest.raises(ValueError, match="CSR"):
+        to_bsr(random_weight((8, 8)), (4, 1)).ell().chunk_starts(4, 2)
+
+
 def test_bsr_ell_keeps_a_partial_last_block_row_last():
     w = np.zeros((10, 8), np.float32)
     w[0, 0] = 1

@@ -94,15 +94,28 @@ fmt_block = st.one_of(
     dilation=st.integers(1, 2) | two_ints(1, 2),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
     fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
-    seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8),
+    seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8), chunk=st.integers(0, 8),
 )
 def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
-                         activation, seed, band):
-    """``band`` > 0: the input laid out band by band, with any band height that divides the output."""
+                         activation, seed, band, chunk):
+    """``band`` > 0: the input laid out band by band, with any band height that divides the output;
+    ``chunk`` > 0: the reduction in chunks of any size that divides the input channels (where the
+    kernel can chunk: CSR, not banded, not flattened)."""
     with pytest.MonkeyPatch.context() as patch:
         if band:
             patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, band))
+        if chunk:
+            patch.setattr(ops, "chunking", lambda spec, mean_row: chunked(spec, chunk))
         check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
+
+
+def chunked(spec, pick):
+    """The ``pick``-th (cyclically) chunk size that divides ``spec``'s input channels, where it chunks."""
+    if not ops.chunkable(spec):
+        return None
+    divisors = [d for d in range(1, spec.geo.in_channels + 1) if spec.geo.in_channels % d == 0]
+    event(f"chunks: {spec.geo.in_channels // divisors[pick % len(divisors)]}")
+    return divisors[pick % len(divisors)]
 
 
 def banded(geo, pick):
@@ -633,6 +646,35 @@ def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, cache, rows):
         assert geo.out_height % rows == 0 and geo.out_height // rows >= 4
         assert geo.band_height(rows) * row_bytes <= cache.l2 // 2 < geo.band_height(rows + 1) * row_bytes \
             or geo.out_height % (rows + 1)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,conv,sparsity,chunks", [
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), 0.9, True),  # 850 KiB of input
+    ((1, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), 0.7, True),
+    ((1, 256, 28, 28), (256, 256, 3, 3), dict(padding=1, stride=2), 0.9, True),  # 4 phases
+    ((1, 512, 7, 7), (512, 512, 1, 1), {}, 0.9, False),  # 115 KiB: a quarter of the L2 or less
+    ((1, 64, 56, 56), (256, 64, 1, 1), {}, 0.9, False),  # ~6 nonzeros a row: 2 chunks would hold 3
+    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), 0.9, False),  # banded
+])
+def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_shape, conv, sparsity, chunks):
+    """The policy on ZEN3's caches: chunks whose input window for the tile's rows fills at most
+    half the L1d, with enough nonzeros per row in each; and the kernel computes the layer."""
+    target = fscnn_tvm.resolve_target("llvm -mcpu=znver3 -num-cores=2")
+    w = sparse_weight(rng, w_shape, sparsity)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "caches", lambda t: ZEN3)
+        layer = fscnn_tvm.SparseLayer("conv2d", w, x_shape, activation="relu", target=target, **conv)
+    spec = layer.spec
+    assert bool(spec.chunk_channels) == chunks
+    if chunks:
+        geo, (rows, _) = spec.geo, ops.chunk_tile(spec)
+        assert spec.l1_bytes == ZEN3.l1d and geo.in_channels % spec.chunk_channels == 0
+        assert spec.chunk_channels * geo.phases * geo.band_height(rows) * geo.phase_width * 4 <= ZEN3.l1d // 2
+        starts = layer.arrays[4]
+        assert starts.shape == (spec.ell_shape[0], geo.in_channels // spec.chunk_channels + 1)
+        assert spec.chunk_width >= np.diff(starts, axis=1).max()
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    assert_matches(layer(x), torch_conv(x, w, activation="relu", **conv))
 
 
 @pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (8, 1))])

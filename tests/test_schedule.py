@@ -48,6 +48,31 @@ def test_sampled_schedules_match_pytorch(seed, variant, fmt):
     assert_matches(out, torch_linear(xl, wl, b[:19], activation="relu"))
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(1, 2**30), chunk=st.sampled_from([1, 2, 3, 6]), stride=st.integers(1, 2))
+def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride):
+    """Any point of the chunked kernel's design space (channels per task, tile rows and vectors,
+    unrolling) computes the layer: rows of every length, empty chunks, channels permuted."""
+    rng = np.random.default_rng(seed)
+    w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
+    x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
+        out = _run_sampled("conv2d", w, x, b, "csr", None, "chunks", seed, stride=stride, padding=1)
+    assert_matches(out, torch_conv(x, w, b, stride=stride, padding=1, activation="relu"))
+
+
+def test_chunked_default_schedule_bounds_each_chunk_exactly(rng):
+    target = fscnn_tvm.resolve_target(None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 2)
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(_uneven_rows(rng, (8, 4, 3, 3))), (1, 4, 8, 8), None, None,
+                                    target, padding=1)
+    assert schedule.variants(spec) == schedule.CHUNKED and spec.chunk_channels == 2
+    lowered = kernel_func(schedule.default_schedule(ops.prim_func(spec), spec)).script()
+    assert "range(w_start[" in lowered and "w_perm[" in lowered and TILE_BOUND not in lowered
+
+
 def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
     target = fscnn_tvm.resolve_target(None)
     spec, _ = ops.kernel_inputs("conv2d", to_csr(_uneven_rows(rng, (8, 4, 3, 3))), (1, 4, 8, 8), None, None,
@@ -61,7 +86,9 @@ def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
 @pytest.mark.parametrize("cin,size,variant", [(512, 28, "tiles"), (128, 28, "rows+channels"), (64, 56, "rows+channels")])
 def test_default_variant_keeps_pixel_tiles_outermost_only_where_the_input_exceeds_l2(rng, cin, size, variant):
     w = rng.standard_normal((64, cin, 1, 1)).astype(np.float32)
-    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, cin, size, size), None, None,
-                                fscnn_tvm.resolve_target("llvm -mcpu=haswell"))
+    with pytest.MonkeyPatch.context() as patch:  # (the one-pass kernel's variants)
+        patch.setattr(ops, "chunking", lambda spec, mean_row: None)
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, cin, size, size), None, None,
+                                    fscnn_tvm.resolve_target("llvm -mcpu=haswell"))
     spec = dataclasses.replace(spec, l2_bytes=512 << 10)
     assert schedule.default_variant(spec) == variant
