@@ -164,10 +164,21 @@ class KernelSpec:
 
     @property
     def x_shape(self):
-        """The kernel's input shape (a flattened conv's is (N, C, 1, H*W))."""
+        """The kernel's input shape (a flattened conv's is (N, C, 1, H*W); one that reads its
+        input in place takes it as (N, C*H*W))."""
         geo = self.geo
-        return (geo.batch, geo.in_channels, geo.height, geo.width) if self.kind == "conv2d" \
-            else (self.batch, self.in_features)
+        if self.kind != "conv2d":
+            return (self.batch, self.in_features)
+        if self.in_place:
+            return (geo.batch, geo.in_channels * geo.height * geo.width)
+        return (geo.batch, geo.in_channels, geo.height, geo.width)
+
+    @property
+    def in_place(self):
+        """Whether the input is its own layout: a conv without padding or stride whose rows are
+        whole vectors (a pointwise conv on 56-, 112- or flattened 28x28 maps). The kernel then
+        reads its windows from the input where it lies, instead of copying it first."""
+        return self.kind == "conv2d" and identity_layout(self.geo, self.padded_width)
 
     @property
     def out_shape(self):
@@ -202,7 +213,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
         geo = spec.geo
         x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
         tail = spec.padded_width - geo.out_width
-        x_flat = conv2d_layout_compute(x, geo, tail, spec.band_rows)
+        x_flat = x if spec.in_place else conv2d_layout_compute(x, geo, tail, spec.band_rows)
         if w_start is not None:
             acc = chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, (geo.out_height, spec.padded_width),
                                              geo.phase_width, spec.chunk_width)
@@ -287,8 +298,9 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     each nonzero's input window comes from wherever its channel lies, mostly L2 on maps of 14
     rows and up; measured on AVX2 (Zen 3) a loop of such loads runs ~2.5x slower from L2 than
     from L1. A task of the chunked kernel (a band of the tile's rows, a group of channels) runs
-    every channel on one chunk of input channels, whose window of the band fills at most half
-    the L1d, before the next. Only where the laid-out input exceeds a quarter of the L2: measured
+    every channel on one chunk of input channels, whose window of the band fits the L1d, before
+    the next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB
+    L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56). Only where the laid-out input exceeds a quarter of the L2: measured
     at 70-90 % on AVX2 (512 KiB L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
     2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
     1x1 at 7x7 (115 KiB) 0.97x. And with ``CHUNK_NONZEROS`` per row and chunk on average."""
@@ -298,7 +310,7 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     rows, _ = chunk_tile(spec)
     channel_bytes = geo.phases * geo.band_height(rows) * geo.phase_width * 4
     fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels % d == 0
-            and d * channel_bytes <= spec.l1_bytes // 2 and mean_row * d / geo.in_channels >= CHUNK_NONZEROS]
+            and d * channel_bytes <= spec.l1_bytes and mean_row * d / geo.in_channels >= CHUNK_NONZEROS]
     return max(fits, default=None)
 
 
@@ -336,6 +348,11 @@ def _flattens(row: KernelSpec, flat: KernelSpec) -> bool:
     return math.prod(_default_tile(flat)) > math.prod(_default_tile(row))
 
 
+def identity_layout(geo: ConvGeometry, padded_width: int) -> bool:
+    """Whether ``x_flat`` would be the input itself: no padding, no stride phases, no zero tail."""
+    return max(geo.pad) == 0 and geo.stride == (1, 1) and padded_width == geo.out_width
+
+
 def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
     """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None.
     The input is laid out band by band when the whole layout would not fit the cores' L2
@@ -362,11 +379,12 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
         geo, cache = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation), caches(target)
 
         def spec(geo, lanes, flat_hw=None):
+            # (an input read in place has no layout pass to run band by band)
+            in_place = identity_layout(geo, -(-geo.out_width // lanes) * lanes)
             return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                               has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
                               line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2, l1_bytes=cache.l1d,
-                              cores=cache.cores,
-                              band_rows=band_rows_for(geo, cache))
+                              cores=cache.cores, band_rows=None if in_place else band_rows_for(geo, cache))
         row = spec(geo, choose_lanes(geo.out_width, native))
         if (geo.kh, geo.kw, geo.stride, geo.pad) != (1, 1, (1, 1), (0, 0, 0, 0)):
             return row

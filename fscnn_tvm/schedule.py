@@ -182,6 +182,8 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     """Split the flat axis along (channel-phase plane, row, column) so the index decode
     simplifies away, columns vectorised; one plane per parallel task (banded: each band is
     laid out inside the parallel loop, by the task that reads it)."""
+    if spec.in_place:
+        return
     geo = spec.geo
     *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
     rows = geo.band_height(spec.band_rows)
