@@ -282,6 +282,12 @@ def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
     return _largest_divisor(spec.geo.out_height, max(1, room // vectors)), vectors
 
 
+def chunk_task_vectors(spec: KernelSpec) -> int:
+    """Vectors of output pixels a chunked kernel's task spans: its rows whole, or on a one-row
+    image (a flattened pointwise conv) one tile, so a chunk's window stays small."""
+    return chunk_tile(spec)[1] if spec.geo.out_height == 1 else spec.padded_width // spec.lanes
+
+
 # Fewest nonzeros a row should hold on one chunk: each (row, chunk) costs a loop's setup and a
 # load and store of the tile's accumulators.
 CHUNK_NONZEROS = 4
@@ -289,8 +295,8 @@ CHUNK_NONZEROS = 4
 
 def chunkable(spec: KernelSpec) -> bool:
     """Whether a kernel of ``spec`` can run its reduction in chunks: a CSR conv laid out in one
-    pass over its image of rows (banded and flattened layouts keep one pass over the channels)."""
-    return spec.kind == "conv2d" and spec.ell_shape[2:] == (1, 1) and not spec.band_rows and not spec.flat_hw
+    pass (a banded layout keeps one pass over the channels)."""
+    return spec.kind == "conv2d" and spec.ell_shape[2:] == (1, 1) and not spec.band_rows
 
 
 def chunking(spec: KernelSpec, mean_row: float) -> int | None:
@@ -300,15 +306,18 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     from L1. A task of the chunked kernel (a band of the tile's rows, a group of channels) runs
     every channel on one chunk of input channels, whose window of the band fits the L1d, before
     the next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB
-    L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56). Only where the laid-out input exceeds a quarter of the L2: measured
+    L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56).
+    Only where the laid-out input exceeds a quarter of the L2: measured
     at 70-90 % on AVX2 (512 KiB L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
     2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
     1x1 at 7x7 (115 KiB) 0.97x. And with ``CHUNK_NONZEROS`` per row and chunk on average."""
     if not chunkable(spec) or spec.geo.flat_size * 4 <= spec.l2_bytes // 4:
         return None
     geo = spec.geo
-    rows, _ = chunk_tile(spec)
-    channel_bytes = geo.phases * geo.band_height(rows) * geo.phase_width * 4
+    rows, vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
+    cols = geo.phase_width if vectors * spec.lanes == spec.padded_width else \
+        vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
+    channel_bytes = geo.phases * geo.band_height(rows) * cols * 4
     fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels % d == 0
             and d * channel_bytes <= spec.l1_bytes and mean_row * d / geo.in_channels >= CHUNK_NONZEROS]
     return max(fits, default=None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tvm
 
 from .decisions import FixedDecisions
-from .ops import KernelSpec, _default_tile, chunk_tile, folds_batch
+from .ops import KernelSpec, _default_tile, chunk_task_vectors, chunk_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -134,14 +134,15 @@ def chunk_task_channels(spec: KernelSpec) -> int:
     """Table channels per task of a chunked kernel: the most (a divisor) that still leaves 4
     tasks per core with the tile's bands of rows, so each chunk's input window, once in L1,
     serves as many channels as it can."""
-    rows, _ = chunk_tile(spec)
-    bands = spec.geo.out_height // rows * max(spec.batch, 1)
+    (rows, vectors), task_vectors = chunk_tile(spec), chunk_task_vectors(spec)
+    bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
     n_kb = spec.ell_shape[0]
     return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
 
 
 def _schedule_chunks(sch, spec: KernelSpec, decide):
-    """Chunked reduction: a task (a band of rows x a group of table channels, in parallel) runs,
+    """Chunked reduction: a task (a band of rows, or a tile of a one-row image, x a group of
+    table channels, in parallel) runs,
     for each chunk of input channels, every register tile of one channel x rows x vectors over
     that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
     accumulators wait in a task buffer between chunks."""
@@ -149,12 +150,13 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, kb, io, oh, ow, red_c, red_w = sch.get_loops(acc)
     rows, vectors = chunk_tile(spec)
+    task_vectors = chunk_task_vectors(spec)
     kb_t, kb_o = sch.split(kb, decide.tile(sch, kb, 2, 64, [None, chunk_task_channels(spec)]))
     oh_t, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
     ow_q, ow_v = sch.split(ow, [None, spec.lanes])
-    ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 16, [None, vectors]))
-    sch.reorder(n, kb_t, oh_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
-    par = sch.fuse(n, kb_t, oh_t)
+    ow_t, ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 3, 16, [None, task_vectors // vectors, vectors]))
+    sch.reorder(n, kb_t, oh_t, ow_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
+    par = sch.fuse(n, kb_t, oh_t, ow_t)
     sch.parallel(par)
     decide.unroll_limit(sch, par)
     sch.annotate(red_w, TILE_BOUND, 1)  # the chunk's own end: no slot of the next chunk runs
