@@ -87,7 +87,7 @@ def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride, band
         name="acc")
 
 
-def chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, out_hw, row_stride, chunk_width):
+def chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, out_hw, row_stride, chunk_width, band_rows=None):
     """``sparse_accumulate_compute`` with the reduction in chunks of input channels: row kb's
     nonzeros on chunk c's channels are its slots ``w_start[kb, c] .. w_start[kb, c + 1]`` (a
     row's slots are in column order), so a schedule can run every row on one chunk (whose input
@@ -101,7 +101,10 @@ def chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, out_hw, row_st
     def term(n, kb, io, oh, ow):
         start = w_start[kb, red_c]
         slot = start + red_w
-        value = w_data[kb, slot, io, 0] * x_flat[n, w_offset[kb, slot, 0].astype("int32") + oh * row_stride + ow]
+        offset = w_offset[kb, slot, 0].astype("int32")
+        window = x_flat[n, offset + oh * row_stride + ow] if band_rows is None else \
+            x_flat[n, oh // band_rows, offset + oh % band_rows * row_stride + ow]
+        value = w_data[kb, slot, io, 0] * window
         return te.if_then_else(red_w < w_start[kb, red_c + 1] - start, value, tvm.tirx.const(0.0, "float32"))
 
     return te.compute((n_b, n_kb, bo, out_hw[0], out_hw[1]),
@@ -216,7 +219,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
         x_flat = x if spec.in_place else conv2d_layout_compute(x, geo, tail, spec.band_rows)
         if w_start is not None:
             acc = chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, (geo.out_height, spec.padded_width),
-                                             geo.phase_width, spec.chunk_width)
+                                             geo.phase_width, spec.chunk_width, spec.band_rows)
         else:
             acc = sparse_accumulate_compute(x_flat, w_data, w_offset, (geo.out_height, spec.padded_width),
                                             geo.phase_width, spec.band_rows)
@@ -279,7 +282,7 @@ def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
     registers but two (a broadcast and a spare)."""
     room = spec.registers - 2
     vectors = _largest_divisor(spec.padded_width // spec.lanes, room)
-    return _largest_divisor(spec.geo.out_height, max(1, room // vectors)), vectors
+    return _largest_divisor(spec.band_rows or spec.geo.out_height, max(1, room // vectors)), vectors
 
 
 def chunk_task_vectors(spec: KernelSpec) -> int:
@@ -294,9 +297,8 @@ CHUNK_NONZEROS = 4
 
 
 def chunkable(spec: KernelSpec) -> bool:
-    """Whether a kernel of ``spec`` can run its reduction in chunks: a CSR conv laid out in one
-    pass (a banded layout keeps one pass over the channels)."""
-    return spec.kind == "conv2d" and spec.ell_shape[2:] == (1, 1) and not spec.band_rows
+    """Whether a kernel of ``spec`` can run its reduction in chunks: a CSR conv."""
+    return spec.kind == "conv2d" and spec.ell_shape[2:] == (1, 1)
 
 
 def chunking(spec: KernelSpec, mean_row: float) -> int | None:
@@ -314,7 +316,7 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     if not chunkable(spec) or spec.geo.flat_size * 4 <= spec.l2_bytes // 4:
         return None
     geo = spec.geo
-    rows, vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
+    rows, vectors = spec.band_rows or chunk_tile(spec)[0], chunk_task_vectors(spec)
     cols = geo.phase_width if vectors * spec.lanes == spec.padded_width else \
         vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
     channel_bytes = geo.phases * geo.band_height(rows) * cols * 4

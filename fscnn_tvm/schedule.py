@@ -142,21 +142,29 @@ def chunk_task_channels(spec: KernelSpec) -> int:
 
 def _schedule_chunks(sch, spec: KernelSpec, decide):
     """Chunked reduction: a task (a band of rows, or a tile of a one-row image, x a group of
-    table channels, in parallel) runs,
-    for each chunk of input channels, every register tile of one channel x rows x vectors over
+    table channels; or one band of a banded layout, which it lays out first) runs, for each
+    chunk of input channels, every register tile of one channel x rows x vectors over
     that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
     accumulators wait in a task buffer between chunks."""
     from .decisions import TILE_BOUND
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, kb, io, oh, ow, red_c, red_w = sch.get_loops(acc)
     rows, vectors = chunk_tile(spec)
-    task_vectors = chunk_task_vectors(spec)
-    kb_t, kb_o = sch.split(kb, decide.tile(sch, kb, 2, 64, [None, chunk_task_channels(spec)]))
-    oh_t, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
     ow_q, ow_v = sch.split(ow, [None, spec.lanes])
-    ow_t, ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 3, 16, [None, task_vectors // vectors, vectors]))
-    sch.reorder(n, kb_t, oh_t, ow_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
-    par = sch.fuse(n, kb_t, oh_t, ow_t)
+    if spec.band_rows:  # a task per band: it lays out its band, then runs every channel on it
+        oh_t, oh_b = sch.split(oh, [None, spec.band_rows])
+        oh_o, oh_i = sch.split(oh_b, decide.tile(sch, oh_b, 2, 8, [None, rows]))
+        ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 16, [None, vectors]))
+        sch.reorder(n, oh_t, red_c, kb, oh_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
+        layout_n, layout_band, _ = sch.get_loops(sch.get_sblock("x_flat"))
+        par = sch.merge(sch.fuse(layout_n, layout_band), sch.fuse(n, oh_t))
+    else:
+        task_vectors = chunk_task_vectors(spec)
+        kb_t, kb_o = sch.split(kb, decide.tile(sch, kb, 2, 64, [None, chunk_task_channels(spec)]))
+        oh_t, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
+        ow_t, ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 3, 16, [None, task_vectors // vectors, vectors]))
+        sch.reorder(n, kb_t, oh_t, ow_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
+        par = sch.fuse(n, kb_t, oh_t, ow_t)
     sch.parallel(par)
     decide.unroll_limit(sch, par)
     sch.annotate(red_w, TILE_BOUND, 1)  # the chunk's own end: no slot of the next chunk runs

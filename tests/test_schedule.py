@@ -49,15 +49,19 @@ def test_sampled_schedules_match_pytorch(seed, variant, fmt):
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(1, 2**30), chunk=st.sampled_from([1, 2, 3, 6]), stride=st.integers(1, 2))
-def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride):
+@given(seed=st.integers(1, 2**30), chunk=st.sampled_from([1, 2, 3, 6]), stride=st.integers(1, 2),
+       band=st.booleans())
+def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride, band):
     """Any point of the chunked kernel's design space (channels per task, tile rows and vectors,
-    unrolling) computes the layer: rows of every length, empty chunks, channels permuted."""
+    unrolling; laid out in one pass or per band) computes the layer: rows of every length, empty
+    chunks, channels permuted."""
     rng = np.random.default_rng(seed)
     w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
     x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
+        if band:
+            patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, seed))
         out = _run_sampled("conv2d", w, x, b, "csr", None, "chunks", seed, stride=stride, padding=1)
     assert_matches(out, torch_conv(x, w, b, stride=stride, padding=1, activation="relu"))
 
