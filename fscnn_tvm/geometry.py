@@ -129,6 +129,11 @@ class ConvGeometry:
         """Phase rows a band of ``band_rows`` output rows reads (None: the whole image)."""
         return self.phase_height if band_rows is None else band_rows + self.phase_height - self.out_height
 
+    def identity_layout(self, padded_width: int) -> bool:
+        """Whether the padded, phase-split layout would be the input itself: no padding, no
+        stride phases, no zero tail after rows of ``padded_width`` output columns."""
+        return max(self.pad) == 0 and self.stride == (1, 1) and padded_width == self.out_width
+
     def offsets(self, cols: np.ndarray, band_rows: int | None = None) -> np.ndarray:
         """Map weight columns (c, r, s) to their window start in ``x_flat`` (in a band's
         layout when the kernel lays out the input per band of ``band_rows`` output rows)."""

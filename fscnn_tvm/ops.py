@@ -14,13 +14,12 @@ nonzero loop stops at its longest row and the epilogue stores each row to its ch
 (``lower_sparse``, the one step applied after scheduling, wherever a kernel is built).
 
 This module says *what* (the compute) and derives a layer's ``KernelSpec`` from its shapes and the
-CPU description, with the default register tile; ``schedule`` says *how*; ``lowering`` rewrites the
-scheduled TIR.
+CPU description (``tiles``: the policies: vector width, register tile, bands, chunks); ``schedule``
+says *how*; ``lowering`` rewrites the scheduled TIR.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,8 @@ from tvm import te
 
 from . import formats as F
 from .geometry import ConvGeometry, batch_extent, with_batch
-from .target import Caches, caches, vector_lanes, vector_registers
+from .target import caches, vector_lanes, vector_registers
+from .tiles import band_rows_for, choose_lanes, chunking, flattens
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -181,7 +181,7 @@ class KernelSpec:
         """Whether the input is its own layout: a conv without padding or stride whose rows are
         whole vectors (a pointwise conv on 56-, 112- or flattened 28x28 maps). The kernel then
         reads its windows from the input where it lies, instead of copying it first."""
-        return self.kind == "conv2d" and identity_layout(self.geo, self.padded_width)
+        return self.kind == "conv2d" and self.geo.identity_layout(self.padded_width)
 
     @property
     def out_shape(self):
@@ -232,154 +232,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     return [x, w_data, w_offset, w_length, w_perm] + [t for t in (w_start, bias, residual) if t is not None] + [out]
 
 
-# ----------------------------------------------------------------------------- the default register tile
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
-def _default_tile(spec: KernelSpec) -> tuple[int, int, int]:
-    """(table channel blocks, output rows, vectors of output pixels) of the default register tile."""
-    n_kb, _, bo, _ = spec.ell_shape
-    if spec.kind != "conv2d":
-        return 1, 1, 1
-    n_vectors = spec.padded_width // spec.lanes
-    if bo > 1:
-        # BSR: one block row (bo channels) by up to 8 // bo vectors. Measured on VGG16 layers
-        # with 8x1 blocks at 90 %: filling more accumulators (2 rows or 2 vectors) was 0.66-1.21x.
-        return 1, 1, _largest_divisor(n_vectors, max(1, 8 // bo))
-    # CSR: up to 4 channels x whole vectors along a row, up to one cache line (then each
-    # nonzero's window loads whole lines, and a tile spans fewer rows of the input, which
-    # matters where the input band lives in L2), x as many rows as the registers hold (at
-    # most 7): each channel's weight broadcast and offset load then serve more FMAs.
-    # Measured at 90 %: with AVX-512 (32 registers, a line is one vector) 4 x 7 rows beat 4
-    # x <=4 by 0.95-1.10x on maps of 28-224 rows and 1.23-2.2x on 7 and 14 rows; with AVX2
-    # (16, a line is two vectors) 4 x 2 rows x 2 vectors beat 4 x 4 x 1 by 1.1-1.3x on
-    # 28-112-wide maps (e.g. 512->512 at 28, 256->512 at 28, stride-2 layers), where 56-wide
-    # rows (7 vectors) keep 4 x 4 x 1. Where 4 channels leave no room for a second row
-    # (7-row maps on AVX2), 2 channels x 7 rows beat 4 x 1 row: 2.0x on 512->512 at 7x7,
-    # 1.7-1.8x on 7x7 pointwise convs (1.1x over their flattened 1 x 7 vectors). A one-row
-    # image (a flattened pointwise conv) spans vectors instead: as many as the registers
-    # hold besides a broadcast, a load and two spares, then channels up to 4 in what is left
-    # (a channel's offset load and broadcast serve one FMA per vector, so vectors, not
-    # channels, cut the loads per FMA). Measured on AVX2 at 90 %: 1024->256 at 14x14 (25
-    # vectors) 2 channels x 5 vectors 1.37-1.47x over 4 x 1; 512->128 at 28x28 1 x 7
-    # 1.03-1.08x over 4 x 2.
-    vectors = _largest_divisor(n_vectors, spec.line_vectors)
-    for channels in sorted({_largest_divisor(n_kb, c) for c in (4, 2)}, reverse=True):
-        rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))
-        if rows > 1:
-            return channels, rows, vectors
-    vectors = _largest_divisor(n_vectors, spec.registers - 4)
-    return _largest_divisor(n_kb, min(4, (spec.registers - 4) // vectors)), 1, vectors
-
-
-def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
-    """(output rows, vectors of output pixels) of a chunked kernel's register tile, one table
-    channel wide (each row runs exactly its own slots of a chunk, so a tile of one channel has
-    no padding to skip; a channel's offset load and broadcast serve rows x vectors FMAs): the
-    most vectors of a row that divide it, then the most rows that divide the map, within the
-    registers but two (a broadcast and a spare)."""
-    room = spec.registers - 2
-    vectors = _largest_divisor(spec.padded_width // spec.lanes, room)
-    return _largest_divisor(spec.band_rows or spec.geo.out_height, max(1, room // vectors)), vectors
-
-
-def chunk_task_vectors(spec: KernelSpec) -> int:
-    """Vectors of output pixels a chunked kernel's task spans: its rows whole, or on a one-row
-    image (a flattened pointwise conv) one tile, so a chunk's window stays small."""
-    return chunk_tile(spec)[1] if spec.geo.out_height == 1 else spec.padded_width // spec.lanes
-
-
-# Fewest nonzeros a row should hold on one chunk: each (row, chunk) costs a loop's setup and a
-# load and store of the tile's accumulators.
-CHUNK_NONZEROS = 4
-
-
-def chunkable(spec: KernelSpec) -> bool:
-    """Whether a kernel of ``spec`` can run its reduction in chunks: a CSR conv."""
-    return spec.kind == "conv2d" and spec.ell_shape[2:] == (1, 1)
-
-
-def chunking(spec: KernelSpec, mean_row: float) -> int | None:
-    """Input channels per chunk of a CSR conv's reduction, or None (one pass). Without chunks
-    each nonzero's input window comes from wherever its channel lies, mostly L2 on maps of 14
-    rows and up; measured on AVX2 (Zen 3) a loop of such loads runs ~2.5x slower from L2 than
-    from L1. A task of the chunked kernel (a band of the tile's rows, a group of channels) runs
-    every channel on one chunk of input channels, whose window of the band fits the L1d, before
-    the next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB
-    L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56).
-    Only where the laid-out input exceeds a quarter of the L2: measured
-    at 70-90 % on AVX2 (512 KiB L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
-    2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
-    1x1 at 7x7 (115 KiB) 0.97x. And with ``CHUNK_NONZEROS`` per row and chunk on average."""
-    if not chunkable(spec) or spec.geo.flat_size * 4 <= spec.l2_bytes // 4:
-        return None
-    geo = spec.geo
-    rows, vectors = spec.band_rows or chunk_tile(spec)[0], chunk_task_vectors(spec)
-    cols = geo.phase_width if vectors * spec.lanes == spec.padded_width else \
-        vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
-    channel_bytes = geo.phases * geo.band_height(rows) * cols * 4
-    fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels % d == 0
-            and d * channel_bytes <= spec.l1_bytes and mean_row * d / geo.in_channels >= CHUNK_NONZEROS]
-    return max(fits, default=None)
-
-
-def folds_batch(spec: KernelSpec) -> bool:
-    """Whether the register tile can span images: a conv kernel of a fixed batch above one
-    (a banded layout is laid out per image and band, so its tiles stay in one image)."""
-    return spec.kind == "conv2d" and spec.batch > 1 and not spec.band_rows
-
-
 # ----------------------------------------------------------------------------- a layer's spec and arrays
-
-def choose_lanes(out_width: int, native: int) -> int:
-    """Vector width for the output rows: native or half, whichever pads the row least. Never
-    below 8 lanes while the native width is 8 or more: a 128-bit op costs what a 256-bit one
-    does on every AVX2 and AVX-512 CPU, so 4-lane rows do the same work in more ops
-    (measured at 90 % on AVX2, 28-wide rows, where 4 lanes pad nothing: 8 lanes 1.02-1.20x on
-    3x3 layers, 1.44x on a 1x1 conv, which then runs flattened)."""
-    options = [v for v in (native, native // 2) if v >= min(native, 8)]
-    return min(options, key=lambda v: (-(-out_width // v) * v, -v))
-
-
-def _flattens(row: KernelSpec, flat: KernelSpec) -> bool:
-    """Whether a pointwise conv (1x1, stride 1, no padding) runs on its image flattened to one
-    row (``flat``) instead of per row (``row``): where its H*W pixels pad to fewer whole vectors
-    than its H rows do and split into a register tile of 4 to 8 vectors, or pad as much and
-    fill a bigger register tile. Measured at 90 %: 1.19-1.90x the per-row kernel at 28x28
-    (AVX-512); at 7x7 (AVX2: a row is one vector and 7 rows do not split, so the per-row tile is
-    4 channels x 1 vector, flattened 1 x 7 vectors) 1.59-1.83x; at 56x56, where 8-lane rows pad
-    nothing and the per-row tile holds 16 accumulators, 0.69-0.82x."""
-    def padded(spec):
-        return spec.geo.out_height * spec.padded_width
-    if padded(flat) != padded(row):
-        n_vectors = flat.padded_width // flat.lanes
-        return padded(flat) < padded(row) and any(n_vectors % v == 0 for v in range(4, 9))
-    return math.prod(_default_tile(flat)) > math.prod(_default_tile(row))
-
-
-def identity_layout(geo: ConvGeometry, padded_width: int) -> bool:
-    """Whether ``x_flat`` would be the input itself: no padding, no stride phases, no zero tail."""
-    return max(geo.pad) == 0 and geo.stride == (1, 1) and padded_width == geo.out_width
-
-
-def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
-    """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None.
-    The input is laid out band by band when the whole layout would not fit the cores' L2
-    caches together (the pass would write it to memory and the tiles re-read it from there);
-    a band is at most half of one core's L2, and there are at least 4 bands to share between
-    threads. Measured at 90 %, default schedules, on a Zen 4 (1 MiB L2 per core, 2 cores)
-    against the whole-image layout: VGG16 64->64 at 224 CSR 1.20-1.27x, 8x1 BSR 1.07x;
-    128->128 at 112 BSR 1.47x, CSR 1.04x; 256->256 at 56 1.0-1.1x; ResNet-50's 256->64 1x1 at
-    56 3.2-4.3x."""
-    if geo.flat_size * 4 <= cache.l2 * cache.cores:
-        return None
-    row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
-    fits = [r for r in range(1, geo.out_height // 4 + 1)
-            if geo.out_height % r == 0 and geo.band_height(r) * row_bytes <= cache.l2 // 2]
-    return max(fits, default=None)
-
 
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
               stride=1, padding=0, dilation=1) -> KernelSpec:
@@ -391,7 +244,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
 
         def spec(geo, lanes, flat_hw=None):
             # (an input read in place has no layout pass to run band by band)
-            in_place = identity_layout(geo, -(-geo.out_width // lanes) * lanes)
+            in_place = geo.identity_layout(-(-geo.out_width // lanes) * lanes)
             return KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                               has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
                               line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2, l1_bytes=cache.l1d,
@@ -401,7 +254,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             return row
         flat = spec(ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape),
                     native, (geo.height, geo.width))
-        return flat if _flattens(row, flat) else row
+        return flat if flattens(row, flat) else row
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
     if len(weight_shape) != 2:

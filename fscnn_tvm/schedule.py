@@ -1,14 +1,15 @@
 """The sparse kernel's schedule (how; ``ops`` says what): a register tile of table channels x
 output rows x whole vectors of output pixels kept in registers across the nonzero loop, the
 parallel loop chosen by a structural variant, and the input layout pass's loops. Tile sizes come
-from ``ops``' default tile (a policy of the CPU description) or are sampled by the tuner
+from ``tiles``' default tile (a policy of the CPU description) or are sampled by the tuner
 (``decisions``)."""
 from __future__ import annotations
 
 import tvm
 
 from .decisions import FixedDecisions
-from .ops import KernelSpec, _default_tile, chunk_task_vectors, chunk_tile, folds_batch
+from .ops import KernelSpec
+from .tiles import chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -72,7 +73,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     _, _, bo, _ = spec.ell_shape
     n, kb, io, oh, ow, red_w, red_i = sch.get_loops(acc)
-    channels, rows, vectors = _default_tile(spec)
+    channels, rows, vectors = default_tile(spec)
     w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
     decide.tile_bound(sch, w_o)
     kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, max(1, 4 // bo), [None, channels]))
@@ -134,7 +135,7 @@ def chunk_task_channels(spec: KernelSpec) -> int:
     """Table channels per task of a chunked kernel: the most (a divisor) that still leaves 4
     tasks per core with the tile's bands of rows, so each chunk's input window, once in L1,
     serves as many channels as it can."""
-    (rows, vectors), task_vectors = chunk_tile(spec), chunk_task_vectors(spec)
+    rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
     bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
     n_kb = spec.ell_shape[0]
     return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)

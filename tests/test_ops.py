@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
-import tvm
 import torch.nn.functional as TF
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fscnn_tvm
-from fscnn_tvm import layer, ops, sparse_conv2d, sparse_linear
+from fscnn_tvm import layer, ops, sparse_conv2d, sparse_linear, tiles
 from fscnn_tvm.formats import to_csr
-from fscnn_tvm.target import Caches, caches, cpu_info, isa
+from fscnn_tvm.target import caches, cpu_info, isa
 
 PRIMES = [2, 3, 5, 7, 11, 13, 17]
 
@@ -111,7 +110,7 @@ def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, spars
 
 def chunked(spec, pick):
     """The ``pick``-th (cyclically) chunk size that divides ``spec``'s input channels, where it chunks."""
-    if not ops.chunkable(spec):
+    if not tiles.chunkable(spec):
         return None
     divisors = [d for d in range(1, spec.geo.in_channels + 1) if spec.geo.in_channels % d == 0]
     event(f"chunks: {spec.geo.in_channels // divisors[pick % len(divisors)]}")
@@ -389,19 +388,6 @@ def test_pointwise_conv_runs_on_the_flattened_image(rng, fmt, block):
     assert fscnn_tvm.SparseLayer("conv2d", w, x.shape, stride=2).spec.flat_hw is None
 
 
-@pytest.mark.parametrize("hw,flattens", [(7, False), (28, True), (56, False)])
-def test_flattening_follows_padding_then_register_tile(hw, flattens):
-    """AVX2 (8 lanes, 16 registers): 7x7 pads as much either way, and its per-row tile
-    (2 channels x 7 rows x 1 vector) is bigger than the flattened one (7 vectors); so is 56x56's
-    (4 x 4 rows x 1); 28x28 pads less flattened."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    spec = ops.make_spec("conv2d", (1, 64, hw, hw), (64, 64, 1, 1), (64, 8, 1, 1), False, None, target)
-    assert (spec.flat_hw is not None) == flattens
-    rng = np.random.default_rng(hw)
-    x, w = rng.standard_normal((1, 8, hw, hw)).astype(np.float32), _uneven_rows(rng, (12, 8, 1, 1))
-    assert_matches(fscnn_tvm.sparse_conv2d(x, w, target=target if host_avx2() else None), torch_conv(x, w))
-
-
 @pytest.mark.parametrize("fin,dtype", [(32768, np.int16), (32769, np.int32)])
 def test_linear_offsets_int16_where_they_fit(rng, fin, dtype):
     # The last column is the one an int16 offset must still reach (or overflow into a wrong read).
@@ -610,73 +596,6 @@ def test_cache_keyed_on_geometry_and_activation(rng):
         assert_matches(out, torch_conv(x, w, **kwargs))
 
 
-@pytest.mark.parametrize("mcpu,registers", [("znver4", 32), ("znver3", 16)])
-@pytest.mark.parametrize("size", [7, 13, 14, 28, 56, 224])
-def test_default_tile_divides_the_layer_and_fits_the_registers(rng, mcpu, registers, size):
-    """The default register tile is a perfect tiling (no partial tiles) of at most one
-    accumulator per register."""
-    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
-    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 8, size, size), None, None,
-                                fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu}"), padding=1)
-    channels, rows, vectors = ops._default_tile(spec)
-    assert spec.ell_shape[0] % channels == 0 and size % rows == 0
-    assert (spec.padded_width // spec.lanes) % vectors == 0
-    assert channels * rows * vectors <= registers
-
-
-ZEN4 = Caches(32 << 10, 1 << 20, 64, 2)  # per core: 32 KiB L1d, 1 MiB L2; 64-byte lines; 2 cores
-ZEN3 = Caches(32 << 10, 512 << 10, 64, 2)
-
-
-@pytest.mark.parametrize("x_shape,w_shape,conv,cache,rows", [
-    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), ZEN4, 7),  # bands of 7 + 2 halo rows: 509 KiB
-    ((1, 128, 112, 112), (128, 128, 3, 3), dict(padding=1), ZEN4, 4),
-    ((1, 256, 56, 56), (64, 256, 1, 1), {}, ZEN4, 8),  # no halo
-    ((1, 256, 56, 56), (512, 256, 1, 1), dict(stride=2), ZEN4, 4),  # 4 phases per row
-    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), ZEN4, None),  # 1.8 MiB: fits two L2s
-    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), ZEN3, 2),  # ... but not two of half the size
-    ((1, 64, 224, 224), (64, 64, 3, 3), dict(padding=1), ZEN3, 2),
-    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), ZEN3, None),
-])
-def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, cache, rows):
-    geo = ops.ConvGeometry.create(x_shape, w_shape, **conv)
-    assert ops.band_rows_for(geo, cache) == rows
-    if rows:
-        row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
-        assert geo.out_height % rows == 0 and geo.out_height // rows >= 4
-        assert geo.band_height(rows) * row_bytes <= cache.l2 // 2 < geo.band_height(rows + 1) * row_bytes \
-            or geo.out_height % (rows + 1)
-
-
-@pytest.mark.parametrize("x_shape,w_shape,conv,sparsity,chunks", [
-    ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), 0.9, True),  # 850 KiB of input
-    ((1, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), 0.7, True),
-    ((1, 256, 28, 28), (256, 256, 3, 3), dict(padding=1, stride=2), 0.9, True),  # 4 phases
-    ((1, 512, 7, 7), (512, 512, 1, 1), {}, 0.9, False),  # 115 KiB: a quarter of the L2 or less
-    ((1, 64, 56, 56), (256, 64, 1, 1), {}, 0.9, False),  # ~6 nonzeros a row: 2 chunks would hold 3
-    ((1, 512, 28, 28), (512, 512, 3, 3), dict(padding=1), 0.9, True),  # banded: a chunk of the band's window
-])
-def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_shape, conv, sparsity, chunks):
-    """The policy on ZEN3's caches: chunks whose input window for the tile's rows fits the L1d,
-    with enough nonzeros per row in each; and the kernel computes the layer."""
-    target = fscnn_tvm.resolve_target("llvm -mcpu=znver3 -num-cores=2")
-    w = sparse_weight(rng, w_shape, sparsity)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "caches", lambda t: ZEN3)
-        layer = fscnn_tvm.SparseLayer("conv2d", w, x_shape, activation="relu", target=target, **conv)
-    spec = layer.spec
-    assert bool(spec.chunk_channels) == chunks
-    if chunks:
-        geo, rows = spec.geo, spec.band_rows or ops.chunk_tile(spec)[0]
-        assert spec.l1_bytes == ZEN3.l1d and geo.in_channels % spec.chunk_channels == 0
-        assert spec.chunk_channels * geo.phases * geo.band_height(rows) * geo.phase_width * 4 <= ZEN3.l1d
-        starts = layer.arrays[4]
-        assert starts.shape == (spec.ell_shape[0], geo.in_channels // spec.chunk_channels + 1)
-        assert spec.chunk_width >= np.diff(starts, axis=1).max()
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    assert_matches(layer(x), torch_conv(x, w, activation="relu", **conv))
-
-
 @pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (8, 1))])
 def test_vgg16_first_sparse_layer_runs_banded(fmt, block):
     """The policy's own choice on a real layer (64->64 at 224x224: its 12 MiB layout exceeds
@@ -685,7 +604,7 @@ def test_vgg16_first_sparse_layer_runs_banded(fmt, block):
     x = rng.standard_normal((1, 64, 224, 224)).astype(np.float32)
     w = sparse_weight(rng, (64, 64, 3, 3), 0.9)
     layer = fscnn_tvm.SparseLayer("conv2d", w, x.shape, fmt=fmt, block=block, padding=1, activation="relu")
-    assert layer.spec.band_rows and layer.spec.band_rows == ops.band_rows_for(layer.spec.geo, caches(layer.target))
+    assert layer.spec.band_rows and layer.spec.band_rows == tiles.band_rows_for(layer.spec.geo, caches(layer.target))
     assert_matches(layer(x), torch_conv(x, w, padding=1, activation="relu"))
 
 
@@ -711,11 +630,3 @@ def test_grouped_conv_on_the_block_diagonal_csr(n, per_group, groups, mult, hw, 
                     stride, padding, 1, groups)
     assert_matches(out, activated(ref, activation).numpy())
 
-
-@pytest.mark.parametrize("width,native,lanes", [
-    (28, 8, 8), (12, 8, 8), (7, 8, 8), (224, 8, 8),  # AVX2: 4-lane ops cost what 8-lane ones do
-    (56, 16, 8), (28, 16, 16), (24, 16, 8), (14, 16, 16), (224, 16, 16),  # AVX-512: half width where it pads less
-    (6, 4, 4), (3, 4, 4),  # 128-bit SIMD: nothing narrower
-])
-def test_choose_lanes(width, native, lanes):
-    assert ops.choose_lanes(width, native) == lanes
