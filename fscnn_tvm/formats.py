@@ -52,7 +52,7 @@ def _as_matrix(weight) -> tuple[np.ndarray, tuple[int, ...]]:
     return arr.reshape(arr.shape[0], -1), arr.shape
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
@@ -130,7 +130,7 @@ def _ell(lengths, width_multiple, values, columns, block, rows) -> Ell:
     holding ``lengths[j]`` of them in order."""
     n_brows, bo = len(lengths), block[0]
     order = _row_order(lengths, rows // bo)
-    width = _round_up(max(1, int(lengths.max())), width_multiple)
+    width = round_up(max(1, int(lengths.max())), width_multiple)
     table_row = np.empty(n_brows, np.int64)
     table_row[order] = np.arange(n_brows)
     starts = np.cumsum(lengths) - lengths

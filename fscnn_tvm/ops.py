@@ -278,7 +278,7 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     if chunk:
         bounds = ell.chunk_starts(chunk * spec.geo.kh * spec.geo.kw, spec.geo.in_channels // chunk)
-        width = -(-max(1, int(np.diff(bounds, axis=1).max())) // ELL_WIDTH_MULTIPLE) * ELL_WIDTH_MULTIPLE
+        width = F.round_up(max(1, int(np.diff(bounds, axis=1).max())), ELL_WIDTH_MULTIPLE)
         spec = dataclasses.replace(spec, chunk_channels=chunk, chunk_width=width)
         starts = [bounds]
     return spec, [ell.data, offsets, ell.lengths, ell.perm] + starts + ([bias[ell.perm]] if bias is not None else [])

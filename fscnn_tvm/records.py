@@ -82,15 +82,21 @@ def retarget(trace, from_width: int, to_width: int):
     return trace  # the default schedule's: its splits leave the outer extent to the loop
 
 
+def _retarget_spec(trace, source, spec):
+    """``trace`` of a kernel of ``source`` for one of ``spec`` (another width of the same class);
+    a chunked kernel's schedule has no decision on the width, so its trace replays as is."""
+    if not isinstance(source, KernelSpec) or source.chunk_channels:
+        return trace
+    return retarget(trace, source.ell_shape[1], spec.ell_shape[1])
+
+
 def _best_trace(db, spec):
-    """(trace, ELL width it is for) of the best record of ``spec`` in ``db``: its own workload's,
-    else its width class's; or None."""
+    """The best record's trace for ``spec`` in ``db`` (its own workload's, else its width
+    class's, retargeted to ``spec``); or None."""
     for source in dict.fromkeys((spec, width_class(spec))):
         found = workload_records(db, workload(source))[:1]
         if found:
-            # (a chunked kernel's schedule has no decision on the width: nothing to retarget)
-            retargets = isinstance(source, KernelSpec) and not source.chunk_channels
-            return found[0].trace, source.ell_shape[1] if retargets else None
+            return _retarget_spec(found[0].trace, source, spec)
     return None
 
 
@@ -101,13 +107,10 @@ def best_schedule(spec, db=None):
     (``kernels.tuned_as``: the schedules never split the batch loop). The trace is replayed on
     the kernel."""
     twin = kernels.tuned_as(spec)
-    found = _best_trace(db, twin) if db is not None else None
+    trace = _best_trace(db, twin) if db is not None else None
     func = kernels.prim_func(spec)
-    if found is None:
+    if trace is None:
         return kernels.default_schedule(func, spec), False
-    trace, width = found
-    if width is not None:
-        trace = retarget(trace, width, spec.ell_shape[1])
     sch = tvm.s_tir.Schedule(func)
     trace.apply_to_schedule(sch, remove_postproc=False)
     return sch, True
@@ -127,7 +130,7 @@ def add_width_classes(db, specs, target) -> int:
         held = workload_records(db, mod)[:1]
         if held and _seconds(held[0]) <= _seconds(best[0]):
             continue
-        trace = best[0].trace if spec.chunk_channels else retarget(best[0].trace, spec.ell_shape[1], cls.ell_shape[1])
+        trace = _retarget_spec(best[0].trace, spec, cls)
         db.commit_tuning_record(ms.database.TuningRecord(
             trace, db.commit_workload(mod), best[0].run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
         added += 1

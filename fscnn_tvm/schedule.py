@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import tvm
 
-from .decisions import FixedDecisions
+from .decisions import TILE_BOUND, FixedDecisions
 from .ops import KernelSpec
-from .tiles import chunk_task_vectors, chunk_tile, default_tile, folds_batch
+from .tiles import chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -23,8 +23,8 @@ VARIANTS = ("channels", "channels+rows", "rows+channels", "tiles")
 # A spec with ``band_rows`` has one: "bands", parallel over bands of rows, each band laying out
 # its input and then running all its channel tiles.
 BANDED = ("bands",)
-# A spec with ``chunk_channels`` has one: "chunks", parallel over tasks (a band of rows x a
-# group of channels), each running all its channels on one chunk of input channels, then the next.
+# A spec with ``chunk_channels`` has one: "chunks", parallel over tasks (see ``_schedule_chunks``),
+# each running all its channels on one chunk of input channels, then the next.
 CHUNKED = ("chunks",)
 
 
@@ -131,23 +131,12 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     return sch
 
 
-def chunk_task_channels(spec: KernelSpec) -> int:
-    """Table channels per task of a chunked kernel: the most (a divisor) that still leaves 4
-    tasks per core with the tile's bands of rows, so each chunk's input window, once in L1,
-    serves as many channels as it can."""
-    rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
-    bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
-    n_kb = spec.ell_shape[0]
-    return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
-
-
 def _schedule_chunks(sch, spec: KernelSpec, decide):
     """Chunked reduction: a task (a band of rows, or a tile of a one-row image, x a group of
     table channels; or one band of a banded layout, which it lays out first) runs, for each
     chunk of input channels, every register tile of one channel x rows x vectors over
     that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
     accumulators wait in a task buffer between chunks."""
-    from .decisions import TILE_BOUND
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, kb, io, oh, ow, red_c, red_w = sch.get_loops(acc)
     rows, vectors = chunk_tile(spec)

@@ -115,6 +115,16 @@ def chunk_task_vectors(spec: KernelSpec) -> int:
     return chunk_tile(spec)[1] if spec.geo.out_height == 1 else spec.padded_width // spec.lanes
 
 
+def chunk_task_channels(spec: KernelSpec) -> int:
+    """Table channels per task of a chunked kernel (not banded): the most (a divisor) that still
+    leaves 4 tasks per core with the tile's bands of rows, so each chunk's input window, once in
+    L1, serves as many channels as it can."""
+    rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
+    bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
+    n_kb = spec.ell_shape[0]
+    return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
+
+
 # Fewest nonzeros a row should hold on one chunk: each (row, chunk) costs a loop's setup and a
 # load and store of the tile's accumulators.
 CHUNK_NONZEROS = 4
@@ -129,12 +139,13 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     """Input channels per chunk of a CSR conv's reduction, or None (one pass). Without chunks
     each nonzero's input window comes from wherever its channel lies, mostly L2 on maps of 14
     rows and up; measured on AVX2 (Zen 3) a loop of such loads runs ~2.5x slower from L2 than
-    from L1. A task of the chunked kernel (a band of the tile's rows, a group of channels) runs
-    every channel on one chunk of input channels, whose window of the band fits the L1d, before
-    the next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB
-    L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56).
-    Only where the laid-out input exceeds a quarter of the L2: measured
-    at 70-90 % on AVX2 (512 KiB L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
+    from L1. A task of the chunked kernel (a band of the tile's rows, or one tile of a one-row
+    image, x a group of channels; or one band of a banded layout x every channel) runs every
+    channel on one chunk of input channels, whose window for the task fits the L1d, before the
+    next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB L1d
+    ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56). Only
+    where the laid-out input exceeds a quarter of the L2: measured at 70-90 % on AVX2 (512 KiB
+    L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
     2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
     1x1 at 7x7 (115 KiB) 0.97x. And with ``CHUNK_NONZEROS`` per row and chunk on average."""
     if not chunkable(spec) or spec.geo.flat_size * 4 <= spec.l2_bytes // 4:
