@@ -118,10 +118,6 @@ class ConvGeometry:
         return self.out_width + (self.kw - 1) * self.dilation[1] // self.stride[1]
 
     @property
-    def flat_size(self):
-        return self.in_channels * self.phases * self.phase_height * self.phase_width
-
-    @property
     def out_shape(self):
         return (self.batch, self.out_channels, self.out_height, self.out_width)
 
@@ -134,13 +130,39 @@ class ConvGeometry:
         stride phases, no zero tail after rows of ``padded_width`` output columns."""
         return max(self.pad) == 0 and self.stride == (1, 1) and padded_width == self.out_width
 
-    def offsets(self, cols: np.ndarray, band_rows: int | None = None) -> np.ndarray:
-        """Map weight columns (c, r, s) to their window start in ``x_flat`` (in a band's
-        layout when the kernel lays out the input per band of ``band_rows`` output rows)."""
-        c, rs = np.divmod(cols.astype(np.int64), self.kh * self.kw)
-        r, s = np.divmod(rs, self.kw)
-        rr, ss = r * self.dilation[0], s * self.dilation[1]
-        sh, sw = self.stride
+
+@dataclass(frozen=True)
+class InputLayout:
+    """The padded, phase-split input a sparse conv reads its windows from: per input channel
+    and stride phase, ``rows`` phase rows (a band's, when laid out per band of ``band_rows``
+    output rows) ``width`` floats apart. A window starts at its tap's row and column offset.
+    Rows of whole vectors (``width`` a multiple of the vector width) start aligned, so every
+    window of a tap at column offset 0 loads whole vectors that never straddle a cache line
+    (an unaligned vector load that does costs two loads)."""
+    geo: ConvGeometry
+    band_rows: int | None = None
+    row_width: int | None = None
+
+    @property
+    def width(self):
+        return self.row_width or self.geo.phase_width
+
+    @property
+    def rows(self):
+        return self.geo.band_height(self.band_rows)
+
+    @property
+    def size(self):
+        """Floats of one image's (or one band's) layout."""
+        return self.geo.in_channels * self.geo.phases * self.rows * self.width
+
+    def offsets(self, cols: np.ndarray) -> np.ndarray:
+        """Map weight columns (c, r, s) to their window start in the layout."""
+        geo = self.geo
+        c, rs = np.divmod(cols.astype(np.int64), geo.kh * geo.kw)
+        r, s = np.divmod(rs, geo.kw)
+        rr, ss = r * geo.dilation[0], s * geo.dilation[1]
+        sh, sw = geo.stride
         q = (rr % sh) * sw + ss % sw
-        off = ((c * self.phases + q) * self.band_height(band_rows) + rr // sh) * self.phase_width + ss // sw
+        off = ((c * geo.phases + q) * self.rows + rr // sh) * self.width + ss // sw
         return off.astype(F.INDEX_DTYPE)

@@ -46,7 +46,7 @@ def default_variant(spec: KernelSpec) -> str:
     32->192 2.6x, 64->384 at 14x14 1.2x. Other maps run row tiles outermost."""
     options = variants(spec)
     if spec.kind == "conv2d" and spec.geo.out_height == 1 and "tiles" in options \
-            and spec.geo.flat_size * 4 > spec.l2_bytes:
+            and spec.layout.size * 4 > spec.l2_bytes:
         return "tiles"
     return "rows+channels" if "rows+channels" in options else options[-1]
 
@@ -184,12 +184,11 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     laid out inside the parallel loop, by the task that reads it)."""
     if spec.in_place:
         return
-    geo = spec.geo
+    layout = spec.layout
     *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
-    rows = geo.band_height(spec.band_rows)
-    tail = spec.padded_width - geo.out_width
-    planes = geo.in_channels * geo.phases + -(-tail // (rows * geo.phase_width))  # extra planes cover the zero tail
-    plane, row, col = sch.split(f, [planes, rows, geo.phase_width])
+    rows, width = layout.rows, layout.width
+    planes = layout.size // (rows * width) + -(-spec.tail // (rows * width))  # extra planes cover the zero tail
+    plane, row, col = sch.split(f, [planes, rows, width])
     if not spec.band_rows:
         sch.parallel(sch.fuse(*outer, plane))
     sch.vectorize(col)

@@ -5,10 +5,11 @@ banded layout, and the chunk size of a chunked reduction. Measurements behind ea
 its docstring; docs/performance.md has the rest."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, InputLayout
 from .target import Caches
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def flattens(row: KernelSpec, flat: KernelSpec) -> bool:
     return math.prod(default_tile(flat)) > math.prod(default_tile(row))
 
 
-def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
+def band_rows_for(layout: InputLayout, cache: Caches) -> int | None:
     """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None.
     The input is laid out band by band when the whole layout would not fit the cores' L2
     caches together (the pass would write it to memory and the tiles re-read it from there);
@@ -50,11 +51,11 @@ def band_rows_for(geo: ConvGeometry, cache: Caches) -> int | None:
     against the whole-image layout: VGG16 64->64 at 224 CSR 1.20-1.27x, 8x1 BSR 1.07x;
     128->128 at 112 BSR 1.47x, CSR 1.04x; 256->256 at 56 1.0-1.1x; ResNet-50's 256->64 1x1 at
     56 3.2-4.3x."""
-    if geo.flat_size * 4 <= cache.l2 * cache.cores:
+    geo = layout.geo
+    if dataclasses.replace(layout, band_rows=None).size * 4 <= cache.l2 * cache.cores:
         return None
-    row_bytes = geo.in_channels * geo.phases * geo.phase_width * 4
     fits = [r for r in range(1, geo.out_height // 4 + 1)
-            if geo.out_height % r == 0 and geo.band_height(r) * row_bytes <= cache.l2 // 2]
+            if geo.out_height % r == 0 and dataclasses.replace(layout, band_rows=r).size * 4 <= cache.l2 // 2]
     return max(fits, default=None)
 
 
@@ -148,11 +149,12 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
     2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
     1x1 at 7x7 (115 KiB) 0.97x. And with ``CHUNK_NONZEROS`` per row and chunk on average."""
-    if not chunkable(spec) or spec.geo.flat_size * 4 <= spec.l2_bytes // 4:
+    if not chunkable(spec) or spec.layout.size * 4 <= spec.l2_bytes // 4:
         return None
+    layout = spec.layout
     geo = spec.geo
     rows, vectors = spec.band_rows or chunk_tile(spec)[0], chunk_task_vectors(spec)
-    cols = geo.phase_width if vectors * spec.lanes == spec.padded_width else \
+    cols = layout.width if vectors * spec.lanes == spec.padded_width else \
         vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
     channel_bytes = geo.phases * geo.band_height(rows) * cols * 4
     fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels % d == 0

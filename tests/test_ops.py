@@ -1,5 +1,7 @@
 """fscnn_tvm.sparse_conv2d / sparse_linear against torch.nn.functional conv2d / linear."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -102,7 +104,7 @@ def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, spars
     kernel can chunk: CSR, not banded, not flattened)."""
     with pytest.MonkeyPatch.context() as patch:
         if band:
-            patch.setattr(ops, "band_rows_for", lambda geo, cache: banded(geo, band))
+            patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, band))
         if chunk:
             patch.setattr(ops, "chunking", lambda spec, mean_row: chunked(spec, chunk))
         check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
@@ -604,7 +606,7 @@ def test_vgg16_first_sparse_layer_runs_banded(fmt, block):
     x = rng.standard_normal((1, 64, 224, 224)).astype(np.float32)
     w = sparse_weight(rng, (64, 64, 3, 3), 0.9)
     layer = fscnn_tvm.SparseLayer("conv2d", w, x.shape, fmt=fmt, block=block, padding=1, activation="relu")
-    assert layer.spec.band_rows and layer.spec.band_rows == tiles.band_rows_for(layer.spec.geo, caches(layer.target))
+    assert layer.spec.band_rows and layer.spec.band_rows == tiles.band_rows_for(dataclasses.replace(layer.spec.layout, band_rows=None), caches(layer.target))
     assert_matches(layer(x), torch_conv(x, w, padding=1, activation="relu"))
 
 
