@@ -195,10 +195,16 @@ def segment_function(bb, name: str, traced, seg: Segment, layers, emit):
 
 
 def call_in_chunks(bb, func, inputs: list, chunk: int):
-    """``func`` on the batch: its inputs sliced into chunks, one call each, the outputs concatenated."""
+    """``func`` on the batch: one call per chunk of images, each on views of its inputs (the
+    images of a chunk are one contiguous block of an NCHW tensor: no copy), the outputs
+    concatenated."""
     from tvm import relax
     batch = int(inputs[0].ty.shape[0])
-    pieces = [bb.emit(relax.Call(func, [bb.emit(relax.op.strided_slice(x, axes=[0], begin=[i], end=[i + chunk]))
-                                        for x in inputs]))
-              for i in range(0, batch, chunk)]
+
+    def view(x, i):
+        shape = [int(d) for d in x.ty.shape]
+        image_bytes = int(np.prod(shape[1:])) * np.dtype(str(x.ty.dtype)).itemsize
+        return bb.emit(relax.op.memory.ensure_zero_offset(
+            relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes)))
+    pieces = [bb.emit(relax.Call(func, [view(x, i) for x in inputs])) for i in range(0, batch, chunk)]
     return bb.emit(relax.op.concat(pieces, axis=0))

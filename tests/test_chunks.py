@@ -135,6 +135,9 @@ def test_a_batched_import_runs_its_segments_in_chunks_and_matches_pytorch():
     imported = _import_and_check(model, torch.randn(*BIG))
     assert any("at a time" in n for n in imported.notes)
     assert any(gv.name_hint.startswith("chunk") for gv in imported.mod.functions)
+    # Each chunk's input is a view of the batch's (its images are one block): not a copy.
+    main = str(imported.mod["main"])
+    assert "R.memory.view" in main and "strided_slice" not in main
     assert imported.input_shapes == [BIG]
     assert [r.name for r in imported.report] == ["0", "2.a.0", "2.b.0", "4", "8"]  # graph order, whoever emits
     # The segments' layers are built for their chunk, the rest for the batch.
