@@ -14,7 +14,12 @@ source checkout: it writes into the package's own folder.
 adds to shipped sets (all, or those named) each sparse kernel's record under its width class
 (``records.add_width_classes``), so the set serves every pruning pattern of the model's shapes, not
 only the pattern it was tuned on: the model is rebuilt from the set's ``tuned_on`` arguments.
-``scripts/tune_shipped.sh`` re-tunes and re-ships every shipped set.
+    python scripts/ship_schedules.py --seed NAME LOG
+
+starts tuning log LOG from set NAME's records of everything but the sparse kernels (whose
+workloads change with the kernels' design; the tuning job records and searches them anew), so a
+sparse-only re-tune keeps the set's dense records. ``scripts/tune_shipped.sh`` re-tunes and
+re-ships every shipped set.
 """
 import argparse
 import os
@@ -46,8 +51,24 @@ def add_classes(name):
     print(f"{name}: {added} width-class records added, {count} records shipped")
 
 
+def seed(name, log_dir):
+    """Start ``log_dir`` from set ``name``'s records of every workload that is not a sparse kernel."""
+    from fscnn_tvm.tuning_log import open_database
+    db = open_database(log_dir, write=True)
+    kept = 0
+    for record in open_database(str(records.SHIPPED / name)).get_all_tuning_records():
+        if "w_perm" not in {p.name for p in record.workload.mod["main"].params}:
+            db.commit_workload(record.workload.mod)
+            db.commit_tuning_record(record)
+            kept += 1
+    print(f"{log_dir}: {kept} records of {name}'s dense ops")
+
+
 if __name__ == "__main__":
     import sys
+    if sys.argv[1:2] == ["--seed"]:
+        seed(*sys.argv[2:4])
+        sys.exit(0)
     if sys.argv[1:2] == ["--classes"]:
         with resources.as_file(records.SHIPPED) as shipped:
             names = sys.argv[2:] or [s.name for s in records.shipped_sets(shipped)]

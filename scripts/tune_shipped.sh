@@ -2,8 +2,8 @@
 # Re-tune and re-ship every record set shipped in fscnn_tvm/schedules/ (run nothing else
 # meanwhile: candidates are timed). Each line: a tuning job, then its best records shipped with the
 # tune arguments that built the model. A job's log (tuning_logs/NAME) starts from the shipped
-# set's records when it does not exist yet, so a sparse-only job (0 dense trials) keeps the
-# set's dense records; ~1 s a sparse candidate on 2 cores.
+# set's records of its dense ops when it does not exist yet, so a sparse-only job (0 dense
+# trials) keeps them; ~1 s a sparse candidate on 2 cores.
 # Usage: bash scripts/tune_shipped.sh [name ...]   (no names: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +17,7 @@ job() {  # name target dense-trials sparse-trials fscnn-tvm-tune-args...
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name ($target, $dense dense + $sparse sparse trials)"
   if [ ! -d "tuning_logs/$name" ]; then
-    "$PY" -c "import sys; from fscnn_tvm import records, tuning_log as t
-t.copy_records(t.open_database(str(records.SHIPPED / sys.argv[1])), t.open_database(sys.argv[2], write=True))" \
-      "$name" "tuning_logs/$name"
+    "$PY" scripts/ship_schedules.py --seed "$name" "tuning_logs/$name"
   fi
   # The first job tunes both modules (dense-trials each); the second tops the sparse kernels up
   # to sparse-trials: they tune fast (~1 s a candidate) and gain the most from it.

@@ -189,19 +189,8 @@ def test_a_kernel_that_adds_a_residual_replays_the_record_of_its_twin_without(sm
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-# Sets tuned before kernel changes since (the AVX-512 ones predate the chunked reduction, whose
-# kernels are new workloads; re-tuning them needs an AVX-512 machine), left out of the check below.
-# A set re-tuned with scripts/tune_shipped.sh leaves this list.
-STALE = {"resnet50_s90_avx512", "vgg16_224_b8x1_s90_avx512", "vgg16_224_s60_avx512", "vgg16_224_s90_avx512",
-         "vgg16_cifar_s90_avx512"}
-
-
-def test_the_stale_list_names_shipped_sets():
-    assert STALE <= {s.name for s in records.shipped_sets()}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("shipped", [s for s in records.shipped_sets() if s.name not in STALE], ids=lambda s: s.name)
+@pytest.mark.parametrize("shipped", records.shipped_sets(), ids=lambda s: s.name)
 def test_every_sparse_kernel_of_a_shipped_sets_model_has_a_record(shipped):
     """No silent staleness: the model a set was tuned on, imported today for the set's CPU, finds a
     shipped record (its own or its width class's) for every sparse kernel."""
