@@ -106,6 +106,15 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
             par = sch.fuse(n, kb_o, oh_o) if variant == "channels+rows" else sch.fuse(n, kb_o)
         sch.vectorize(ow_v)
         tile_loop, inner = par if variant == "tiles" else ow_o, tile
+    elif spec.batch_in_lanes:  # the tile: channels x every image, the images in the lanes
+        sch.reorder(kb_o, oh, ow, n, w_o, red_i, w_i, kb_i, io)
+        n_o, n_v = sch.split(n, [None, max(d for d in range(1, spec.lanes + 1) if spec.batch % d == 0)])
+        sch.reorder(n_o, w_o, red_i, w_i, kb_i, io, n_v)
+        sch.vectorize(n_v)
+        par, tile_loop, inner = kb_o, n_o, (kb_i, io)
+        x_t = sch.get_sblock("x_t")
+        j, _ = sch.get_loops(x_t)
+        sch.parallel(sch.split(j, [None, 64])[0])
     else:
         sch.reorder(kb_o, n, oh, ow, w_o, red_i, w_i, kb_i, io)
         par, tile_loop, inner = kb_o, n, (kb_i,)
