@@ -9,7 +9,7 @@ import tvm
 
 from .decisions import TILE_BOUND, FixedDecisions
 from .ops import KernelSpec
-from .tiles import chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
+from .tiles import batch_lanes, chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -107,9 +107,8 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
         sch.vectorize(ow_v)
         tile_loop, inner = par if variant == "tiles" else ow_o, tile
     elif spec.batch_in_lanes:  # the tile: channels x every image, the images in the lanes
-        sch.reorder(kb_o, oh, ow, n, w_o, red_i, w_i, kb_i, io)
-        n_o, n_v = sch.split(n, [None, max(d for d in range(1, spec.lanes + 1) if spec.batch % d == 0)])
-        sch.reorder(n_o, w_o, red_i, w_i, kb_i, io, n_v)
+        n_o, n_v = sch.split(n, [None, batch_lanes(spec)])
+        sch.reorder(kb_o, oh, ow, n_o, w_o, red_i, w_i, kb_i, io, n_v)
         sch.vectorize(n_v)
         par, tile_loop, inner = kb_o, n_o, (kb_i, io)
         x_t = sch.get_sblock("x_t")

@@ -162,6 +162,12 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     return max(fits, default=None)
 
 
+def batch_lanes(spec: KernelSpec) -> int:
+    """Images per vector of a linear kernel that runs its batch in the lanes
+    (``KernelSpec.batch_in_lanes``): the most that divide the batch, within the lanes."""
+    return _largest_divisor(spec.batch, spec.lanes)
+
+
 def folds_batch(spec: KernelSpec) -> bool:
     """Whether the register tile can span images: a conv kernel of a fixed batch above one
     (a banded layout is laid out per image and band, so its tiles stay in one image)."""

@@ -188,8 +188,13 @@ def _in_memory(workload_lines, record_lines):
     return db
 
 
-def copy_records(source, db):
-    """Every tuning record of database ``source`` (with its workload) into ``db``."""
+def copy_records(source, db, keep=None) -> int:
+    """Every tuning record of database ``source`` (with its workload) into ``db``, or those
+    ``keep(record)`` accepts; returns how many."""
+    copied = 0
     for record in source.get_all_tuning_records():
-        db.commit_workload(record.workload.mod)
-        db.commit_tuning_record(record)
+        if keep is None or keep(record):
+            db.commit_workload(record.workload.mod)
+            db.commit_tuning_record(record)
+            copied += 1
+    return copied

@@ -14,6 +14,7 @@ source checkout: it writes into the package's own folder.
 adds to shipped sets (all, or those named) each sparse kernel's record under its width class
 (``records.add_width_classes``), so the set serves every pruning pattern of the model's shapes, not
 only the pattern it was tuned on: the model is rebuilt from the set's ``tuned_on`` arguments.
+
     python scripts/ship_schedules.py --seed NAME LOG
 
 starts tuning log LOG from set NAME's records of everything but the sparse kernels (whose
@@ -53,14 +54,9 @@ def add_classes(name):
 
 def seed(name, log_dir):
     """Start ``log_dir`` from set ``name``'s records of every workload that is not a sparse kernel."""
-    from fscnn_tvm.tuning_log import open_database
-    db = open_database(log_dir, write=True)
-    kept = 0
-    for record in open_database(str(records.SHIPPED / name)).get_all_tuning_records():
-        if "w_perm" not in {p.name for p in record.workload.mod["main"].params}:
-            db.commit_workload(record.workload.mod)
-            db.commit_tuning_record(record)
-            kept += 1
+    from fscnn_tvm.tuning_log import copy_records, open_database
+    kept = copy_records(open_database(str(records.SHIPPED / name)), open_database(log_dir, write=True),
+                        keep=lambda record: "w_perm" not in {p.name for p in record.workload.mod["main"].params})
     print(f"{log_dir}: {kept} records of {name}'s dense ops")
 
 
