@@ -72,6 +72,14 @@ class DepthwiseSpec:
         return (g.phases, self.padded_height + g.phase_height - g.out_height,
                 self.padded_width + g.phase_width - g.out_width)
 
+    @property
+    def rows_shape(self):
+        """(row phases, rows, columns) of one channel's padded input rows, split by row phase
+        only: what the column phases are picked from at the stride."""
+        g = self.geo
+        phases, rows, width = self.phase_shape
+        return (g.stride[0], rows, width * g.stride[1])
+
 
 def register_tile(out_height: int, out_width: int, lanes: int, registers: int, taps: int) -> tuple[int, int]:
     """(vectors, rows): accumulators fill what the registers leave after the taps' weights
@@ -85,6 +93,13 @@ def register_tile(out_height: int, out_width: int, lanes: int, registers: int, t
     return vectors, rows
 
 
+def row_lanes(out_width: int, lanes: int) -> int:
+    """Lanes of the vectors along an output row: the machine's, or half as many where that
+    computes fewer padding columns (a 7-column row in one 8-lane vector, not in 16 lanes).
+    Never narrower: quarter vectors lost more in instructions than they saved in padding."""
+    return min((lanes, max(1, lanes // 2)), key=lambda v: (-(-out_width // v) * v, -v))
+
+
 def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
                         dilation=1) -> DepthwiseSpec:
     if activation not in ACTIVATIONS:
@@ -96,7 +111,7 @@ def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, str
                          f"{x_shape[1]} channels (a depthwise conv has groups = input channels)")
     k, _, kh, kw = (int(s) for s in weight_shape)
     geo = ConvGeometry.create(x_shape, (k, x_shape[1] if len(x_shape) == 4 else 1, kh, kw), stride, padding, dilation)
-    lanes = vector_lanes(target)
+    lanes = row_lanes(geo.out_width, vector_lanes(target))
     vectors, rows = register_tile(geo.out_height, geo.out_width, lanes, vector_registers(target), kh * kw)
     return DepthwiseSpec(geo, has_bias, activation, lanes, vectors, rows)
 
@@ -119,12 +134,18 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
     w = te.placeholder((g.out_channels, g.kh * g.kw), "float32", name="w")
     bias = te.placeholder((g.out_channels,), "float32", name="bias") if spec.has_bias else None
 
-    def phased(n, c, q, hh, ww):
-        row, col = hh * sh + q // sw - pt, ww * sw + q % sw - pl
+    def padded(n, c, row, col):
         inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
         return te.if_then_else(inside, x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
 
-    x_phase = te.compute((batch, g.in_channels) + spec.phase_shape, phased, name="x_phase")
+    if sw == 1:
+        x_phase = te.compute((batch, g.in_channels) + spec.phase_shape,
+                             lambda n, c, q, hh, ww: padded(n, c, hh * sh + q - pt, ww - pl), name="x_phase")
+    else:  # padded rows first, so that the column phases are picked from them without conditions
+        x_rows = te.compute((batch, g.in_channels) + spec.rows_shape,
+                            lambda n, c, qr, hh, col: padded(n, c, hh * sh + qr - pt, col - pl), name="x_rows")
+        x_phase = te.compute((batch, g.in_channels) + spec.phase_shape,
+                             lambda n, c, q, hh, ww: x_rows[n, c, q // sw, hh, ww * sw + q % sw], name="x_phase")
     r, s = te.reduce_axis((0, g.kh), name="r"), te.reduce_axis((0, g.kw), name="s")
     acc = te.compute(
         (batch, g.out_channels, spec.padded_height, spec.padded_width),
@@ -170,11 +191,27 @@ def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=Fixe
     sch.unroll(o_oh)
     if spec.geo.out_width % spec.lanes == 0:  # (a ragged row would need a predicated tail)
         sch.vectorize(sch.split(o_ow, [None, spec.lanes])[1])
-    if max(spec.geo.stride) > 1:
-        # A strided copy is a gather LLVM leaves scalar (half the layer's time at stride 2);
-        # a unit-stride copy it vectorises better on its own.
-        sch.vectorize(sch.split(sch.get_loops(x_phase)[-1], [None, spec.lanes])[1])
+    if spec.geo.stride[1] > 1:
+        # The padded rows are a unit-stride copy, which LLVM vectorises on its own; the column
+        # phases are picked from them in whole vectors (strided loads ``pipeline`` turns into
+        # contiguous loads and shuffles).
+        x_rows = sch.get_sblock("x_rows")
+        sch.compute_at(x_rows, par, preserve_unit_loops=True)
+        _split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
+        columns = sch.get_loops(x_phase)[-1]
+        whole = _split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
+        if sch.get(whole).extent >= spec.lanes:  # whole vectors, then a scalar tail
+            sch.vectorize(sch.split(whole, [None, spec.lanes])[1])
     return sch
+
+
+def _split_at(sch: tvm.s_tir.Schedule, loop, points: list[int]) -> list:
+    """``loop`` as consecutive loops split at ``points`` (those inside its range)."""
+    extent = int(sch.get(loop).extent)
+    bounds = sorted({p for p in points if 0 < p < extent})
+    if not bounds:
+        return [loop]
+    return sch.loop_partition(loop, [b - a for a, b in zip([0] + bounds, bounds)] + [None])
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec) -> tvm.s_tir.Schedule:

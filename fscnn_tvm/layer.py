@@ -18,6 +18,7 @@ import tvm
 from . import formats as F
 from . import dense, depthwise, kernels
 from .ops import kernel_inputs
+from .pipeline import PIPELINE
 from .records import best_schedule
 from .target import resolve_target
 
@@ -29,7 +30,7 @@ def _compiled(spec, target_json: str):
 
 
 def _build(sch, target):
-    return tvm.compile(tvm.IRModule({"main": kernels.lower(sch)}), target=target).jit()["main"]
+    return tvm.compile(tvm.IRModule({"main": kernels.lower(sch)}), target=target, tir_pipeline=PIPELINE).jit()["main"]
 
 
 class KernelLayer:

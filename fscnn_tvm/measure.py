@@ -22,6 +22,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import _threads
 from .lowering import lower_sparse
+from .pipeline import PIPELINE
 
 # Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
 # stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
@@ -32,11 +33,10 @@ USES = 32  # builds per builder worker before it is replaced
 def build_module(mod, target, _params):
     """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start);
     a sparse kernel is lowered as ``compile`` will run it."""
-    from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
     mod = tvm.IRModule({gv: lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
                         for gv, f in mod.functions.items()})
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=PIPELINE)
 
 
 def args_key(args_info) -> str:

@@ -14,6 +14,7 @@ from tvm import relax
 from tvm.relax import vm_build
 
 from . import _threads
+from .pipeline import PIPELINE
 from .target import on_host
 
 
@@ -27,7 +28,7 @@ def parts(tir_mod, count: int) -> list[tvm.IRModule]:
 
 def _build_part(part: tvm.IRModule, target, context) -> tvm.runtime.Module:
     with context, target:  # (both are per thread: the worker enters the caller's)
-        lib = tvm.tirx.build(part, target=target)
+        lib = tvm.tirx.build(part, target=target, pipeline=PIPELINE)
     if on_host(target):  # LLVM generates code on the first lookup: here, on this thread
         lib.get_function(next(iter(part.functions)).name_hint)
     return lib

@@ -1,0 +1,59 @@
+"""The TIR pipeline every kernel of ours is built with: TVM's, then a rewrite of a load TVM's
+LLVM code generator leaves slow. Registered under ``PIPELINE`` for ``tvm.tirx.build`` /
+``tvm.compile``; every build site of the package passes it.
+
+A vector load at a constant stride (a depthwise conv's stride-2 input read into its column
+phases) is scalarised by the code generator: one scalar load and insert per lane, ~1 lane a
+cycle. The same lanes come from the few contiguous vectors that span them and one shuffle
+(``vpermt2ps`` on AVX-512): the loads touch exactly the span the strided read reads from its
+first lane to its last, so a load that was in bounds stays in bounds."""
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+PIPELINE = "fscnn"
+MAX_STRIDE = 4  # wider strides need as many loads as lanes they pick: no gain over scalar
+
+
+def shuffle_lanes(stride: int, lanes: int) -> tuple[list[int], list[int]]:
+    """(start of each contiguous load within the span, concatenated lane each output lane
+    takes) for ``lanes`` lanes at ``stride``: loads of ``lanes`` at 0, lanes, ..., and a last
+    one ending at the span's last element."""
+    span = stride * (lanes - 1) + 1
+    count = -(-span // lanes)
+    starts = [j * lanes for j in range(count - 1)] + [span - lanes]
+    picks = []
+    for i in range(lanes):
+        e = stride * i
+        picks.append(e if e < (count - 1) * lanes else (count - 1) * lanes + e - starts[-1])
+    return starts, picks
+
+
+def _contiguous(load):
+    """A strided vector load as contiguous loads and a shuffle (other loads unchanged)."""
+    index = load.indices[-1] if len(load.indices) else None
+    if not isinstance(index, tirx.Ramp) or not isinstance(index.stride, tirx.IntImm) \
+            or not isinstance(index.lanes, tirx.IntImm) or not isinstance(load.source, tirx.Buffer):
+        return load
+    stride, lanes = int(index.stride.value), int(index.lanes.value)
+    if not 2 <= stride <= MAX_STRIDE or lanes < 2:
+        return load
+    starts, picks = shuffle_lanes(stride, lanes)
+    head = list(load.indices[:-1])
+    parts = [tirx.BufferLoad(load.source, head + [tirx.Ramp(index.base + s, 1, lanes)]) for s in starts]
+    return tirx.Shuffle(parts, picks)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ContiguousStridedLoads")
+def contiguous_strided_loads(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return tvm_ffi.structural_map(mod, (tvm.ir.expr.TensorLoad, _contiguous))
+
+
+def _pipeline():
+    passes, host, device = tirx.get_tir_pipeline("default")
+    return tvm.transform.Sequential([passes, contiguous_strided_loads]), host, device
+
+
+tirx.compilation_pipeline.register_tir_pipeline(PIPELINE, _pipeline)

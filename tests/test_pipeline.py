@@ -1,0 +1,68 @@
+"""The TIR pipeline's rewrite of strided vector loads into contiguous loads and a shuffle."""
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm import tirx
+
+from fscnn_tvm import depthwise, kernels
+from fscnn_tvm.pipeline import PIPELINE, shuffle_lanes
+from fscnn_tvm.target import resolve_target
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(stride=st.integers(2, 4), lanes=st.sampled_from([2, 3, 4, 8, 16, 32]))
+def test_the_shuffle_picks_the_strided_lanes_from_loads_inside_the_span(stride, lanes):
+    span = stride * (lanes - 1) + 1
+    starts, picks = shuffle_lanes(stride, lanes)
+    assert all(0 <= s and s + lanes <= span for s in starts)  # no element outside the strided read
+    concatenated = [s + i for s in starts for i in range(lanes)]
+    assert [concatenated[p] for p in picks] == [stride * i for i in range(lanes)]
+
+
+def strided_copy(n, stride, lanes, offset):
+    """y[i] = x[stride * i + offset], vectorised: a strided vector load per vector of y."""
+    x = tvm.te.placeholder((stride * n + offset,), "float32", name="x")
+    y = tvm.te.compute((n,), lambda i: x[stride * i + offset], name="y")
+    sch = tvm.s_tir.Schedule(tvm.te.create_prim_func([x, y]))
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("y"))[0], [None, lanes])[1])
+    return sch.mod
+
+
+def nodes(mod, kind):
+    found = []
+    tvm_ffi.structural_visit(mod, (kind, lambda node, visitor: found.append(node)))
+    return found
+
+
+@pytest.mark.parametrize("stride,lanes,offset", [(2, 16, 1), (2, 8, 0), (3, 16, 2), (4, 4, 3), (2, 4, 0)])
+def test_strided_loads_build_to_the_same_values_through_shuffles(stride, lanes, offset):
+    n = lanes * 5
+    mod = strided_copy(n, stride, lanes, offset)
+    target = resolve_target(None)
+    lowered = tirx.get_tir_pipeline(PIPELINE)[0](tirx.transform.BindTarget(target.with_host(target))(mod))
+    assert nodes(lowered, tvm.ir.prim.expr.Shuffle)
+    assert not [r for r in nodes(lowered, tvm.ir.prim.expr.Ramp) if int(r.stride) != 1]
+    lib = tvm.tirx.build(mod, target=target, pipeline=PIPELINE)
+    x = np.random.default_rng(stride * lanes).standard_normal(stride * n + offset).astype(np.float32)
+    y = tvm.runtime.empty((n,), "float32")
+    lib(tvm.runtime.tensor(x), y)
+    np.testing.assert_array_equal(y.numpy(), x[offset::stride][:n])
+
+
+@pytest.mark.parametrize("target", [None, {"kind": "llvm", "mcpu": "znver3"}])
+def test_a_stride_2_depthwise_picks_its_column_phases_with_shuffles(target):
+    target = resolve_target(target)
+    spec = depthwise.make_depthwise_spec((1, 8, 40, 40), (8, 1, 3, 3), False, None, target, stride=2, padding=1)
+    mod = tvm.IRModule({"main": kernels.lower(kernels.default_schedule(kernels.prim_func(spec), spec))})
+    lowered = tirx.get_tir_pipeline(PIPELINE)[0](tirx.transform.BindTarget(target.with_host(target))(mod))
+    assert not [r for r in nodes(lowered, tvm.ir.prim.expr.Ramp) if int(r.stride) != 1]
+    assert nodes(lowered, tvm.ir.prim.expr.Shuffle)
+
+
+@pytest.mark.parametrize("width,lanes,expected", [(7, 16, 8), (14, 16, 16), (28, 16, 16), (56, 16, 8),
+                                                  (112, 16, 16), (3, 8, 4), (12, 8, 4), (16, 8, 8)])
+def test_row_lanes_halve_the_vector_only_where_that_pads_less(width, lanes, expected):
+    assert depthwise.row_lanes(width, lanes) == expected
