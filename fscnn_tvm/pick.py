@@ -19,30 +19,28 @@ BUDGET_S = 0.04  # per kernel and round
 ROUNDS = 3
 
 
-def _fastest(run, budget_s) -> float:
-    best, start, runs = float("inf"), time.perf_counter(), 0
-    while runs < 3 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return best * 1e3
-
-
-CLEAR = 2.0  # one kernel this many times faster in the first round: no more rounds
+CLEAR = 2.0  # one kernel this many times faster after a round: no more rounds
 
 
 def _race(first, second) -> tuple[float, float]:
-    """Fastest run of each of two no-argument callables, timed alternately. A first round
-    where one is CLEAR times faster ends the race: no burst of a neighbour lasts through a
-    whole turn of runs, and at 90 % the sparse kernel wins by 2.5-3.5x (three rounds for
-    each of ResNet-50's convs took 13 s of its import)."""
+    """Fastest run (ms) of each of two no-argument callables, run in turn one after the other,
+    so that a neighbour's burst slows both alike instead of the one whose turn it was (timed
+    in blocks of runs, a burst through one block made the import run 11 of MobileNetV2's
+    sparse convs dense). A round that leaves one CLEAR times faster ends the race: at 90 %
+    the sparse kernel wins by 2.5-3.5x (three rounds for each of ResNet-50's convs took 13 s
+    of its import)."""
     best = [float("inf"), float("inf")]
     for _ in range(ROUNDS):
-        best = [min(best[0], _fastest(first, BUDGET_S)), min(best[1], _fastest(second, BUDGET_S))]
+        start, runs = time.perf_counter(), 0
+        while runs < 3 or time.perf_counter() - start < 2 * BUDGET_S:
+            for i, run in enumerate((first, second)):
+                t0 = time.perf_counter()
+                run()
+                best[i] = min(best[i], time.perf_counter() - t0)
+            runs += 1
         if max(best) >= CLEAR * min(best):
             break
-    return best[0], best[1]
+    return best[0] * 1e3, best[1] * 1e3
 
 
 def _input(x_shape):
