@@ -11,6 +11,7 @@ from . import dense, depthwise, ops, schedule
 from .decisions import SampledDecisions
 from .geometry import DYNAMIC
 from .lowering import kernel_func
+from .target import masked_stores
 
 # Kernels of a single structure: (module with prim_func/default_schedule, its schedule function).
 _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
@@ -49,6 +50,7 @@ def tuned_as(spec):
     return dataclasses.replace(spec, residual=False) if getattr(spec, "residual", False) else spec
 
 
-def lower(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
-    """A scheduled kernel as it runs (``lowering.lower_sparse`` passes dense kernels through)."""
-    return kernel_func(sch)
+def lower(sch: tvm.s_tir.Schedule, target=None) -> tvm.tirx.PrimFunc:
+    """A scheduled kernel as it runs on ``target`` (``lowering.lower_sparse`` passes dense
+    kernels through)."""
+    return kernel_func(sch, target is not None and masked_stores(target))

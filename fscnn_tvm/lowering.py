@@ -67,18 +67,19 @@ def _visit(stmt, found):
     return found
 
 
-def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
     """The scheduled kernel as it runs: the epilogue stores table channel k to output channel
     ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
-    its register tile (``w_length``), so a tile of short rows skips the table's padding. Other
-    functions pass through unchanged."""
+    its register tile (``w_length``), so a tile of short rows skips the table's padding. A
+    vector that is part inside the row is stored with a masked store where ``masked_stores``
+    (cheap on AVX-512), else lane by lane. Other functions pass through unchanged."""
     from tvm.s_tir.stmt import SBlock
     tirx = tvm.tirx
     params = {p.name: p for p in func.params}
     if "w_perm" not in params:
         return func
 
-    permuted = []
+    permuted, scratch = [], []
 
     def post(node):
         if isinstance(node, SBlock) and node.name_hint == "out":
@@ -91,7 +92,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             permuted.append(node)
             return _block_with(node, tirx.BufferStore(store.buffer, store.value, index))
         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
-            return split_partial_vector(node)
+            return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params) if int(node.annotations[TILE_BOUND]) else node.extent
@@ -101,14 +102,22 @@ def lower_sparse(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     body = _rebuild(func.body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
+    if scratch:
+        from tvm.s_tir.stmt import SBlock, SBlockRealize
+        root = body.block
+        root = SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, root.body, root.init,
+                      list(root.alloc_buffers) + scratch[:1], root.match_buffers, root.annotations)
+        body = SBlockRealize(body.iter_values, body.predicate, root)
     return func.with_body(body)
 
 
-def split_partial_vector(loop):
+def split_partial_vector(loop, scratch: list | None = None):
     """A vectorised loop over one predicated block (a register tile's store past the row's end)
-    as ``if every lane is inside: the store unpredicated, else: lane by lane``. Otherwise LLVM
-    emits a masked store for every vector, and on AVX2 Zen 3 that cost ~30 cycles apiece: a
-    14x14 pointwise conv whose 196-pixel rows pad to 200 ran 2.3x slower than a 192-pixel one.
+    as ``if every lane is inside: the store unpredicated, else: the part inside``. TVM leaves a
+    predicated vector loop scalar (a 14x14 pointwise conv whose 196-pixel rows pad to 200 ran
+    2.3x slower than a 192-pixel one on AVX2 Zen 3). The part inside is stored lane by lane, or,
+    given ``scratch`` (a list that receives the one vector buffer the rewrite needs), as the
+    vector computed whole into it and a masked store of the lanes inside (``masked_store``).
     None (keep the loop) unless the predicate is ``a < b`` with ``a`` rising by a constant
     step per lane and ``b`` free of the lane."""
     from tvm.s_tir.stmt import SBlockRealize
@@ -128,10 +137,53 @@ def split_partial_vector(loop):
         return None
     whole = _for_with(loop, body=SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block))
     lanes = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.SERIAL, realize)
+    if scratch is not None:
+        lanes = masked_store(loop, at(a, loop.min), step, b, scratch) or lanes
     inside = tvm.sym.Analyzer().simplify(at(a, loop.min + loop.extent - 1) < b)
     if isinstance(inside, tirx.IntImm):  # (a row of fewer pixels than a vector: never whole)
         return whole if inside.value else lanes
     return tirx.IfThenElse(inside, whole, lanes)
+
+
+def masked_store(loop, first, step, bound, scratch: list):
+    """The vectorised loop's block (one store, lanes contiguous in the buffer) as: the whole
+    vector into a scratch vector, then ``llvm.masked.store`` of the lanes whose ``first + step *
+    lane < bound``. None where the store does not have that form."""
+    import tvm_ffi
+    tirx = tvm.tirx
+    realize, lane, count = loop.body, loop.loop_var, int(loop.extent)
+    block, store = realize.block, realize.block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(loop.extent, tirx.IntImm):
+        return None
+    bound_to = {v.var: value for v, value in zip(block.iter_vars, realize.iter_values)}
+
+    def bind(expr, lane_value=None):
+        expr = tvm_ffi.structural_map(expr, (tirx.Var, lambda v: bound_to.get(v, v)))
+        if lane_value is None:
+            return expr
+        analyzer = tvm.sym.Analyzer()
+        analyzer.bind(lane, lane_value)
+        return analyzer.simplify(expr)
+    index = [bind(i) for i in store.indices]
+    starts = [bind(i, loop.min) for i in store.indices]
+    moved = [tvm.sym.Analyzer().simplify(bind(i, loop.min + 1) - s) for i, s in zip(store.indices, starts)]
+    if not all(isinstance(m, tirx.IntImm) and m.value == (1 if k == len(moved) - 1 else 0) for k, m in enumerate(moved)) \
+            or any(any(v.same_as(lane) for v in tirx.analysis.undefined_vars(i)) for i in index[:-1]):
+        return None  # (not one contiguous run of the buffer)
+    if not scratch:
+        scratch.append(tirx.decl_buffer((count,), store.buffer.dtype, "store_vector", scope="local"))
+    vector = scratch[0]
+    if int(vector.shape[0]) != count or vector.dtype != store.buffer.dtype:
+        return None
+    fill = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.VECTORIZED,
+                    tirx.BufferStore(vector, bind(store.value), [lane - loop.min]))
+    mask = tirx.Ramp(first, step, count) < tirx.Broadcast(bound, count)
+    args = [tirx.BufferLoad(vector, [tirx.Ramp(0, 1, count)]),
+            tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(store.buffer, starts))]
+    if tvm.target.codegen.llvm_version_major() < 22:  # (the alignment operand LLVM 22 dropped)
+        args.append(tirx.const(tvm.DataType(str(store.buffer.dtype)).bits // 8, "int32"))
+    call = tirx.call_llvm_intrin("void", "llvm.masked.store", *args, mask)
+    return tirx.SeqStmt([fill, tirx.Evaluate(call)])
 
 
 def _tile_bound(loop, params):
@@ -167,6 +219,6 @@ def _tile_bound(loop, params):
     return tvm.tirx.floordiv(longest + per_iteration - 1, per_iteration) if per_iteration > 1 else longest
 
 
-def kernel_func(sch: tvm.s_tir.Schedule) -> tvm.tirx.PrimFunc:
+def kernel_func(sch: tvm.s_tir.Schedule, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
     """A scheduled sparse kernel, lowered to what runs."""
-    return lower_sparse(sch.mod["main"])
+    return lower_sparse(sch.mod["main"], masked_stores)

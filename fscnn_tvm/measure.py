@@ -23,6 +23,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from . import _threads
 from .lowering import lower_sparse
 from .pipeline import PIPELINE
+from .target import masked_stores
 
 # Each repeat runs at least 10 ms (tiny kernels loop), a slow candidate only once per repeat: a
 # stable median on a noisy 2-core machine without minutes per candidate on 224x224 layers.
@@ -34,7 +35,8 @@ def build_module(mod, target, _params):
     """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start);
     a sparse kernel is lowered as ``compile`` will run it."""
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    mod = tvm.IRModule({gv: lower_sparse(f) if isinstance(f, tvm.tirx.PrimFunc) else f
+    masked = masked_stores(tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target)
+    mod = tvm.IRModule({gv: lower_sparse(f, masked) if isinstance(f, tvm.tirx.PrimFunc) else f
                         for gv, f in mod.functions.items()})
     return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=PIPELINE)
 

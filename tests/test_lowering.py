@@ -70,3 +70,50 @@ def test_a_loop_whose_predicate_is_not_a_lane_range_is_kept():
     for predicate in (i * i < 5, tvm.tirx.const(5, "int32") > i, i < i + 1):
         loop = tvm.tirx.For(i, 0, 8, tvm.tirx.ForKind.VECTORIZED, SBlockRealize([], predicate, block))
         assert lowering.split_partial_vector(loop) is None
+
+
+@pytest.mark.parametrize("hw", [14, 3, 7, 9])
+def test_the_part_of_a_vector_inside_the_row_is_one_masked_store_where_those_are_cheap(hw):
+    """With masked stores (AVX-512), a vector that ends past the row is computed whole into a
+    scratch vector and its lanes inside stored by ``llvm.masked.store``: no lane-by-lane stores
+    left, and the same output."""
+    import tvm_ffi
+    from fscnn_tvm.pipeline import PIPELINE
+    layer, x, ref = _pointwise(np.random.default_rng(hw), hw)
+    func = schedule.schedule_sparse(ops.prim_func(layer.spec), layer.spec).mod["main"]
+    lowered = lowering.lower_sparse(func, masked_stores=True)
+    calls = []
+    tvm_ffi.structural_visit(lowered, (tvm.ir.expr.Call, lambda c, _: calls.append(c)))
+    assert any("llvm_intrin" in str(c.op) for c in calls) and "T.where" not in lowered.script()
+    run = tvm.compile(tvm.IRModule({"main": lowered}), target=fscnn_tvm.resolve_target(None),
+                      tir_pipeline=PIPELINE).jit()["main"]
+    out = tvm.runtime.empty(layer.spec.out_shape, "float32")
+    run(tvm.runtime.tensor(x.reshape(layer.spec.x_shape)), *[tvm.runtime.tensor(a) for a in layer.arrays], out)
+    np.testing.assert_allclose(out.numpy().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+def _masked_copy(columns):
+    """y[0, 0, j] = 2 x[j] in vectors of 16 lanes, the lanes past the row's end predicated off,
+    as in an epilogue."""
+    x = tvm.te.placeholder((48,), "float32", name="x")
+    w_perm = tvm.te.placeholder((1,), "int32", name="w_perm")
+    y = tvm.te.compute((1, 1, columns), lambda n, k, j: x[j] * 2.0, name="out")
+    sch = tvm.s_tir.Schedule(tvm.te.create_prim_func([x, w_perm, y]))
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("out"))[-1], [None, 16])[1])
+    return sch.mod["main"]
+
+
+@pytest.mark.parametrize("columns", [5, 29, 41, 1, 32])
+def test_a_masked_store_writes_the_lanes_inside_and_nothing_past_them(columns):
+    """A partial vector's lanes by a masked store: the row right, and the memory after the
+    row's end (here: after the buffer's) untouched."""
+    from fscnn_tvm.pipeline import PIPELINE
+    func = lowering.lower_sparse(_masked_copy(columns), masked_stores=True)
+    assert ("llvm_intrin" in func.script()) == (columns % 16 != 0)
+    run = tvm.compile(tvm.IRModule({"main": func}), target=fscnn_tvm.resolve_target(None), tir_pipeline=PIPELINE)
+    xs = np.arange(1, 49, dtype=np.float32)
+    memory = tvm.runtime.tensor(np.full((1, 64), -1.0, np.float32))
+    run["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(np.zeros(1, np.int32)), memory._create_view((1, 1, columns)))
+    expected = np.full((1, 64), -1.0, np.float32)
+    expected[0, :columns] = 2 * xs[:columns]
+    np.testing.assert_array_equal(memory.numpy(), expected)
