@@ -116,3 +116,9 @@ def test_sampled_schedules_match_pytorch(seed, stride):
     tensors = [tvm.runtime.tensor(a) for a in [x, *arrays, np.zeros(spec.out_shape, np.float32)]]
     layer._build(sch, target)(*tensors)
     assert_matches(tensors[-1].numpy(), torch_depthwise(x, weight, bias, stride, 1, 1, "relu"))
+
+
+@pytest.mark.parametrize("width,lanes,expected", [(7, 16, 8), (14, 16, 16), (28, 16, 16), (56, 16, 8),
+                                                  (112, 16, 16), (3, 8, 8), (28, 8, 8), (3, 16, 8), (3, 4, 4)])
+def test_row_lanes_halve_the_vector_only_where_that_pads_less_and_stay_256_bits(width, lanes, expected):
+    assert depthwise.row_lanes(width, lanes) == expected

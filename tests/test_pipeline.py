@@ -60,9 +60,3 @@ def test_a_stride_2_depthwise_picks_its_column_phases_with_shuffles(target):
     lowered = tirx.get_tir_pipeline(PIPELINE)[0](tirx.transform.BindTarget(target.with_host(target))(mod))
     assert not [r for r in nodes(lowered, tvm.ir.prim.expr.Ramp) if int(r.stride) != 1]
     assert nodes(lowered, tvm.ir.prim.expr.Shuffle)
-
-
-@pytest.mark.parametrize("width,lanes,expected", [(7, 16, 8), (14, 16, 16), (28, 16, 16), (56, 16, 8),
-                                                  (112, 16, 16), (3, 8, 4), (12, 8, 4), (16, 8, 8)])
-def test_row_lanes_halve_the_vector_only_where_that_pads_less(width, lanes, expected):
-    assert depthwise.row_lanes(width, lanes) == expected
