@@ -190,14 +190,21 @@ def segment_function(bb, name: str, traced, seg: Segment, layers, emit):
         with bb.dataflow():
             remap = dict(zip(inputs, params))
             emit(bindings, seg.start, seg.end + 1, chains, absorbed, remap)
-            out = bb.emit_output(remap[bindings[seg.end].var])
+            out = remap[bindings[seg.end].var]
+            # The output as the last kernel wrote it: a reshape returned from a function is a
+            # copy (TVM makes only reshapes inside the dataflow views); ``call_in_chunks``
+            # reshapes the concatenated batch instead.
+            bound = bb.lookup_binding(out)
+            if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.reshape":
+                out = bound.args[0]
+            out = bb.emit_output(out)
         return bb.emit_func_output(out)
 
 
-def call_in_chunks(bb, func, inputs: list, chunk: int):
+def call_in_chunks(bb, func, inputs: list, chunk: int, image_shape=None):
     """``func`` on the batch: one call per chunk of images, each on views of its inputs (the
     images of a chunk are one contiguous block of an NCHW tensor: no copy), the outputs
-    concatenated."""
+    concatenated, then viewed as ``image_shape`` per image (None: as ``func`` returns them)."""
     from tvm import relax
     batch = int(inputs[0].ty.shape[0])
 
@@ -207,4 +214,7 @@ def call_in_chunks(bb, func, inputs: list, chunk: int):
         return bb.emit(relax.op.memory.ensure_zero_offset(
             relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes)))
     pieces = [bb.emit(relax.Call(func, [view(x, i) for x in inputs])) for i in range(0, batch, chunk)]
-    return bb.emit(relax.op.concat(pieces, axis=0))
+    out = bb.emit(relax.op.concat(pieces, axis=0))
+    if image_shape is None or [int(d) for d in list(out.ty.shape)[1:]] == [int(d) for d in image_shape]:
+        return out
+    return bb.emit(relax.op.reshape(out, [batch] + [int(d) for d in image_shape]))

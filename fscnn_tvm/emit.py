@@ -92,15 +92,28 @@ def emit_kernel(bb, chain, spec, weights, prefix, funcs: dict, kernels_: dict, l
         stride = [int(s) for s in chain.head.attrs.strides]
         x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=stride))
         x_shape = kernel_view(chain)[0]
-    x = x if spec.x_shape[1:] == x_shape[1:] else bb.emit(relax.op.reshape(x, shape(spec.x_shape)))
+    x = x if spec.x_shape[1:] == x_shape[1:] else reshaped(bb, x, shape(spec.x_shape))
     residual = []
     if chain.residual is not None:  # viewed as the kernel's output (a flattened image, tasks' rows)
         same = spec.out_shape == spec.layer_out_shape
-        residual = [chain.residual if same else bb.emit(relax.op.reshape(chain.residual, shape(spec.out_shape)))]
+        residual = [chain.residual if same else reshaped(bb, chain.residual, shape(spec.out_shape))]
     out = bb.emit(relax.call_tir(funcs[spec], [x] + [relax.const(a) for a in weights] + residual,
                                  relax.TensorType(shape(spec.out_shape), "float32")))
-    return out if spec.out_shape == spec.layer_out_shape else \
-        bb.emit(relax.op.reshape(out, shape(spec.layer_out_shape)))
+    return out if spec.out_shape == spec.layer_out_shape else reshaped(bb, out, shape(spec.layer_out_shape))
+
+
+def reshaped(bb, x, new_shape):
+    """``x`` reshaped to ``new_shape``, from what a reshape of it was reshaped from: a layer's
+    output viewed back as NCHW and then as the next kernel's view is one reshape of the first
+    kernel's output, not two (TVM fuses a chain of two into a function it then runs as a copy
+    instead of a view), and none where the shapes agree."""
+    from tvm import relax
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.reshape":
+        x = bound.args[0]
+    if [str(d) for d in x.ty.shape] == [str(d) for d in new_shape]:
+        return x
+    return bb.emit(relax.op.reshape(x, new_shape))
 
 
 def static_shape(expr) -> tuple:

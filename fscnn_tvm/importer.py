@@ -146,7 +146,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             for seg, func in zip(segments, functions):
                 emit(bindings, done, seg.start, chains, absorbed, remap)
                 inputs = params if seg.start == 0 else [remap[bindings[seg.start - 1].var]]
-                remap[bindings[seg.end].var] = chunks.call_in_chunks(bb, func, inputs, seg.chunk)
+                remap[bindings[seg.end].var] = chunks.call_in_chunks(bb, func, inputs, seg.chunk,
+                                                                     list(bindings[seg.end].var.ty.shape)[1:])
                 done = seg.end + 1
             emit(bindings, done, len(bindings), chains, absorbed, remap)
             out = bb.emit_output(_substitute(main.body.body, remap))

@@ -193,3 +193,38 @@ def test_the_kernels_built_ahead_are_the_ones_the_sparse_dense_choice_races(monk
         return weight.tobytes(), tuple(x_shape), activation, fmt, block, str(conv_args)
     assert sorted(map(key, built)) == sorted(map(key, raced))
     assert {c[1][0] for c in raced} == {r.x_shape[0] for r in imported.report} and min(c[1][0] for c in raced) < 6
+
+
+def _reshapes(func):
+    """(reshape bindings whose input is itself a reshape's result, whether the function returns
+    a reshape's result) of a Relax function."""
+    from tvm import relax
+    bound = {b.var: b.value for blk in func.body.blocks for b in blk.bindings}
+
+    def is_reshape(var):
+        value = bound.get(var)
+        return isinstance(value, relax.Call) and getattr(value.op, "name", None) == "relax.reshape"
+    chained = [v for v, value in bound.items() if is_reshape(v) and is_reshape(value.args[0])]
+    result = func.body.body
+    return chained, is_reshape(bound.get(result, result)) if isinstance(result, relax.Var) else False
+
+
+def test_kernel_views_are_one_reshape_and_chunks_return_what_their_last_kernel_wrote():
+    """Pointwise kernels view their input as a flat image: the layer between two of them is one
+    reshape of the first kernel's output (two chained reshapes fuse into a copy), and a chunk
+    returns its last kernel's output as written (a reshape returned from a function is a copy
+    too); main views the concatenated batch as the model's shape."""
+    from tvm import relax
+    torch.manual_seed(2)
+    model = _pruned(torch.nn.Sequential(  # 28x28 maps: pointwise kernels view them as one 784-pixel row
+        torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 256, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(256, 256, 1), torch.nn.ReLU(), torch.nn.Conv2d(256, 64, 1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+    imported = _import_and_check(model, torch.randn(6, 3, 28, 28))
+    chunk_functions = [gv for gv in imported.mod.functions if gv.name_hint.startswith("chunk")]
+    assert chunk_functions
+    for gv, func in imported.mod.functions.items():
+        if isinstance(func, relax.Function):
+            chained, returns_reshape = _reshapes(func)
+            assert not chained, gv.name_hint
+            assert not (returns_reshape and gv in chunk_functions), gv.name_hint
