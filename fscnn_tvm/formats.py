@@ -116,6 +116,30 @@ class Ell:
         return starts
 
 
+def chunk_major(ell: Ell, starts: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, cols, span) of ``ell``'s table with its slots reordered for a kernel that runs a
+    group of ``group`` rows on one chunk of columns, then on the next: for each group of rows,
+    for each chunk, each row's slots on that chunk (``starts``: ``chunk_starts``), one after the
+    other from the table's first slot on, so a task reads its weights in one stream instead of a
+    short run from every row. ``span[c, kb]`` is [first, end) of row kb's slots on chunk c, as
+    positions in the table read row-major (the table keeps its shape; its padding follows)."""
+    n_kb, width = ell.data.shape[:2]
+    chunks = starts.shape[1] - 1
+    data, cols = np.zeros_like(ell.data), np.zeros_like(ell.cols)
+    flat_data, flat_cols = data.reshape(n_kb * width, -1), cols.reshape(n_kb * width, -1)
+    span = np.zeros((chunks, n_kb, 2), INDEX_DTYPE)
+    position = 0
+    for first in range(0, n_kb, group):
+        for c in range(chunks):
+            for kb in range(first, min(first + group, n_kb)):
+                lo, hi = int(starts[kb, c]), int(starts[kb, c + 1])
+                flat_data[position:position + hi - lo] = ell.data[kb, lo:hi].reshape(hi - lo, flat_data.shape[1])
+                flat_cols[position:position + hi - lo] = ell.cols[kb, lo:hi].reshape(hi - lo, flat_cols.shape[1])
+                span[c, kb] = position, position + hi - lo
+                position += hi - lo
+    return data, cols, span
+
+
 def _row_order(lengths: np.ndarray, full_rows: int) -> np.ndarray:
     """Block rows by length, groups of SORT_GROUP dealt heaviest, lightest, next heaviest...;
     rows from ``full_rows`` on (a partial last block) stay at the end."""

@@ -189,17 +189,17 @@ def masked_store(loop, first, step, bound, scratch: list):
 def _tile_bound(loop, params):
     """ceil(longest row of the tile / slots per iteration of ``loop``): the update block's
     block-row binding evaluated at every value of the loops inside ``loop`` it depends on. A
-    chunked kernel's rows are their slots on the chunk ``loop`` runs (``w_start``)."""
+    chunked kernel's rows are their slots on the chunk ``loop`` runs (``w_span``)."""
     from tvm.s_tir.stmt import SBlockRealize
     nodes = _visit(loop.body, [])
     update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
     kb_binding = update.iter_values[1]
-    if "w_start" in params:
+    if "w_span" in params:
         chunk, width = update.iter_values[5], int(update.block.iter_vars[6].dom.extent)
-        w_start = params["w_start"]
+        w_span = params["w_span"]
 
         def length(kb):
-            return w_start[kb, chunk + 1] - w_start[kb, chunk]
+            return w_span[chunk, kb, 1] - w_span[chunk, kb, 0]
     else:
         width = int(update.block.iter_vars[5].dom.extent)
 

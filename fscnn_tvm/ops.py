@@ -29,7 +29,7 @@ from tvm import te
 from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
 from .target import caches, vector_lanes, vector_registers
-from .tiles import band_rows_for, choose_lanes, chunking, flattens
+from .tiles import band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -101,25 +101,27 @@ def batched_linear_compute(x_t, w_data, w_offset):
                                          axis=[red_w, red_i]), name="acc")
 
 
-def chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, out_hw, row_stride, chunk_width, band_rows=None):
+def chunked_accumulate_compute(x_flat, w_data, w_offset, w_span, out_hw, row_stride, chunk_width, band_rows=None):
     """``sparse_accumulate_compute`` with the reduction in chunks of input channels: row kb's
-    nonzeros on chunk c's channels are its slots ``w_start[kb, c] .. w_start[kb, c + 1]`` (a
-    row's slots are in column order), so a schedule can run every row on one chunk (whose input
-    fits the L1d) before the next. The guard keeps slots past the chunk's end out; the nonzero
-    loop is bounded at the chunk's end by ``lower_sparse``, which makes the guard always true."""
+    nonzeros on chunk c's channels are the table's slots ``w_span[c, kb, 0] .. w_span[c, kb, 1]``
+    counted row-major over the whole table (``formats.chunk_major``: a task's rows' slots of one
+    chunk follow each other), so a schedule can run every row on one chunk (whose input fits the
+    L1d) before the next. The guard keeps slots past the chunk's end out; the nonzero loop is
+    bounded at the chunk's end by ``lower_sparse``, which makes the guard always true."""
     n_b = x_flat.shape[0]
-    n_kb, _, bo, _ = w_data.shape
-    red_c = te.reduce_axis((0, w_start.shape[1] - 1), name="c")
+    n_kb, width, bo, _ = w_data.shape
+    red_c = te.reduce_axis((0, w_span.shape[0]), name="c")
     red_w = te.reduce_axis((0, chunk_width), name="w")
 
     def term(n, kb, io, oh, ow):
-        start = w_start[kb, red_c]
+        start = w_span[red_c, kb, 0]
         slot = start + red_w
-        offset = w_offset[kb, slot, 0].astype("int32")
+        row, col = slot // width, slot % width
+        offset = w_offset[row, col, 0].astype("int32")
         window = x_flat[n, offset + oh * row_stride + ow] if band_rows is None else \
             x_flat[n, oh // band_rows, offset + oh % band_rows * row_stride + ow]
-        value = w_data[kb, slot, io, 0] * window
-        return te.if_then_else(red_w < w_start[kb, red_c + 1] - start, value, tvm.tirx.const(0.0, "float32"))
+        value = w_data[row, col, io, 0] * window
+        return te.if_then_else(red_w < w_span[red_c, kb, 1] - start, value, tvm.tirx.const(0.0, "float32"))
 
     return te.compute((n_b, n_kb, bo, out_hw[0], out_hw[1]),
                       lambda n, kb, io, oh, ow: te.sum(term(n, kb, io, oh, ow), axis=[red_c, red_w]), name="acc")
@@ -246,7 +248,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     w_offset = te.placeholder((n_kb, width, bi), spec.offset_dtype, name="w_offset")
     w_length = te.placeholder((n_kb,), "int32", name="w_length")
     w_perm = te.placeholder((spec.out_features,), "int32", name="w_perm")
-    w_start = te.placeholder((n_kb, spec.geo.in_channels // spec.chunk_channels + 1), "int32", name="w_start") \
+    w_span = te.placeholder((spec.geo.in_channels // spec.chunk_channels, n_kb, 2), "int32", name="w_span") \
         if spec.chunk_channels else None
     bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
     batch = batch_extent(spec.batch)
@@ -255,8 +257,8 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
         x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
         layout = spec.layout
         x_flat = x if spec.in_place else conv2d_layout_compute(x, layout, spec.tail)
-        if w_start is not None:
-            acc = chunked_accumulate_compute(x_flat, w_data, w_offset, w_start, (geo.out_height, spec.padded_width),
+        if w_span is not None:
+            acc = chunked_accumulate_compute(x_flat, w_data, w_offset, w_span, (geo.out_height, spec.padded_width),
                                              layout.width, spec.chunk_width, spec.band_rows)
         else:
             acc = sparse_accumulate_compute(x_flat, w_data, w_offset, (geo.out_height, spec.padded_width),
@@ -271,7 +273,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     residual = te.placeholder(with_batch(spec.out_shape, batch), "float32", name="residual") \
         if spec.residual else None
     out = epilogue_compute(acc, with_batch(spec.out_shape, batch), bias, spec.activation, residual, w_perm)
-    return [x, w_data, w_offset, w_length, w_perm] + [t for t in (w_start, bias, residual) if t is not None] + [out]
+    return [x, w_data, w_offset, w_length, w_perm] + [t for t in (w_span, bias, residual) if t is not None] + [out]
 
 
 # ----------------------------------------------------------------------------- a layer's spec and arrays
@@ -316,15 +318,18 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     ell = sparse.ell(ELL_WIDTH_MULTIPLE)
     spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                      **conv_args)
-    offsets = (spec.layout.offsets(ell.cols) if kind == "conv2d" else ell.cols).astype(spec.offset_dtype)
-    starts = []
+    data, cols, spans = ell.data, ell.cols, []
     chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     if chunk:
         bounds = ell.chunk_starts(chunk * spec.geo.kh * spec.geo.kw, spec.geo.in_channels // chunk)
         width = F.round_up(max(1, int(np.diff(bounds, axis=1).max())), ELL_WIDTH_MULTIPLE)
         spec = dataclasses.replace(spec, chunk_channels=chunk, chunk_width=width)
-        starts = [bounds]
-    return spec, [ell.data, offsets, ell.lengths, ell.perm] + starts + ([bias[ell.perm]] if bias is not None else [])
+        # A banded task runs every row on a chunk; the others a group of rows.
+        group = spec.ell_shape[0] if spec.band_rows else chunk_task_channels(spec)
+        data, cols, span = F.chunk_major(ell, bounds, group)
+        spans = [span]
+    offsets = (spec.layout.offsets(cols) if kind == "conv2d" else cols).astype(spec.offset_dtype)
+    return spec, [data, offsets, ell.lengths, ell.perm] + spans + ([bias[ell.perm]] if bias is not None else [])
 
 
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:

@@ -274,6 +274,30 @@ def test_ell_chunk_starts_bound_each_rows_nonzeros_of_a_chunk(per_chunk, chunks)
             assert list(cols) == [e for e in expected if c * per_chunk <= e < (c + 1) * per_chunk]
 
 
+@pytest.mark.parametrize("per_chunk,chunks,group", [(9, 4, 4), (18, 2, 13), (36, 1, 1), (3, 12, 5)])
+def test_chunk_major_tables_hold_each_rows_chunk_in_one_span_in_task_order(per_chunk, chunks, group):
+    """Span [c, kb] of the reordered table, read row-major, holds exactly row kb's slots on
+    chunk c (values and columns); the spans tile the table's first slots in the order a task
+    of ``group`` rows reads them: group, then chunk, then row."""
+    from fscnn_tvm.formats import chunk_major
+    w = random_weight((13, 4, 3, 3), 0.7, seed=per_chunk + group)
+    w[5] = 0.0
+    ell = to_csr(w).ell(4)
+    starts = ell.chunk_starts(per_chunk, chunks)
+    data, cols, span = chunk_major(ell, starts, group)
+    assert data.shape == ell.data.shape and cols.shape == ell.cols.shape and span.shape == (chunks, 13, 2)
+    flat_data, flat_cols = data.reshape(-1), cols.reshape(-1)
+    order = [(c, kb) for first in range(0, 13, group) for c in range(chunks) for kb in range(first, min(first + group, 13))]
+    position = 0
+    for c, kb in order:
+        lo, hi = span[c, kb]
+        assert lo == position
+        np.testing.assert_array_equal(flat_data[lo:hi], ell.data[kb, starts[kb, c]:starts[kb, c + 1], 0, 0])
+        np.testing.assert_array_equal(flat_cols[lo:hi], ell.cols[kb, starts[kb, c]:starts[kb, c + 1], 0])
+        position = hi
+    assert position == ell.lengths.sum() and not flat_data[position:].any()
+
+
 def test_ell_chunk_starts_of_a_blocked_table_is_an_error():
     with pytest.raises(ValueError, match="CSR"):
         to_bsr(random_weight((8, 8)), (4, 1)).ell().chunk_starts(4, 2)

@@ -74,7 +74,7 @@ def test_chunked_default_schedule_bounds_each_chunk_exactly(rng):
                                     target, padding=1)
     assert schedule.variants(spec) == schedule.CHUNKED and spec.chunk_channels == 2
     lowered = kernel_func(schedule.default_schedule(ops.prim_func(spec), spec)).script()
-    assert "range(w_start[" in lowered and "w_perm[" in lowered and TILE_BOUND not in lowered
+    assert "range(w_span[" in lowered and "w_perm[" in lowered and TILE_BOUND not in lowered
 
 
 def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
