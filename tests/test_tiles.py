@@ -87,9 +87,9 @@ def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_sh
         geo, rows = spec.geo, spec.band_rows or tiles.chunk_tile(spec)[0]
         assert spec.l1_bytes == ZEN3.l1d and geo.in_channels % spec.chunk_channels == 0
         assert spec.chunk_channels * geo.phases * geo.band_height(rows) * spec.layout.width * 4 <= ZEN3.l1d
-        starts = layer.arrays[4]
-        assert starts.shape == (spec.ell_shape[0], geo.in_channels // spec.chunk_channels + 1)
-        assert spec.chunk_width >= np.diff(starts, axis=1).max()
+        span = layer.arrays[4]  # [chunk, row]: the row's slots on the chunk, [first, end)
+        assert span.shape == (geo.in_channels // spec.chunk_channels, spec.ell_shape[0], 2)
+        assert spec.chunk_width >= np.diff(span, axis=2).max()
     x = rng.standard_normal(x_shape).astype(np.float32)
     assert_matches(layer(x), torch_conv(x, w, activation="relu", **conv))
 
