@@ -1,7 +1,9 @@
 """The TIR rewrite applied to every scheduled sparse kernel (``lower_sparse``): what the kernel
 does that TE cannot say. The epilogue stores table channel k to output channel ``w_perm[k]``,
-and each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
-(``w_length``). TVM's Python API has no statement mutator, hence the small rebuild below, which
+each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
+(``w_length``), and a vector that ends past its row is stored whole where it is inside, else by
+one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator, hence the
+small rebuild below, which
 knows every statement kind a scheduled kernel holds and refuses any other: a rewrite that
 silently skipped a node it cannot see into would leave channels unpermuted."""
 from __future__ import annotations
