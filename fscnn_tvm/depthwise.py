@@ -6,10 +6,11 @@ offset load per tap) nor a GEMM-like tile fits it. Each task of the parallel loo
 channel: it lays its input plane out padded and split into stride phases (``x_phase``: a few
 tens of KiB, in L1/L2 while the channel runs; every tap then reads a contiguous run of the row,
 so stride 2 needs no gathers; with column phases, the padded rows are copied first, ``x_rows``,
-and each phase picked from them in whole vectors), then computes a register tile of ``rows`` output rows x
-``vectors`` vectors along the row, taps unrolled: each tap's weight is one broadcast, and rows of
-the tile share the input rows their windows overlap (the same loads). Columns past the row's end
-(a row that is not whole vectors) are computed on zeros and cropped by the epilogue.
+and each phase picked from them in whole vectors), then computes a register tile of ``rows``
+output rows x ``vectors`` vectors along the row, taps unrolled: each tap's weight is one
+broadcast, and rows of the tile share the input rows their windows overlap (the same loads).
+Columns past the row's end (a row that is not whole vectors) are computed on zeros and cropped
+by the epilogue.
 """
 from __future__ import annotations
 

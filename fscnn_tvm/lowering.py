@@ -3,9 +3,8 @@ does that TE cannot say. The epilogue stores table channel k to output channel `
 each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
 (``w_length``), and a vector that ends past its row is stored whole where it is inside, else by
 one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator, hence the
-small rebuild below, which
-knows every statement kind a scheduled kernel holds and refuses any other: a rewrite that
-silently skipped a node it cannot see into would leave channels unpermuted."""
+small rebuild below, which knows every statement kind a scheduled kernel holds and refuses any
+other: a rewrite that silently skipped a node it cannot see into would leave channels unpermuted."""
 from __future__ import annotations
 
 import functools
