@@ -30,7 +30,8 @@ def _compiled(spec, target_json: str):
 
 
 def _build(sch, target):
-    return tvm.compile(tvm.IRModule({"main": kernels.lower(sch, target)}), target=target, tir_pipeline=PIPELINE).jit()["main"]
+    module = tvm.IRModule({"main": kernels.lower(sch, target)})
+    return tvm.compile(module, target=target, tir_pipeline=PIPELINE).jit()["main"]
 
 
 class KernelLayer:

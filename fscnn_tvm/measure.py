@@ -38,7 +38,8 @@ def build_module(mod, target, _params):
     masked = masked_stores(tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target)
     mod = tvm.IRModule({gv: lower_sparse(f, masked) if isinstance(f, tvm.tirx.PrimFunc) else f
                         for gv, f in mod.functions.items()})
-    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=PIPELINE)
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.tirx.build(mod, target=target, pipeline=PIPELINE)
 
 
 def args_key(args_info) -> str:

@@ -287,7 +287,8 @@ def test_chunk_major_tables_hold_each_rows_chunk_in_one_span_in_task_order(per_c
     data, cols, span = chunk_major(ell, starts, group)
     assert data.shape == ell.data.shape and cols.shape == ell.cols.shape and span.shape == (chunks, 13, 2)
     flat_data, flat_cols = data.reshape(-1), cols.reshape(-1)
-    order = [(c, kb) for first in range(0, 13, group) for c in range(chunks) for kb in range(first, min(first + group, 13))]
+    order = [(c, kb) for first in range(0, 13, group) for c in range(chunks)
+             for kb in range(first, min(first + group, 13))]
     position = 0
     for c, kb in order:
         lo, hi = span[c, kb]
