@@ -47,6 +47,13 @@ def _op(value):
     return value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else None
 
 
+def reshape_source(bb, x):
+    """The tensor ``x`` is a reshape of, when ``bb`` bound ``x`` to a reshape; else ``x``."""
+    from tvm import relax
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    return bound.args[0] if _op(bound) == "relax.reshape" else x
+
+
 _MISSING = object()
 
 
@@ -190,14 +197,10 @@ def segment_function(bb, name: str, traced, seg: Segment, layers, emit):
         with bb.dataflow():
             remap = dict(zip(inputs, params))
             emit(bindings, seg.start, seg.end + 1, chains, absorbed, remap)
-            out = remap[bindings[seg.end].var]
             # The output as the last kernel wrote it: a reshape returned from a function is a
             # copy (TVM makes only reshapes inside the dataflow views); ``call_in_chunks``
             # reshapes the concatenated batch instead.
-            bound = bb.lookup_binding(out)
-            if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.reshape":
-                out = bound.args[0]
-            out = bb.emit_output(out)
+            out = bb.emit_output(reshape_source(bb, remap[bindings[seg.end].var]))
         return bb.emit_func_output(out)
 
 

@@ -11,6 +11,7 @@ import tvm
 
 from . import dense, depthwise, kernels, ops, pick
 from . import formats as F
+from .chunks import reshape_source
 from .geometry import DYNAMIC, with_batch
 from .layer import relax_layer
 
@@ -108,9 +109,7 @@ def reshaped(bb, x, new_shape):
     kernel's output, not two (TVM fuses a chain of two into a function it then runs as a copy
     instead of a view), and none where the shapes agree."""
     from tvm import relax
-    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.reshape":
-        x = bound.args[0]
+    x = reshape_source(bb, x)
     if [str(d) for d in x.ty.shape] == [str(d) for d in new_shape]:
         return x
     return bb.emit(relax.op.reshape(x, new_shape))

@@ -35,7 +35,7 @@ def build_module(mod, target, _params):
     """Build one candidate without importing tvm.s_tir.tensor_intrin (40 s per worker start);
     a sparse kernel is lowered as ``compile`` will run it."""
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    masked = masked_stores(tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target)
+    masked = masked_stores(target)
     mod = tvm.IRModule({gv: lower_sparse(f, masked) if isinstance(f, tvm.tirx.PrimFunc) else f
                         for gv, f in mod.functions.items()})
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)

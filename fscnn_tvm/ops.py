@@ -324,9 +324,7 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
         bounds = ell.chunk_starts(chunk * spec.geo.kh * spec.geo.kw, spec.geo.in_channels // chunk)
         width = F.round_up(max(1, int(np.diff(bounds, axis=1).max())), ELL_WIDTH_MULTIPLE)
         spec = dataclasses.replace(spec, chunk_channels=chunk, chunk_width=width)
-        # A banded task runs every row on a chunk; the others a group of rows.
-        group = spec.ell_shape[0] if spec.band_rows else chunk_task_channels(spec)
-        data, cols, span = F.chunk_major(ell, bounds, group)
+        data, cols, span = F.chunk_major(ell, bounds, chunk_task_channels(spec))
         spans = [span]
     offsets = (spec.layout.offsets(cols) if kind == "conv2d" else cols).astype(spec.offset_dtype)
     return spec, [data, offsets, ell.lengths, ell.perm] + spans + ([bias[ell.perm]] if bias is not None else [])

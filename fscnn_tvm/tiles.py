@@ -117,12 +117,15 @@ def chunk_task_vectors(spec: KernelSpec) -> int:
 
 
 def chunk_task_channels(spec: KernelSpec) -> int:
-    """Table channels per task of a chunked kernel (not banded): the most (a divisor) that still
-    leaves 4 tasks per core with the tile's bands of rows, so each chunk's input window, once in
-    L1, serves as many channels as it can."""
+    """Table channels per task of a chunked kernel: every one where the input is laid out band
+    by band (a task is one band); otherwise the most (a divisor) that still leaves 4 tasks per
+    core with the tile's bands of rows, so each chunk's input window, once in L1, serves as many
+    channels as it can."""
+    n_kb = spec.ell_shape[0]
+    if spec.band_rows:
+        return n_kb
     rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
     bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
-    n_kb = spec.ell_shape[0]
     return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
 
 
