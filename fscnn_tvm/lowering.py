@@ -22,11 +22,12 @@ def _for_with(loop, body=None, extent=None, annotations=None):
                         loop.annotations if annotations is None else annotations)
 
 
-def _block_with(block, body):
-    """``block`` with its body replaced."""
+def _block_with(block, body, alloc_buffers=None):
+    """``block`` with its body (and the buffers it allocates) replaced."""
     from tvm.s_tir.stmt import SBlock
     return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
-                  block.alloc_buffers, block.match_buffers, block.annotations)
+                  block.alloc_buffers if alloc_buffers is None else alloc_buffers, block.match_buffers,
+                  block.annotations)
 
 
 # Statements without statements inside.
@@ -103,12 +104,11 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     body = _rebuild(func.body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
-    if scratch:
-        from tvm.s_tir.stmt import SBlock, SBlockRealize
+    if scratch:  # the root block allocates the scratch vector
+        from tvm.s_tir.stmt import SBlockRealize
         root = body.block
-        root = SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, root.body, root.init,
-                      list(root.alloc_buffers) + scratch[:1], root.match_buffers, root.annotations)
-        body = SBlockRealize(body.iter_values, body.predicate, root)
+        body = SBlockRealize(body.iter_values, body.predicate,
+                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
     return func.with_body(body)
 
 
