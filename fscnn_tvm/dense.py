@@ -143,6 +143,24 @@ def register_tile(out_channels: int, out_width: int, lanes: int, registers: int,
     return vectors * lanes, reg_n
 
 
+# Floats of one kernel tap's weights (input block x output block), and of one tap's input
+# values for a register tile (input block x pixels), that a reduction step reads: ``input_block``.
+TAP_FLOATS = 256
+
+
+def input_block(in_channels: int, oc_bn: int, reg_n: int) -> int:
+    """Input channels per block of the packed input and weights (``ic_bn``): the most, up to 16
+    and dividing the channels, whose tap reads at most ``TAP_FLOATS`` weights (ic_bn x oc_bn) and
+    input values (ic_bn x reg_n). Measured on a Zen 4 (AVX-512: 32-channel blocks, 14-pixel tiles)
+    on ResNet and VGG 3x3 layers from 64 channels at 56x56 to 512 at 7x7: 16 channels per block
+    ran at 117-143 GFLOP/s, 8 at 203-221 (1.3-1.8x; 4: 200-214); 16 with 16-channel blocks and
+    14-pixel tiles ran at 212, with 28-pixel tiles at 119, with 32-channel blocks and 7-pixel
+    tiles at 108: what binds is a tap's slab, not the tile's unrolled length. With AVX2 (16-channel
+    blocks, 4-5 pixels) 16 channels per block stay ahead: 8 ran 0.94-0.96x, 4 0.88-0.94x."""
+    return max(d for d in range(1, min(in_channels, 16) + 1)
+               if in_channels % d == 0 and (d == 1 or d * max(oc_bn, reg_n) <= TAP_FLOATS))
+
+
 def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
                     dilation=1) -> DenseConvSpec:
     if activation not in ACTIVATIONS:
@@ -155,7 +173,7 @@ def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=
         geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
     oc_bn, reg_n = register_tile(geo.out_channels, geo.out_width, lanes, vector_registers(target))
     # Pointwise: one channel per block, so the input needs no packing when its tiles fit the row.
-    ic_bn = 1 if pointwise else max(d for d in range(1, min(geo.in_channels, 16) + 1) if geo.in_channels % d == 0)
+    ic_bn = 1 if pointwise else input_block(geo.in_channels, oc_bn, reg_n)
     spec = DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
     cb_chunk, task_rows = reduction_blocking(spec, caches(target))
     spec = dataclasses.replace(spec, cb_chunk=cb_chunk, task_rows=task_rows)

@@ -158,6 +158,19 @@ def test_pointwise_conv_reads_its_input_in_place():
     assert padded.packs and padded.ic_bn == 16
 
 
+def test_input_block_keeps_a_taps_slab_small():
+    """AVX-512 (32-channel output blocks, 14-pixel tiles): 8 input channels per block; AVX2
+    (16-channel blocks, 4-5 pixels): 16; always a divisor of the channels, within TAP_FLOATS."""
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    assert dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), False, None, avx512, padding=1).ic_bn == 8
+    assert dense.make_dense_spec((1, 64, 56, 56), (64, 64, 3, 3), False, None, avx2, padding=1).ic_bn == 16
+    for c, oc_bn, reg_n in [(48, 32, 14), (3, 32, 14), (24, 16, 4), (7, 64, 30), (512, 16, 4)]:
+        ic_bn = dense.input_block(c, oc_bn, reg_n)
+        assert c % ic_bn == 0 and ic_bn <= 16 and (ic_bn == 1 or ic_bn * max(oc_bn, reg_n) <= dense.TAP_FLOATS)
+    assert dense.input_block(7, 64, 30) == 1 and dense.input_block(48, 32, 14) == 8
+
+
 @pytest.mark.parametrize("lanes,registers", [(8, 16), (16, 32), (4, 16)])
 @pytest.mark.parametrize("out_channels,width", [(64, 56), (64, 7), (10, 14), (512, 28), (3, 224), (256, 3136)])
 def test_register_tile_fits_the_registers(lanes, registers, out_channels, width):
