@@ -16,7 +16,7 @@ import tvm
 from . import chunks, pick
 from .chains import find_chains
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
-                   kernel_view, raced_convs, runs_dense_kernel, static_shape)
+                   kernel_view, raced_convs, races_csr_when_dense, runs_dense_kernel, static_shape)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
 
@@ -212,15 +212,18 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
     shape = tuple(chain.weight.shape) if chain.weight is not None else \
         tuple(int(s) for s in chain.head.args[1].ty.shape)
     sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size if chain.weight is not None else 0.0
-    reason = dense_reason(chain, threshold)
-    if reason is None:
+    reason, note = dense_reason(chain, threshold), ""
+    if reason is None or (measure and races_csr_when_dense(chain, threshold)):
         layer_fmt, layer_block = choose_format(chain.weight, fmt, block)
         if measure and runs_dense_kernel(chain):
             x_shape, conv_args = kernel_view(chain)
             sparse_ms, dense_ms = pick.time_conv(chain.weight, x_shape, bias_of(chain), chain.activation, layer_fmt,
                                                  layer_block, target, **conv_args)
-            if dense_ms < sparse_ms:
+            if reason is None and dense_ms < sparse_ms:
                 reason = f"dense kernel faster here: {dense_ms:.3g} ms vs {sparse_ms:.3g} ms sparse"
+            elif reason is not None and sparse_ms < dense_ms:
+                reason, note = None, f"{reason}, but the CSR kernel is faster here: {sparse_ms:.3g} ms vs " \
+                                     f"{dense_ms:.3g} ms dense"
     if reason is None:
         out = emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
@@ -232,7 +235,7 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         out = emit_dense(bb, chain, target, funcs, kernels, name, grouped) if chain.weight is not None \
             else bb.emit(chain.head)
         label, layer_block = "dense", None
-    report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or "",
+    report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or note,
                               list(chain.fused), static_shape(chain.x), chain.weight,
                               None if chain.bias is None else np.asarray(chain.bias, np.float32).reshape(-1),
                               chain.activation, conv_args_of(chain), layer_block if reason is None else None))

@@ -105,6 +105,39 @@ def test_measured_choice_keeps_the_faster_kernel(monkeypatch, sparse_ms, dense_m
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, w_in), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+class _DensePointwise(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pointwise = torch.nn.Conv2d(8, 32, 1)
+        self.shortcut = torch.nn.Conv2d(32, 16, 1, stride=2, bias=False)  # subsampled: a stride-1 1x1 conv
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.shortcut(torch.relu(self.pointwise(x))))
+
+
+@pytest.mark.parametrize("sparse_ms,dense_ms,runs_csr", [(2.0, 1.0, False), (1.0, 2.0, True)])
+def test_dense_pointwise_convs_race_the_csr_kernel(monkeypatch, sparse_ms, dense_ms, runs_csr):
+    """Pointwise convs under the threshold (dense weights) run the CSR kernel where it times
+    faster, and say so; the 3x3 conv is not raced; without timing all stay dense."""
+    from fscnn_tvm import pick
+    calls = []
+    monkeypatch.setattr(pick, "time_conv", lambda *a, **k: calls.append(a[0].shape) or (sparse_ms, dense_ms))
+    torch.manual_seed(0)
+    model, x = _DensePointwise().eval(), torch.randn(1, 8, 10, 10)
+    ref = model(x).detach().numpy()
+    imported = fscnn_tvm.import_torch(model, (x,))
+    rows = {r.name: r for r in imported.report}
+    assert calls == [(32, 8, 1, 1), (16, 32, 1, 1)]
+    for name in ("pointwise", "shortcut"):
+        assert rows[name].rewritten == runs_csr and "threshold" in rows[name].reason
+        assert ("but the CSR kernel is faster here: 1 ms vs 2 ms dense" in rows[name].reason) == runs_csr
+    assert not rows["conv"].rewritten
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    unmeasured = fscnn_tvm.import_torch(model, (x,), measure=False)
+    assert len(calls) == 2 and not any(r.rewritten for r in unmeasured.report)
+
+
 def test_measured_choice_times_real_kernels_built_ahead():
     from fscnn_tvm import layer, pick
     rng = np.random.default_rng(0)
