@@ -3,8 +3,8 @@
 At batch N the activations of a CNN's early layers are N times one image's: once they exceed
 the caches every layer streams them through memory, and a batch costs more than N single
 images. So a model imported at a static batch N > 1 is cut into *segments*: each runs as its
-own function built for a chunk of images, called once per chunk on slices of its input, the
-outputs concatenated into the batch-N tensor the next segment starts from. A segment's chunk is
+own function built for a chunk of images, called once per chunk on views of its input, each
+call writing its images into the batch-N tensor the next segment starts from. A segment's chunk is
 the most images (a divisor of N) whose largest activation in it fits the cores' L2: one image
 through the 112x112 layers, several through the 14x14 ones (a chunk of small images still fills
 the threads, and each call costs a launch per op); the rest of the model, where the whole batch
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 
 # Ops that compute each image of a batch from that image alone (elementwise ops broadcast a
 # batch-1 or batch-less operand; ``_independent`` checks the axis of those that take one).
@@ -80,14 +81,14 @@ def _independent(value) -> bool:
         layout = getattr(value.attrs, "data_layout", getattr(value.attrs, "layout", "NCHW"))
         return str(layout).startswith("N") and (name != "relax.nn.batch_norm" or int(value.attrs.axis) != 0)
     if name == "relax.reshape":  # row-major: an image's elements stay that image's when the batch stays first
-        return _batch_of(value.args[0].ty) is not None and _batch_of(value.args[0].ty) == _batch_of(value.ty)
+        return batch_of(value.args[0].ty) is not None and batch_of(value.args[0].ty) == batch_of(value.ty)
     if name in AXIS_OPS:
         axes = _axes(value)
         return axes is not None and 0 not in axes
     return True
 
 
-def _batch_of(ty) -> int | None:
+def batch_of(ty) -> int | None:
     shape = getattr(ty, "shape", None)
     if shape is None or not len(shape) or not hasattr(shape[0], "value"):
         return None
@@ -106,7 +107,7 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
     empty when none would (batch 1, or every activation of the batch fits ``cache_bytes``).
     Bindings after the last segment run at the full batch. ``absorbed``: bindings folded into a
     layer chain (no cut inside a chain)."""
-    batches = {_batch_of(p.ty) for p in main.params}
+    batches = {batch_of(p.ty) for p in main.params}
     if len(batches) != 1 or None in batches or next(iter(batches)) < 2:
         return []
     batch = next(iter(batches))
@@ -125,13 +126,13 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
     for i, b in enumerate(bindings):
         if any(v in on_input for v in reads[b.var]):
             on_input.add(b.var)
-            if not _independent(b.value) or _batch_of(b.var.ty) not in (batch, None):
+            if not _independent(b.value) or batch_of(b.var.ty) not in (batch, None):
                 break
             per_image = _bytes(b.var.ty) // batch
             chunk = min(chunk, max(c for c in range(1, batch + 1) if batch % c == 0
                                    and (c == 1 or c * per_image <= cache_bytes)))
         if live_until <= i and b.var not in absorbed and b.var in on_input \
-                and _batch_of(b.var.ty) == batch and last_use.get(b.var, -1) > i:
+                and batch_of(b.var.ty) == batch and last_use.get(b.var, -1) > i:
             blocks.append(Segment(start, i, chunk))
             start, chunk = i + 1, batch
         live_until = max(live_until, last_use.get(b.var, -1))
@@ -179,45 +180,78 @@ def checked_plan(main, absorbed: set, cache_bytes: int, trace) -> tuple[list[Seg
     for chunk in sorted({seg.chunk for seg in segments}):
         traced[chunk] = trace(chunk)
         end = max(seg.end for seg in segments if seg.chunk == chunk)
-        if traced[chunk] is None or not same_bindings(traced[chunk], main, end, chunk, _batch_of(main.params[0].ty)):
+        if traced[chunk] is None or not same_bindings(traced[chunk], main, end, chunk, batch_of(main.params[0].ty)):
             return [], {}
     return segments, traced
 
 
-def segment_function(bb, name: str, traced, seg: Segment, layers, emit):
+def segment_function(bb, name: str, traced, seg: Segment, layers, emit, batch: int):
     """The private Relax function of ``seg``, built from ``traced`` (the model traced on the
     segment's chunk): its inputs are the model's (the first segment's) or the one tensor live
-    where it starts. ``layers(main)``: (bindings, chains, absorbed); ``emit(bindings, lo, hi,
-    chains, absorbed, remap)`` emits ``bindings[lo:hi]``. Returns its GlobalVar."""
+    where it starts, then ``into`` (the batch's output of the segment) and the byte offset of the
+    call's images in it. ``layers(main)``: (bindings, chains, absorbed); ``emit(bindings, lo, hi,
+    chains, absorbed, remap)`` emits ``bindings[lo:hi]``. The segment's last kernel writes its
+    images into a view of ``into`` (``call_tir_inplace``; the ``call_tir`` it replaces is dead
+    code), so no concat follows the chunks (TVM's concat of the pieces, cold by then, took 3.2 ms
+    of ResNet-18's 46 at batch 8); an output some other op makes is copied there while it is in
+    cache. Returns its GlobalVar; the function returns (``into``, the view written)."""
     from tvm import relax
     bindings, chains, absorbed = layers(traced)
     inputs = traced.params if seg.start == 0 else [bindings[seg.start - 1].var]
     params = [relax.Var(p.name if seg.start == 0 else "x", p.ty) for p in inputs]
-    with bb.function(name, params, private=True):
+    last = bindings[seg.end].var.ty
+    into = relax.Var("into", relax.TensorType([batch] + [int(d) for d in list(last.shape)[1:]], last.dtype))
+    offset = relax.Var("offset", tvm.ir.PrimType("int64"))
+    with bb.function(name, params + [into, offset], private=True):
         with bb.dataflow():
             remap = dict(zip(inputs, params))
             emit(bindings, seg.start, seg.end + 1, chains, absorbed, remap)
-            # The output as the last kernel wrote it: a reshape returned from a function is a
-            # copy (TVM makes only reshapes inside the dataflow views); ``call_in_chunks``
-            # reshapes the concatenated batch instead.
-            out = bb.emit_output(reshape_source(bb, remap[bindings[seg.end].var]))
-        return bb.emit_func_output(out)
+            # What the last kernel wrote (its reshape, if any, is a view of the same images).
+            out = reshape_source(bb, remap[bindings[seg.end].var])
+            shape = [int(d) for d in out.ty.shape]
+            view = bb.emit(relax.op.memory.ensure_zero_offset(
+                relax.op.memory.view(into, shape, str(out.ty.dtype), offset)))
+            bound = bb.lookup_binding(out)
+            if _op(bound) == "relax.call_tir" and len(bound.args) == 2:
+                args = list(bound.args[1].fields)
+                written = relax.call_tir_inplace(bound.args[0], args + [view], [len(args)], out.ty)
+            else:
+                written = relax.call_tir_inplace(bb.add_func(_copy(shape, str(out.ty.dtype)), "copy_into"),
+                                                 [out, view], [1], out.ty)
+            result = bb.emit_output(relax.Tuple([into, bb.emit(written)]))
+        return bb.emit_func_output(result)
 
 
-def call_in_chunks(bb, func, inputs: list, chunk: int, image_shape=None):
-    """``func`` on the batch: one call per chunk of images, each on views of its inputs (the
-    images of a chunk are one contiguous block of an NCHW tensor: no copy), the outputs
-    concatenated, then viewed as ``image_shape`` per image (None: as ``func`` returns them)."""
+def _copy(shape, dtype):
+    """A copy of a tensor into another (written in place), marked opaque: fused with the op
+    before it, TVM's FuseTIR cannot map an in-place output."""
+    from tvm import te
+    src = te.placeholder(shape, dtype, name="src")
+    func = te.create_prim_func([src, te.compute(shape, lambda *i: src(*i), name="dst")])
+    return func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+
+
+OPAQUE = 8  # TVM's OpPatternKind kOpaque: never fused
+
+
+def call_in_chunks(bb, func, inputs: list, chunk: int, out_shape, dtype: str):
+    """``func`` (a ``segment_function``) on the batch: one call per chunk of images, each on
+    views of its inputs (the images of a chunk are one contiguous block of an NCHW tensor: no
+    copy), writing its images into one tensor of ``out_shape`` (batch first), which it returns."""
     from tvm import relax
     batch = int(inputs[0].ty.shape[0])
+    out_shape = [int(d) for d in out_shape]
+
+    def image_bytes(shape):
+        return int(np.prod([int(d) for d in shape[1:]])) * np.dtype(dtype).itemsize
 
     def view(x, i):
         shape = [int(d) for d in x.ty.shape]
-        image_bytes = int(np.prod(shape[1:])) * np.dtype(str(x.ty.dtype)).itemsize
         return bb.emit(relax.op.memory.ensure_zero_offset(
-            relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes)))
-    pieces = [bb.emit(relax.Call(func, [view(x, i) for x in inputs])) for i in range(0, batch, chunk)]
-    out = bb.emit(relax.op.concat(pieces, axis=0))
-    if image_shape is None or [int(d) for d in list(out.ty.shape)[1:]] == [int(d) for d in image_shape]:
-        return out
-    return bb.emit(relax.op.reshape(out, [batch] + [int(d) for d in image_shape]))
+            relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes(shape))))
+    out = bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(out_shape), dtype, 0))
+    for i in range(0, batch, chunk):
+        offset = relax.expr.prim_value(tvm.tirx.IntImm("int64", i * image_bytes(out_shape)))
+        call = bb.emit(relax.Call(func, [view(x, i) for x in inputs] + [out, offset]))
+        out = bb.emit(relax.TupleGetItem(call, 0))
+    return out

@@ -136,7 +136,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     bb = relax.BlockBuilder()
     report, funcs, kernels = [], {}, {}
-    functions = [chunks.segment_function(bb, f"chunk{k}", traced[seg.chunk], seg, find_chains, emit)
+    batch = chunks.batch_of(main.params[0].ty)
+    functions = [chunks.segment_function(bb, f"chunk{k}", traced[seg.chunk], seg, find_chains, emit, batch)
                  for k, seg in enumerate(segments)]
     params = [relax.Var(p.name, p.ty) for p in main.params]
     with bb.function("main", params):
@@ -146,8 +147,9 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             for seg, func in zip(segments, functions):
                 emit(bindings, done, seg.start, chains, absorbed, remap)
                 inputs = params if seg.start == 0 else [remap[bindings[seg.start - 1].var]]
-                remap[bindings[seg.end].var] = chunks.call_in_chunks(bb, func, inputs, seg.chunk,
-                                                                     list(bindings[seg.end].var.ty.shape)[1:])
+                last = bindings[seg.end].var.ty
+                remap[bindings[seg.end].var] = chunks.call_in_chunks(bb, func, inputs, seg.chunk, last.shape,
+                                                                     str(last.dtype))
                 done = seg.end + 1
             emit(bindings, done, len(bindings), chains, absorbed, remap)
             out = bb.emit_output(_substitute(main.body.body, remap))

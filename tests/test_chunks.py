@@ -138,11 +138,27 @@ def test_a_batched_import_runs_its_segments_in_chunks_and_matches_pytorch():
     # Each chunk's input is a view of the batch's (its images are one block): not a copy.
     main = str(imported.mod["main"])
     assert "R.memory.view" in main and "strided_slice" not in main
+    # ... and each chunk's last kernel writes its images into the batch's tensor: no concat.
+    assert "concat" not in main and "R.builtin.alloc_tensor" in main
+    assert "R.call_tir_inplace" in str(imported.mod["chunk0"])
     assert imported.input_shapes == [BIG]
     assert [r.name for r in imported.report] == ["0", "2.a.0", "2.b.0", "4", "8"]  # graph order, whoever emits
     # The segments' layers are built for their chunk, the rest for the batch.
     batches = {r.name: r.x_shape[0] for r in imported.report}
     assert min(batches.values()) < 6 and batches[imported.report[-1].name] == 6
+
+
+def test_a_segment_that_ends_in_an_op_of_tvms_copies_its_images_into_the_batch():
+    """The chunked segment ends with a sigmoid (TVM's op, not a kernel of ours that could write
+    in place): each chunk copies its output into the batch tensor; the result matches."""
+    torch.manual_seed(3)
+    model = _pruned(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Sigmoid(), torch.nn.MaxPool2d(4),
+        torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten()))
+    imported = _import_and_check(model, torch.randn(*BIG))
+    assert any("at a time" in n for n in imported.notes)
+    names = [gv.name_hint for gv in imported.mod.functions]
+    assert any(n.startswith("copy_into") for n in names) and "concat" not in str(imported.mod["main"])
 
 
 def test_images_that_depend_on_each_other_are_never_chunked_across():
