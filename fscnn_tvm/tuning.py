@@ -27,7 +27,8 @@ from tvm.s_tir import meta_schedule as ms
 from . import kernels
 from .intrinsics import import_cpu_intrinsics
 from .measure import Pools, args_key
-from .records import add_width_classes, has_trace, schedule_kernels, workload, workload_records
+from .records import (add_width_classes, best_schedule, has_trace, schedule_kernels, shipped_database, workload,
+                      workload_records)
 from .target import resolve_target
 from .tuning_log import open_database
 
@@ -185,7 +186,7 @@ def _tune(imported, trials, log_dir, target, tracker, dense, trials_per_iter, se
     if not tasks:
         raise TuningError("nothing to tune: the module has no sparse kernel and no dense conv/matmul")
     pools = Pools(tracker, args_dir)
-    _record_defaults([t for t in tasks if t.spec is not None], target, pools, db)
+    _record_starts([t for t in tasks if t.spec is not None], target, pools, db)
     before = {t.name: len(workload_records(db, t.mod)) for t in tasks}
     remaining = trials - sum(before.values())
     result = TuneResult(log_dir, tasks, before, dict(before))
@@ -246,29 +247,43 @@ class TuneResult:
         return rows
 
 
-def _record_defaults(tasks, target, pools, db):
-    """Measure each sparse task's default schedule, unless the log has it, and record it like
-    any candidate. The search then starts from it (evolutionary search seeds its population from
-    the database), and a task's best record is never slower than what ``compile`` runs without
-    a log, even when a small budget over many tasks leaves a task only a few candidates."""
-    schedules = [kernels.default_schedule(t.mod["main"], t.spec) for t in tasks]
-    missing = [i for i, (t, sch) in enumerate(zip(tasks, schedules)) if not has_trace(db, t.mod, sch.trace)]
-    tasks, schedules = [tasks[i] for i in missing], [schedules[i] for i in missing]
-    if not tasks:
+def _record_starts(tasks, target, pools, db):
+    """Measure where each sparse task's search starts, unless the log has it, and record it like
+    any candidate: its default schedule, and the shipped record ``compile`` runs it with when no
+    log is given (its own pattern's or its width class's, ``records.best_schedule``). The
+    evolutionary search seeds its population from the database's best records, so a task starts
+    from the shipped schedule (a warm start on a pattern never tuned), and its best record is
+    never slower than what ``compile`` runs without this log, even when a small budget over many
+    tasks leaves a task only a few candidates."""
+    shipped = shipped_database(target)
+    starts = []  # (task, schedule)
+    for t in tasks:
+        schedules = [kernels.default_schedule(t.mod["main"], t.spec)]
+        if shipped is not None:
+            try:
+                sch, tuned = best_schedule(t.spec, shipped)
+            except Exception as err:  # a shipped record that no longer replays: start without it
+                log.warning("%s: the shipped record does not replay (%s); its search starts from the default",
+                            t.name, str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__)
+                tuned = False
+            if tuned and str(sch.trace) != str(schedules[0].trace):
+                schedules.append(sch)
+        starts += [(t, sch) for sch in schedules if not has_trace(db, t.mod, sch.trace)]
+    if not starts:
         return
-    built = pools.builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
-    args = [ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]) for t in tasks]
+    built = pools.builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in starts])
+    args = [ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]) for t, _ in starts]
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
     futures = pools.runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
     for i, future in zip(ok, futures):
         result = future.result()
         if result.error_msg is None:
+            task, sch = starts[i]
             db.commit_tuning_record(ms.database.TuningRecord(
-                schedules[i].trace, db.commit_workload(tasks[i].mod), [float(v) for v in result.run_secs], target,
-                args[i]))
-    failed = [t.name for t, sch in zip(tasks, schedules) if not has_trace(db, t.mod, sch.trace)]
+                sch.trace, db.commit_workload(task.mod), [float(v) for v in result.run_secs], target, args[i]))
+    failed = sorted({t.name for t, sch in starts if not has_trace(db, t.mod, sch.trace)})
     if failed:
-        log.warning("the default schedule of %s failed to build or run; their search starts without it",
+        log.warning("the default or shipped schedule of %s failed to build or run; their search starts without it",
                     ", ".join(failed))
 
 

@@ -77,6 +77,28 @@ def test_tuned_bsr_kernels_match_pytorch_and_the_log_is_reused(tmp_path, small_m
     _check_tuned(*_tuned(tmp_path, "bsr", *small_model[:2]), tmp_path)
 
 
+def test_the_search_starts_from_the_shipped_record(csr_log, tmp_path, monkeypatch):
+    """A kernel the shipped records cover (here: a stand-in set holding one tuned record of the
+    small model's first kernel) has that record measured on its own arrays and recorded before
+    the search, beside its default schedule: the search starts from it, and the log's best is
+    never slower than what compile runs without the log."""
+    from tvm.s_tir import meta_schedule as ms
+    _, _, imported, log_dir, _ = csr_log
+    tasks = tuning.extract_tasks(imported, str(tmp_path / "args"), dense=False)
+    db = tuning.open_database(log_dir)
+    task, tuned = next((t, r) for t in tasks for r in records.workload_records(db, t.mod)
+                       if str(r.trace) != str(fscnn_tvm.schedule.default_schedule(t.mod["main"], t.spec).trace))
+    shipped = ms.database.MemoryDatabase()
+    shipped.commit_tuning_record(ms.database.TuningRecord(
+        tuned.trace, shipped.commit_workload(task.mod), tuned.run_secs, tuned.target, tuned.args_info))
+    monkeypatch.setattr(tuning, "shipped_database", lambda target: shipped)
+    fresh = str(tmp_path / "fresh")
+    result = tuning.tune(imported, trials=6, log_dir=fresh, dense=False)
+    assert sum(result.records.values()) == 6  # 3 defaults + the shipped record, then 2 trials
+    found = [str(r.trace) for r in records.workload_records(tuning.open_database(fresh), task.mod)]
+    assert str(tuned.trace) in found and len(found) >= 2
+
+
 def test_dense_tasks_are_tuned_and_applied(tmp_path, small_model):
     model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), sparsity_threshold=1.0)  # everything dense
