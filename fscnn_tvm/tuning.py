@@ -125,26 +125,65 @@ class Progress(ms.measure_callback.PyMeasureCallback):
             log.info(line)
 
 
+# A task stops once this many of its candidates in a row have not beaten its best time by
+# CONVERGED_GAIN (the defaults and shipped records it started from count as its best): its
+# search has converged, and the job's remaining trials go to the other tasks.
+PATIENCE_TRIALS = 64
+CONVERGED_GAIN = 0.01
+
+
+class Convergence:
+    """A task's best time and how many candidates since have not improved on it."""
+
+    def __init__(self, best: float = float("inf")):
+        self.best, self.stale = best, 0
+
+    def update(self, seconds) -> None:
+        """``seconds``: each measured candidate's time (inf for one that failed)."""
+        for t in seconds:
+            if t < self.best * (1 - CONVERGED_GAIN):
+                self.best, self.stale = t, 0
+            else:
+                self.stale += 1
+
+    @property
+    def converged(self) -> bool:
+        return self.stale >= PATIENCE_TRIALS
+
+
+def _median_secs(run_secs) -> float:
+    return float(np.median([float(t) for t in run_secs])) if run_secs else float("inf")
+
+
 @derived_object
 class Budgeted(ms.search_strategy.PySearchStrategy):
-    """A search whose batches stop at the job's budget. The task scheduler checks its trial
-    count only before asking a task for a batch and then measures the whole batch, so a job
-    overshot by up to a batch (8 trials asked, 10 measured)."""
+    """A search whose batches stop at the job's budget, or once the task has converged
+    (``Convergence``). The task scheduler checks its trial count only before asking a task for
+    a batch and then measures the whole batch, so a job overshot by up to a batch (8 trials
+    asked, 10 measured)."""
 
     def __init__(self, search, budget: list):
         super().__init__()
         self.search, self.budget = search, budget
+        self.mod, self.name, self.progress = None, "", Convergence()
 
     def _initialize_with_tune_context(self, context):
+        self.mod, self.name = context.mod, context.task_name
         self.search._initialize_with_tune_context(context)
 
     def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+        best = workload_records(database, self.mod)[:1] if database is not None and self.mod is not None else []
+        self.progress = Convergence(_median_secs(best[0].run_secs) if best else float("inf"))
         self.search.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
 
     def post_tuning(self):
         self.search.post_tuning()
 
     def generate_measure_candidates(self):
+        if self.progress.converged:
+            log.info("%s: converged (%d candidates without a %.0f %% gain); its trials go to the other tasks",
+                     self.name, self.progress.stale, CONVERGED_GAIN * 100)
+            return None
         candidates = self.search.generate_measure_candidates() if self.budget[0] > 0 else None
         if candidates is None:
             return None
@@ -153,6 +192,7 @@ class Budgeted(ms.search_strategy.PySearchStrategy):
         return candidates
 
     def notify_runner_results(self, measure_candidates, results):
+        self.progress.update([float("inf") if r.error_msg else _median_secs(r.run_secs) for r in results])
         self.search.notify_runner_results(measure_candidates, results)
 
     def clone(self):

@@ -99,6 +99,36 @@ def test_the_search_starts_from_the_shipped_record(csr_log, tmp_path, monkeypatc
     assert str(tuned.trace) in found and len(found) >= 2
 
 
+def test_a_task_stops_once_its_search_has_converged():
+    """A task whose candidates have not beaten its best (its starting records included) by
+    CONVERGED_GAIN for PATIENCE_TRIALS in a row asks for no more; a gain restarts the count;
+    failed candidates count as no gain."""
+    from types import SimpleNamespace
+    progress = tuning.Convergence(best=1.0)
+    progress.update([0.995] * (tuning.PATIENCE_TRIALS - 1))  # under 1 %: no gain
+    assert not progress.converged
+    progress.update([0.9])
+    assert progress.best == 0.9 and progress.stale == 0
+    progress.update([float("inf")] * tuning.PATIENCE_TRIALS)
+    assert progress.converged
+
+    class Search:
+        def generate_measure_candidates(self):
+            return ["a", "b", "c", "d"]
+
+        def notify_runner_results(self, candidates, results):
+            pass
+    budget = [1000]
+    strategy = tuning.Budgeted(Search(), budget)._inst
+    strategy.progress = tuning.Convergence(best=1.0)
+    slow = [SimpleNamespace(error_msg=None, run_secs=[2.0])] * 4
+    asked = 0
+    while (batch := strategy.generate_measure_candidates()) is not None:
+        asked += len(batch)
+        strategy.notify_runner_results(batch, slow[:len(batch)])
+    assert asked == tuning.PATIENCE_TRIALS and budget == [1000 - asked]
+
+
 def test_dense_tasks_are_tuned_and_applied(tmp_path, small_model):
     model, x, _ = small_model
     imported = fscnn_tvm.import_torch(model, (x,), sparsity_threshold=1.0)  # everything dense
