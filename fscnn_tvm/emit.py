@@ -265,7 +265,8 @@ def raced_convs(chains, threshold, fmt, block) -> list[tuple]:
     too, or pointwise under it (``races_csr_when_dense``)."""
     convs = []
     for chain in chains:
-        if (dense_reason(chain, threshold) is None and runs_dense_kernel(chain)) or races_csr_when_dense(chain, threshold):
+        pruned = dense_reason(chain, threshold) is None and runs_dense_kernel(chain)
+        if pruned or races_csr_when_dense(chain, threshold):
             x_shape, conv_args = kernel_view(chain)
             convs.append((chain.weight, x_shape, bias_of(chain), chain.activation,
                           *choose_format(chain.weight, fmt, block), conv_args))

@@ -91,6 +91,10 @@ def extract_tasks(imported, args_dir: str, dense: bool = True, target=None) -> l
 
 # ----------------------------------------------------------------------------- the job
 
+def _median_secs(run_secs) -> float:
+    return float(np.median([float(t) for t in run_secs])) if run_secs else float("inf")
+
+
 @derived_object
 class Progress(ms.measure_callback.PyMeasureCallback):
     """One line per measured batch: trials done, best time per task, ETA; failed candidates
@@ -110,8 +114,7 @@ class Progress(ms.measure_callback.PyMeasureCallback):
                 self.failed += 1
                 log.warning("%s: candidate failed, skipped: %s", name, str(error).strip().splitlines()[-1][:200])
             elif r.run_secs:
-                ms_time = float(np.median([float(t) for t in r.run_secs])) * 1e3
-                self.best[name] = min(self.best.get(name, float("inf")), ms_time)
+                self.best[name] = min(self.best.get(name, float("inf")), _median_secs(r.run_secs) * 1e3)
         elapsed = time.time() - self.start
         eta = elapsed / self.done * max(0, self.total - self.done)
         width = 24
@@ -149,10 +152,6 @@ class Convergence:
     @property
     def converged(self) -> bool:
         return self.stale >= PATIENCE_TRIALS
-
-
-def _median_secs(run_secs) -> float:
-    return float(np.median([float(t) for t in run_secs])) if run_secs else float("inf")
 
 
 @derived_object
