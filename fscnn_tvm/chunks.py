@@ -226,12 +226,12 @@ def _copy(shape, dtype):
     """A copy of a tensor into another (written in place), marked opaque: fused with the op
     before it, TVM's FuseTIR cannot map an in-place output."""
     from tvm import te
+
+    from .kernels import OPAQUE
     src = te.placeholder(shape, dtype, name="src")
     func = te.create_prim_func([src, te.compute(shape, lambda *i: src(*i), name="dst")])
     return func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
 
-
-OPAQUE = 8  # TVM's OpPatternKind kOpaque: never fused
 
 
 def call_in_chunks(bb, func, inputs: list, chunk: int, out_shape, dtype: str):

@@ -13,6 +13,9 @@ from .geometry import DYNAMIC
 from .lowering import kernel_func
 from .target import masked_stores
 
+# TVM's OpPatternKind kOpaque: a function Relax's FuseOps never fuses with its neighbours.
+OPAQUE = 8
+
 # Kernels of a single structure: (module with prim_func/default_schedule, its schedule function).
 _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
            depthwise.DepthwiseSpec: (depthwise, depthwise.schedule_depthwise)}

@@ -168,8 +168,8 @@ def masked_store(loop, first, step, bound, scratch: list):
     index = [bind(i) for i in store.indices]
     starts = [bind(i, loop.min) for i in store.indices]
     moved = [tvm.sym.Analyzer().simplify(bind(i, loop.min + 1) - s) for i, s in zip(store.indices, starts)]
-    steps = [1 if k == len(moved) - 1 else 0 for k in range(len(moved))]  # along the last axis only
-    if not all(isinstance(m, tirx.IntImm) and m.value == step for m, step in zip(moved, steps)) \
+    unit = [1 if k == len(moved) - 1 else 0 for k in range(len(moved))]  # along the last axis only
+    if not all(isinstance(m, tirx.IntImm) and m.value == u for m, u in zip(moved, unit)) \
             or any(any(v.same_as(lane) for v in tirx.analysis.undefined_vars(i)) for i in index[:-1]):
         return None  # (not one contiguous run of the buffer)
     if not scratch:

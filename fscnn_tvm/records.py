@@ -152,8 +152,8 @@ def schedule_kernels(imported, db=None):
         if not tuned:
             untuned.append(name)
         # Opaque and scheduled: Relax must neither fuse it with neighbours nor reschedule it.
-        func = kernels.lower(sch, imported.target).with_attr("global_symbol", name).with_attr("op_pattern", 8) \
-            .with_attr("tir.is_scheduled", True)
+        func = kernels.lower(sch, imported.target).with_attr("global_symbol", name) \
+            .with_attr("op_pattern", kernels.OPAQUE).with_attr("tir.is_scheduled", True)
         mod[mod.get_global_var(name)] = func
     return mod, untuned
 
