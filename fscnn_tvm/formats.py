@@ -104,9 +104,9 @@ class Ell:
     def chunk_starts(self, cols_per_chunk: int, chunks: int) -> np.ndarray:
         """(KB, chunks + 1): the slot where each row's nonzeros of columns from ``c *
         cols_per_chunk`` on begin (the last entry its length), a row's slots being in column
-        order; a table of one column per slot (CSR) only."""
-        if self.cols.shape[2] != 1 or self.data.shape[2:] != (1, 1):
-            raise ValueError("chunk_starts: a table of 1x1 blocks (CSR) only")
+        order; a table of one column per slot (blocks of one column) only."""
+        if self.cols.shape[2] != 1:
+            raise ValueError("chunk_starts: a table of one column per slot only")
         used = np.arange(self.cols.shape[1])[None, :] < self.lengths[:, None]
         chunk = np.where(used, self.cols[:, :, 0] // cols_per_chunk, chunks)
         if used.any() and (np.diff(np.where(used, self.cols[:, :, 0], np.iinfo(INDEX_DTYPE).max), axis=1) < 0).any():
@@ -121,22 +121,30 @@ def chunk_major(ell: Ell, starts: np.ndarray, group: int) -> tuple[np.ndarray, n
     group of ``group`` rows on one chunk of columns, then on the next: for each group of rows,
     for each chunk, each row's slots on that chunk (``starts``: ``chunk_starts``), one after the
     other from the table's first slot on, so a task reads its weights in one stream instead of a
-    short run from every row. ``span[c, kb]`` is [first, end) of row kb's slots on chunk c, as
-    positions in the table read row-major (the table keeps its shape; its padding follows)."""
-    n_kb, width = ell.data.shape[:2]
+    short run from every row. Positions count the table read row-major (it keeps its shape; its
+    padding follows). ``span[c, kb]`` holds 2**bo entries: a table of one channel per row
+    (bo = 1) gives [first, end) of row kb's slots on chunk c; a table of bo channels per row
+    (blocks of bo x 1) orders each row's slots on a chunk by *mask*, the set of its bo channels
+    whose weight is nonzero, and gives where each mask's slots begin (masks 1 .. 2**bo - 1),
+    then the end, so a kernel can run each mask's slots with only that mask's channels' FMAs
+    (slots of no nonzero weight are left out)."""
+    n_kb, width, bo = ell.data.shape[:3]
     chunks = starts.shape[1] - 1
     data, cols = np.zeros_like(ell.data), np.zeros_like(ell.cols)
     flat_data, flat_cols = data.reshape(n_kb * width, -1), cols.reshape(n_kb * width, -1)
-    span = np.zeros((chunks, n_kb, 2), INDEX_DTYPE)
+    span = np.zeros((chunks, n_kb, 1 << bo), INDEX_DTYPE)
+    bits = 1 << np.arange(bo)
     position = 0
     for first in range(0, n_kb, group):
         for c in range(chunks):
             for kb in range(first, min(first + group, n_kb)):
                 lo, hi = int(starts[kb, c]), int(starts[kb, c + 1])
-                flat_data[position:position + hi - lo] = ell.data[kb, lo:hi].reshape(hi - lo, flat_data.shape[1])
-                flat_cols[position:position + hi - lo] = ell.cols[kb, lo:hi].reshape(hi - lo, flat_cols.shape[1])
-                span[c, kb] = position, position + hi - lo
-                position += hi - lo
+                masks = (ell.data[kb, lo:hi, :, 0] != 0) @ bits
+                order = lo + np.argsort(masks, kind="stable")[np.count_nonzero(masks == 0):]
+                flat_data[position:position + len(order)] = ell.data[kb, order].reshape(len(order), flat_data.shape[1])
+                flat_cols[position:position + len(order)] = ell.cols[kb, order].reshape(len(order), flat_cols.shape[1])
+                span[c, kb] = position + np.concatenate([[0], np.cumsum(np.bincount(masks, minlength=1 << bo)[1:])])
+                position += len(order)
     return data, cols, span
 
 
@@ -324,6 +332,23 @@ def to_bsr(weight, block=(4, 1)) -> BSR:
     indptr = np.zeros(n_brows + 1, INDEX_DTYPE)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
     return BSR(blocks[brow, bcol], bcol, indptr, shape, (bo, bi))
+
+
+def column_sharing(csr: CSR, rows: int) -> float:
+    """Nonzeros per distinct column within each group of ``rows`` consecutive rows (1.0: none
+    of a group's rows shares a column): the FMAs a window loaded once serves in
+    ``shared_rows(csr, rows)``'s table."""
+    row = np.repeat(np.arange(csr.rows), np.diff(csr.indptr))
+    distinct = np.unique((row // rows).astype(np.int64) * csr.cols + csr.indices).size
+    return csr.nnz / distinct if distinct else 1.0
+
+
+def shared_rows(csr: CSR, rows: int) -> BSR:
+    """The same weights as a table of ``rows`` channels per row (blocks of ``rows`` x 1): each
+    slot one input column that any of them uses, zeros stored for the others. A kernel loads
+    the slot's window once for all of them and, running a row's slots grouped by which of its
+    channels are nonzero (``chunk_major``), multiplies no zero."""
+    return to_bsr(csr.to_dense(), (rows, 1))
 
 
 def to_format(weight, fmt: str = "csr", block=None) -> SparseMatrix:

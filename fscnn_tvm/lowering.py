@@ -1,8 +1,9 @@
 """The TIR rewrite applied to every scheduled sparse kernel (``lower_sparse``): what the kernel
 does that TE cannot say. The epilogue stores table channel k to output channel ``w_perm[k]``,
 each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
-(``w_length``), and a vector that ends past its row is stored whole where it is inside, else by
-one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator, hence the
+(``w_length``) or, over a table of several channels per row, runs as one loop per mask of them
+(``mask_segments``), and a vector that ends past its row is stored whole where it is inside,
+else by one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator, hence the
 small rebuild below, which knows every statement kind a scheduled kernel holds and refuses any
 other: a rewrite that silently skipped a node it cannot see into would leave channels unpermuted."""
 from __future__ import annotations
@@ -72,16 +73,18 @@ def _visit(stmt, found):
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
     """The scheduled kernel as it runs: the epilogue stores table channel k to output channel
     ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
-    its register tile (``w_length``), so a tile of short rows skips the table's padding. A
-    vector that is part inside the row is stored with a masked store where ``masked_stores``
-    (cheap on AVX-512), else lane by lane. Other functions pass through unchanged."""
+    its register tile (``w_length``), so a tile of short rows skips the table's padding (a
+    chunked kernel's: exactly its row's slots on the chunk, by mask where a row holds several
+    channels). A vector that is part inside the row is stored with a masked store where
+    ``masked_stores`` (cheap on AVX-512), else lane by lane. Other functions pass through
+    unchanged."""
     from tvm.s_tir.stmt import SBlock
     tirx = tvm.tirx
     params = {p.name: p for p in func.params}
     if "w_perm" not in params:
         return func
 
-    permuted, scratch = [], []
+    permuted, scratch, tiles = [], [], []
 
     def post(node):
         if isinstance(node, SBlock) and node.name_hint == "out":
@@ -96,6 +99,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
             return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
+            if "w_span" in params and int(params["w_span"].shape[2]) > 2:
+                return mask_segments(node, params["w_span"], tiles)
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params) if int(node.annotations[TILE_BOUND]) else node.extent
             return _for_with(node, extent=extent, annotations=annotations)
@@ -104,12 +109,105 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     body = _rebuild(func.body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
-    if scratch:  # the root block allocates the scratch vector
+    if scratch or tiles:  # the root block allocates the scratch vector and the register tiles
         from tvm.s_tir.stmt import SBlockRealize
         root = body.block
         body = SBlockRealize(body.iter_values, body.predicate,
-                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
-    return func.with_body(body)
+                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1] + tiles))
+    func = func.with_body(body)
+    # (the mask loops repeat the slot loop's body: ConvertSSA gives each copy its own variables)
+    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if tiles else func
+
+
+def mask_segments(loop, w_span, tiles: list):
+    """A chunked kernel's slot loop over a table of several channels per row as one loop per
+    mask (``formats.chunk_major``: a row's slots on a chunk ordered by which of its channels
+    have a nonzero weight), each over its mask's slots with only its channels' FMAs: a window
+    loaded once serves every channel of the mask, and no FMA multiplies a zero. The compute's
+    guard (slot before the chunk's end) holds in every mask loop and is dropped. The register
+    tile is copied from the task's accumulators into a buffer of its own (appended to
+    ``tiles``) before the mask loops and back after them: the code generator keeps that buffer
+    in registers through all of them, where it loaded and stored the task buffer around each."""
+    import tvm_ffi
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    tirx = tvm.tirx
+    nodes = _visit(loop.body, [])
+    update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
+    inner = [n for n in nodes if isinstance(n, tirx.For)]
+    image, kb, io, oh, ow, chunk = update.iter_values[:6]
+    channel = next((n for n in inner if io.same_as(n.loop_var)), None)
+    if channel is None or int(channel.min) != 0 or not isinstance(channel.extent, tirx.IntImm):
+        raise NotImplementedError("lower_sparse: a masked slot loop whose channels are not one loop of its own")
+
+    def at_origin(expr):  # the tile's first element: every loop inside at its start
+        starts = {n.loop_var: n.min for n in inner}
+        return tvm.sym.Analyzer().simplify(tvm_ffi.structural_map(expr, (tirx.Var, lambda v: starts.get(v, v))))
+
+    def extent(expr):  # elements of the tile along the axis ``expr`` indexes
+        used = tirx.analysis.undefined_vars(expr)
+        return functools.reduce(lambda a, n: a * int(n.extent), [n for n in inner if any(
+            v.same_as(n.loop_var) for v in used)], 1)
+    acc = update.block.body.buffer
+    shape = (int(channel.extent), extent(oh), extent(ow))
+    origin = [at_origin(e) for e in (image, kb, io, oh, ow)]
+    analyzer = tvm.sym.Analyzer()
+    if not all(analyzer.can_prove_equal(tirx.floormod(o, e), 0) for o, e in zip(origin[3:], shape[1:])):
+        raise NotImplementedError("lower_sparse: a masked kernel's register tile that does not start at a "
+                                  "multiple of its size")
+    # (global scope: TVM places a small global buffer on the stack, where the code generator
+    # promotes it to registers; a local one comes from the workspace allocator, an opaque pointer)
+    tile = tirx.decl_buffer(shape, acc.dtype, "acc_tile", scope="global")
+    tiles.append(tile)
+    block = update.block
+    v_io, v_oh, v_ow = (block.iter_vars[i].var for i in (2, 3, 4))
+    within = [v_io, tirx.floormod(v_oh, shape[1]), tirx.floormod(v_ow, shape[2])]
+
+    def on_tile(node):
+        if isinstance(node, tvm.ir.expr.TensorLoad) and node.source.same_as(acc):
+            return tirx.BufferLoad(tile, within)
+        if isinstance(node, tirx.BufferStore) and node.buffer.same_as(acc):
+            return tirx.BufferStore(tile, node.value, within)
+        if isinstance(node, tvm.ir.expr.Call) and node.op.name == "prim.if_then_else":
+            return node.args[1]  # the guard's value
+        return node
+
+    def regions(of):
+        return [tirx.BufferRegion(tile, [tvm.ir.Range.from_min_extent(i, 1) for i in within])
+                if r.source.same_as(acc) else r for r in of]
+    body = tvm_ffi.structural_map(block.body, [(tvm.ir.expr.TensorLoad, on_tile), (tirx.BufferStore, on_tile),
+                                               (tvm.ir.expr.Call, on_tile)])
+    block = SBlock(block.iter_vars, regions(block.reads), regions(block.writes), block.name_hint, body,
+                   block.init, block.alloc_buffers, block.match_buffers, block.annotations)
+    slot_body = _rebuild(loop.body, lambda node: SBlockRealize(node.iter_values, node.predicate, block)
+                         if isinstance(node, SBlockRealize) and node.block.name_hint == "acc_update" else None)
+
+    def only(mask):  # the slot loop's body with the channel loop unrolled to the mask's channels
+        def post(node):
+            if not (isinstance(node, tirx.For) and node.loop_var.same_as(channel.loop_var)):
+                return None
+            dtype = str(channel.extent.ty)
+            bodies = [tvm_ffi.structural_map(node.body, (tirx.Var, lambda v, i=i: tirx.const(i, dtype)
+                                                         if v.same_as(channel.loop_var) else v))
+                      for i in range(int(channel.extent)) if mask >> i & 1]
+            return bodies[0] if len(bodies) == 1 else tirx.SeqStmt(bodies)
+        return _rebuild(slot_body, post)
+    start = w_span[chunk, kb, 0]
+    loops = [tirx.For(loop.loop_var, w_span[chunk, kb, mask - 1] - start,
+                      w_span[chunk, kb, mask] - w_span[chunk, kb, mask - 1], loop.kind, only(mask))
+             for mask in range(1, int(w_span.shape[2]))]
+    lanes = next(int(n.extent) for n in inner if n.kind == tirx.ForKind.VECTORIZED)
+
+    def copy(into_tile):
+        i, r, v, lane = (tirx.Var(name, "int32") for name in ("i", "r", "v", "lane"))
+        index = [i, r, v * lanes + lane]
+        task = origin[:2] + [origin[2] + i, origin[3] + r, origin[4] + index[2]]
+        stmt = tirx.BufferStore(tile, tirx.BufferLoad(acc, task), index) if into_tile else \
+            tirx.BufferStore(acc, tirx.BufferLoad(tile, index), task)
+        for var, size, kind in ((lane, lanes, tirx.ForKind.VECTORIZED), (v, shape[2] // lanes, tirx.ForKind.UNROLLED),
+                                (r, shape[1], tirx.ForKind.UNROLLED), (i, shape[0], tirx.ForKind.UNROLLED)):
+            stmt = tirx.For(var, 0, size, kind, stmt)
+        return stmt
+    return tirx.SeqStmt([copy(True)] + loops + [copy(False)])
 
 
 def split_partial_vector(loop, scratch: list | None = None):

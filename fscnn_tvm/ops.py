@@ -29,7 +29,7 @@ from tvm import te
 from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
 from .target import caches, vector_lanes, vector_registers
-from .tiles import band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens
+from .tiles import band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens, shared_channels
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -103,15 +103,17 @@ def batched_linear_compute(x_t, w_data, w_offset):
 
 def chunked_accumulate_compute(x_flat, w_data, w_offset, w_span, out_hw, row_stride, chunk_width, band_rows=None):
     """``sparse_accumulate_compute`` with the reduction in chunks of input channels: row kb's
-    nonzeros on chunk c's channels are the table's slots ``w_span[c, kb, 0] .. w_span[c, kb, 1]``
+    slots on chunk c's channels are the table's slots ``w_span[c, kb, 0] .. w_span[c, kb, -1]``
     counted row-major over the whole table (``formats.chunk_major``: a task's rows' slots of one
     chunk follow each other), so a schedule can run every row on one chunk (whose input fits the
-    L1d) before the next. The guard keeps slots past the chunk's end out; the nonzero loop is
-    bounded at the chunk's end by ``lower_sparse``, which makes the guard always true."""
+    L1d) before the next. The guard keeps slots past the chunk's end out; ``lower_sparse``
+    bounds the slot loop at the chunk's end (or, for a table of several channels per row, runs
+    each mask's slots with only its channels' FMAs), which makes the guard always true."""
     n_b = x_flat.shape[0]
     n_kb, width, bo, _ = w_data.shape
     red_c = te.reduce_axis((0, w_span.shape[0]), name="c")
     red_w = te.reduce_axis((0, chunk_width), name="w")
+    end = w_span.shape[2] - 1
 
     def term(n, kb, io, oh, ow):
         start = w_span[red_c, kb, 0]
@@ -121,7 +123,7 @@ def chunked_accumulate_compute(x_flat, w_data, w_offset, w_span, out_hw, row_str
         window = x_flat[n, offset + oh * row_stride + ow] if band_rows is None else \
             x_flat[n, oh // band_rows, offset + oh % band_rows * row_stride + ow]
         value = w_data[row, col, io, 0] * window
-        return te.if_then_else(red_w < w_span[red_c, kb, 1] - start, value, tvm.tirx.const(0.0, "float32"))
+        return te.if_then_else(red_w < w_span[red_c, kb, end] - start, value, tvm.tirx.const(0.0, "float32"))
 
     return te.compute((n_b, n_kb, bo, out_hw[0], out_hw[1]),
                       lambda n, kb, io, oh, ow: te.sum(term(n, kb, io, oh, ow), axis=[red_c, red_w]), name="acc")
@@ -248,7 +250,7 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
     w_offset = te.placeholder((n_kb, width, bi), spec.offset_dtype, name="w_offset")
     w_length = te.placeholder((n_kb,), "int32", name="w_length")
     w_perm = te.placeholder((spec.out_features,), "int32", name="w_perm")
-    w_span = te.placeholder((spec.geo.in_channels // spec.chunk_channels, n_kb, 2), "int32", name="w_span") \
+    w_span = te.placeholder((spec.geo.in_channels // spec.chunk_channels, n_kb, 1 << bo), "int32", name="w_span") \
         if spec.chunk_channels else None
     bias = te.placeholder((spec.out_features,), "float32", name="bias") if spec.has_bias else None
     batch = batch_extent(spec.batch)
@@ -314,12 +316,21 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
 
 
 def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
-    """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer."""
-    ell = sparse.ell(ELL_WIDTH_MULTIPLE)
-    spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
-                     **conv_args)
+    """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer. A
+    chunked CSR conv whose channels share input columns runs on the same weights as a table of
+    several channels per row (``tiles.shared_channels``, ``formats.shared_rows``)."""
+    def table(sparse):
+        ell = sparse.ell(ELL_WIDTH_MULTIPLE)
+        spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
+                         **conv_args)
+        return ell, spec, chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
+    ell, spec, chunk = table(sparse)
+    channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \
+        if chunk and isinstance(sparse, F.CSR) else 1
+    if channels > 1:
+        shared = table(F.shared_rows(sparse, channels))
+        ell, spec, chunk = shared if shared[2] else (ell, spec, chunk)
     data, cols, spans = ell.data, ell.cols, []
-    chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     if chunk:
         bounds = ell.chunk_starts(chunk * spec.geo.kh * spec.geo.kw, spec.geo.in_channels // chunk)
         width = F.round_up(max(1, int(np.diff(bounds, axis=1).max())), ELL_WIDTH_MULTIPLE)

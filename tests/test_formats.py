@@ -299,9 +299,65 @@ def test_chunk_major_tables_hold_each_rows_chunk_in_one_span_in_task_order(per_c
     assert position == ell.lengths.sum() and not flat_data[position:].any()
 
 
-def test_ell_chunk_starts_of_a_blocked_table_is_an_error():
-    with pytest.raises(ValueError, match="CSR"):
-        to_bsr(random_weight((8, 8)), (4, 1)).ell().chunk_starts(4, 2)
+def test_ell_chunk_starts_of_a_table_of_several_columns_per_slot_is_an_error():
+    with pytest.raises(ValueError, match="one column per slot"):
+        to_bsr(random_weight((8, 8)), (1, 2)).ell().chunk_starts(4, 2)
+
+
+@pytest.mark.parametrize("channels,per_chunk,chunks,group", [(2, 9, 4, 3), (3, 18, 2, 1), (4, 36, 1, 8), (3, 3, 12, 2)])
+def test_chunk_major_runs_a_shared_rows_slots_on_a_chunk_by_mask(channels, per_chunk, chunks, group):
+    """A table of several channels per row (``shared_rows``): span [c, kb] holds where each mask's
+    slots begin, then the end; a mask's slots are exactly the row's columns on chunk c whose
+    nonzero channels are that mask, with their values (rows of every length, a partial last
+    row, an empty channel)."""
+    from fscnn_tvm.formats import chunk_major, shared_rows
+    w = random_weight((13, 4, 3, 3), 0.6, seed=channels + per_chunk)
+    w[5] = 0.0
+    csr = to_csr(w)
+    ell = shared_rows(csr, channels).ell(4)
+    data, cols, span = chunk_major(ell, ell.chunk_starts(per_chunk, chunks), group)
+    assert span.shape == (chunks, len(ell.lengths), 1 << channels)
+    flat_data, flat_cols = data.reshape(-1, channels), cols.reshape(-1)
+    dense = csr.to_dense().reshape(13, -1)
+    seen = 0
+    for c in range(chunks):
+        for kb in range(len(ell.lengths)):
+            assert (np.diff(span[c, kb]) >= 0).all()
+            rows = ell.order[kb] * channels + np.arange(channels)
+            for mask in range(1, 1 << channels):
+                lo, hi = span[c, kb, mask - 1], span[c, kb, mask]
+                members = [i for i in range(channels) if mask >> i & 1]
+                expected = [col for col in range(c * per_chunk, (c + 1) * per_chunk)
+                            if all((rows[i] < 13 and dense[rows[i], col] != 0) == (i in members)
+                                   for i in range(channels))]
+                assert sorted(flat_cols[lo:hi]) == expected
+                for slot in range(lo, hi):
+                    for i in range(channels):
+                        value = dense[rows[i], flat_cols[slot]] if rows[i] < 13 else 0.0
+                        assert flat_data[slot, i] == value
+                seen += hi - lo
+    used = np.pad(dense != 0, ((0, -13 % channels), (0, 0))).reshape(-1, channels, dense.shape[1]).any(axis=1)
+    assert seen == used.sum()  # every column a group uses, once
+
+
+def test_column_sharing_counts_nonzeros_per_distinct_column_of_a_group():
+    from fscnn_tvm.formats import column_sharing, grouped_to_csr
+    w = np.zeros((4, 6), np.float32)
+    w[0, [0, 1]] = 1
+    w[1, [1, 2]] = 1  # rows 0-1 share column 1: 4 nonzeros on 3 columns
+    w[2, 5] = 1  # rows 2-3: 1 nonzero on 1 column
+    assert column_sharing(to_csr(w), 2) == pytest.approx(5 / 4)
+    assert column_sharing(to_csr(w), 1) == 1.0
+    depthwise = grouped_to_csr(random_weight((8, 1, 3, 3)), 8)  # no two channels share an input
+    assert column_sharing(depthwise, 3) == 1.0
+
+
+def test_shared_rows_hold_the_same_weights():
+    from fscnn_tvm.formats import shared_rows
+    w = random_weight((10, 3, 3, 3), 0.7)
+    table = shared_rows(to_csr(w), 3)
+    assert table.block == (3, 1)
+    np.testing.assert_array_equal(table.to_dense(), w)
 
 
 def test_bsr_ell_keeps_a_partial_last_block_row_last():

@@ -35,6 +35,23 @@ def test_a_kernel_without_its_epilogue_store_is_an_error():
         lowering.lower_sparse(func.with_body(tvm.tirx.Evaluate(0)))
 
 
+def test_a_masked_slot_loop_whose_channels_are_split_is_an_error(rng=np.random.default_rng(3)):
+    """The mask loops unroll the channel loop to each mask's channels: a schedule that split it
+    cannot be rewritten, and says so instead of running every channel in every mask."""
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 2)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: 2)
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 4, 8, 8), None, None, fscnn_tvm.resolve_target(None),
+                                    padding=1)
+    sch = schedule.schedule_sparse(ops.prim_func(spec), spec)
+    *_, channel, _, _, _ = sch.get_loops(sch.get_sblock("acc_update"))
+    sch.split(channel, [None, 1])
+    with pytest.raises(NotImplementedError, match="channels are not one loop"):
+        lowering.lower_sparse(sch.mod["main"])
+
+
 def test_functions_without_a_permutation_pass_through():
     func = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))
     assert lowering.lower_sparse(func).same_as(func)

@@ -95,18 +95,20 @@ fmt_block = st.one_of(
     dilation=st.integers(1, 2) | two_ints(1, 2),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
     fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
-    seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8), chunk=st.integers(0, 8),
+    seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8), chunk=st.integers(0, 8), shared=st.integers(1, 4),
 )
 def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
-                         activation, seed, band, chunk):
+                         activation, seed, band, chunk, shared):
     """``band`` > 0: the input laid out band by band, with any band height that divides the output;
     ``chunk`` > 0: the reduction in chunks of any size that divides the input channels (where the
-    kernel can chunk: CSR, not banded, not flattened)."""
+    kernel can chunk: one column per slot, at most 4 channels per row), a CSR weight run as
+    ``shared`` channels per table row."""
     with pytest.MonkeyPatch.context() as patch:
         if band:
             patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, band))
         if chunk:
             patch.setattr(ops, "chunking", lambda spec, mean_row: chunked(spec, chunk))
+            patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
         check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
 
 

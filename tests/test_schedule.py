@@ -50,16 +50,17 @@ def test_sampled_schedules_match_pytorch(seed, variant, fmt):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(1, 2**30), chunk=st.sampled_from([1, 2, 3, 6]), stride=st.integers(1, 2),
-       band=st.booleans())
-def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride, band):
+       band=st.booleans(), shared=st.integers(1, 4))
+def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride, band, shared):
     """Any point of the chunked kernel's design space (channels per task, tile rows and vectors,
-    unrolling; laid out in one pass or per band) computes the layer: rows of every length, empty
-    chunks, channels permuted."""
+    unrolling; laid out in one pass or per band; ``shared`` channels per table row, run by mask)
+    computes the layer: rows of every length, empty chunks, channels permuted."""
     rng = np.random.default_rng(seed)
     w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
     x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
         if band:
             patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, seed))
         out = _run_sampled("conv2d", w, x, b, "csr", None, "chunks", seed, stride=stride, padding=1)
@@ -75,6 +76,23 @@ def test_chunked_default_schedule_bounds_each_chunk_exactly(rng):
     assert schedule.variants(spec) == schedule.CHUNKED and spec.chunk_channels == 2
     lowered = kernel_func(schedule.default_schedule(ops.prim_func(spec), spec)).script()
     assert "range(w_span[" in lowered and "w_perm[" in lowered and TILE_BOUND not in lowered
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_a_shared_rows_kernel_runs_one_slot_loop_per_mask_on_a_register_tile(rng, channels):
+    """Channels per table row: one slot loop per mask of them (2**channels - 1), each with its
+    own channels' updates only and no guard, on a tile copied in before them and out after."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 2)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: channels)
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(_uneven_rows(rng, (8, 4, 3, 3))), (1, 4, 8, 8), None, None,
+                                    fscnn_tvm.resolve_target(None), padding=1)
+    assert spec.ell_shape[2:] == (channels, 1)
+    lowered = kernel_func(schedule.default_schedule(ops.prim_func(spec), spec)).script()
+    assert lowered.count("for w in range(w_span[") == 2 ** channels - 1
+    assert lowered.count('T.sblock("acc_update")') == channels * 2 ** (channels - 1)  # each channel in half the masks
+    assert "if_then_else" not in lowered.split('T.sblock("acc_update")', 1)[1].split("acc_tile[i", 1)[0]
+    assert lowered.count("acc_tile[i, r, v *") == 2  # the tile in, and out
 
 
 def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):

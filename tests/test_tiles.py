@@ -94,6 +94,23 @@ def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_sh
     assert_matches(layer(x), torch_conv(x, w, activation="relu", **conv))
 
 
+@pytest.mark.parametrize("mcpu,w_shape,sparsity,channels", [
+    ("znver4", (64, 64, 3, 3), 0.7, 3),  # 3x3: 1.37 FMAs a window load, 2 of 3 windows split lines
+    ("znver4", (64, 256, 1, 1), 0.7, 2),  # pointwise (aligned windows): 2 channels
+    ("znver4", (64, 64, 3, 3), 0.9, 1),  # 1.11 FMAs a load: not worth a loop per mask
+    ("znver3", (64, 64, 3, 3), 0.7, 1),  # 16 vector registers: no room for a tile of several channels
+])
+def test_chunked_csr_convs_share_rows_where_their_channels_share_columns(rng, mcpu, w_shape, sparsity, channels):
+    target = fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu} -num-cores=2")
+    w = sparse_weight(rng, w_shape, sparsity)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "caches", lambda t: ZEN3)
+        spec, arrays = ops.kernel_inputs("conv2d", to_csr(w), (1, w_shape[1], 56, 56), None, None, target,
+                                         padding=w_shape[2] // 2)
+    assert spec.chunk_channels and spec.ell_shape[2:] == (channels, 1)
+    assert arrays[4].shape[2] == 1 << channels  # where each mask's slots begin, then the end
+
+
 @pytest.mark.parametrize("width,native,lanes", [
     (28, 8, 8), (12, 8, 8), (7, 8, 8), (224, 8, 8),  # AVX2: 4-lane ops cost what 8-lane ones do
     (56, 16, 8), (28, 16, 16), (24, 16, 8), (14, 16, 16), (224, 16, 16),  # AVX-512: half width where it pads less
