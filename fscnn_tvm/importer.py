@@ -229,6 +229,8 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
     if reason is None:
         out = emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
+        shared = next(k.spec for k in kernels.values() if name in k.layers).ell_shape[2]
+        label += f" ({shared} channels per row)" if layer_fmt == "csr" and shared > 1 else ""
     else:
         grouped = "tvm"
         if chain.kind == "conv2d" and chain.weight is not None and int(chain.head.attrs.groups) > 1:
