@@ -316,9 +316,10 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
 
 
 def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
-    """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer. A
-    chunked CSR conv whose channels share input columns runs on the same weights as a table of
-    several channels per row (``tiles.shared_channels``, ``formats.shared_rows``)."""
+    """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer. A CSR
+    conv runs on the same weights as a table of several channels per row where the policy picks
+    it (``tiles.shared_channels``, ``formats.shared_rows``) and that table's kernel runs chunked
+    (its mask loops need the chunked kernel)."""
     def table(sparse):
         ell = sparse.ell(ELL_WIDTH_MULTIPLE)
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
@@ -326,7 +327,7 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
         return ell, spec, chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     ell, spec, chunk = table(sparse)
     channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \
-        if chunk and isinstance(sparse, F.CSR) else 1
+        if kind == "conv2d" and isinstance(sparse, F.CSR) else 1
     if channels > 1:
         shared = table(F.shared_rows(sparse, channels))
         ell, spec, chunk = shared if shared[2] else (ell, spec, chunk)

@@ -141,8 +141,8 @@ CHUNK_NONZEROS = 4
 # Most channels a chunked kernel's table row may hold: its slots are run by mask (which of the
 # row's channels have a nonzero weight there), one loop per mask, 2**channels - 1 loops.
 MASK_CHANNELS = 4
-# Fewest FMAs per window load (``formats.column_sharing``) for which a CSR conv's table is
-# rebuilt with several channels per row (``shared_channels``).
+# Fewest FMAs per window load (``formats.column_sharing``) for which a CSR conv of more than
+# one kernel column is rebuilt with several channels per row (``shared_channels``).
 SHARED_FMAS = 1.15
 
 
@@ -179,22 +179,24 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
 
 
 def shared_channels(spec: KernelSpec, sharing) -> int:
-    """Channels per table row for a chunked CSR conv: 1, or the channels whose nonzeros share
-    input columns often enough (``sharing(channels)``: nonzeros per distinct column of a group
-    of that many channels, at least ``SHARED_FMAS``) that one window load serving all of them
-    pays for running each mask of them in its own loop. Measured on Zen 4 (AVX-512, 2 threads)
-    against one channel per row, random patterns:
+    """Channels per table row for a CSR conv (used where that table's kernel runs chunked): 1,
+    or 2 for a pointwise conv, or 3 for a conv whose channels share input columns often enough
+    (``sharing(3)``: nonzeros per distinct column of a group of 3, at least ``SHARED_FMAS``) that
+    one window load serving all of them pays for running each mask of them in its own loop.
+    Measured on Zen 4 (AVX-512, 2 threads) against one channel per row, random patterns:
     - 3x3 convs, 3 channels (2 of 3 windows straddle a cache line, so each load saved is a
       split one): 70 % (1.37 FMAs a load) 1.06-1.16x on maps of 14-112 rows; 80 % (1.23)
       0.99-1.13x; 90 % (1.11) 0.97-1.0x. 2 channels: 0.99-1.13x at 70 %.
-    - pointwise convs (aligned windows), 2 channels: 70 % (1.18) 1.06-1.16x; 3 channels 0.67-1.22x
-      (a flattened 28x28 map 0.67x).
+    - pointwise convs (aligned windows), 2 channels: 70 % 1.06-1.16x; 80 % 1.06-1.16x; 90 % 1.01-1.60x
+      (the most on few nonzeros per row: 64->256@56 1.60x, 24->144@56 1.22x, where one channel per
+      row did not chunk), MobileNetV2's and ResNet-50's shapes 0.98-1.6x; 3 channels 0.67-1.22x.
     - a CPU of 16 vector registers (AVX2, ``znver3`` target on the same CPU): 0.31-1.15x, the
       tile of 2-3 channels leaving room for 3-4 vectors of pixels: one channel per row there."""
     if spec.registers < 32:
         return 1
-    channels = 3 if spec.geo.kw > 1 else 2
-    return channels if sharing(channels) >= SHARED_FMAS else 1
+    if spec.geo.kw == 1:
+        return 2
+    return 3 if sharing(3) >= SHARED_FMAS else 1
 
 
 def batch_lanes(spec: KernelSpec) -> int:

@@ -97,6 +97,7 @@ def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_sh
 @pytest.mark.parametrize("mcpu,w_shape,sparsity,channels", [
     ("znver4", (64, 64, 3, 3), 0.7, 3),  # 3x3: 1.37 FMAs a window load, 2 of 3 windows split lines
     ("znver4", (64, 256, 1, 1), 0.7, 2),  # pointwise (aligned windows): 2 channels
+    ("znver4", (64, 256, 1, 1), 0.9, 2),  # pointwise at 90 %: 2 (one channel per row would not chunk)
     ("znver4", (64, 64, 3, 3), 0.9, 1),  # 1.11 FMAs a load: not worth a loop per mask
     ("znver3", (64, 64, 3, 3), 0.7, 1),  # 16 vector registers: no room for a tile of several channels
 ])
