@@ -154,43 +154,49 @@ def mask_segments(loop, w_span, tiles: list):
     if not all(analyzer.can_prove_equal(tirx.floormod(o, e), 0) for o, e in zip(origin[3:], shape[1:])):
         raise NotImplementedError("lower_sparse: a masked kernel's register tile that does not start at a "
                                   "multiple of its size")
-    # (global scope: TVM places a small global buffer on the stack, where the code generator
-    # promotes it to registers; a local one comes from the workspace allocator, an opaque pointer)
-    tile = tirx.decl_buffer(shape, acc.dtype, "acc_tile", scope="global")
-    tiles.append(tile)
+    # One buffer per channel, in global scope: TVM puts a global buffer of under 1 KiB on the
+    # stack, where the code generator promotes it to registers (a local buffer, or a bigger one,
+    # comes from the workspace allocator: an opaque pointer, loaded and stored around each loop).
+    per_channel = shape[1:]
+    channel_tiles = [tirx.decl_buffer(per_channel, acc.dtype, f"acc_tile{i}", scope="global")
+                     for i in range(shape[0])]
+    tiles.extend(channel_tiles)
     block = update.block
-    v_io, v_oh, v_ow = (block.iter_vars[i].var for i in (2, 3, 4))
-    within = [v_io, tirx.floormod(v_oh, shape[1]), tirx.floormod(v_ow, shape[2])]
+    v_oh, v_ow = (block.iter_vars[i].var for i in (3, 4))
+    within = [tirx.floormod(v_oh, shape[1]), tirx.floormod(v_ow, shape[2])]
 
-    def on_tile(node):
-        if isinstance(node, tvm.ir.expr.TensorLoad) and node.source.same_as(acc):
-            return tirx.BufferLoad(tile, within)
-        if isinstance(node, tirx.BufferStore) and node.buffer.same_as(acc):
-            return tirx.BufferStore(tile, node.value, within)
-        if isinstance(node, tvm.ir.expr.Call) and node.op.name == "prim.if_then_else":
-            return node.args[1]  # the guard's value
-        return node
+    def on_tile(tile):
+        def rewrite(node):
+            if isinstance(node, tvm.ir.expr.TensorLoad) and node.source.same_as(acc):
+                return tirx.BufferLoad(tile, within)
+            if isinstance(node, tirx.BufferStore) and node.buffer.same_as(acc):
+                return tirx.BufferStore(tile, node.value, within)
+            if isinstance(node, tvm.ir.expr.Call) and node.op.name == "prim.if_then_else":
+                return node.args[1]  # the guard's value
+            return node
 
-    def regions(of):
-        return [tirx.BufferRegion(tile, [tvm.ir.Range.from_min_extent(i, 1) for i in within])
-                if r.source.same_as(acc) else r for r in of]
-    body = tvm_ffi.structural_map(block.body, [(tvm.ir.expr.TensorLoad, on_tile), (tirx.BufferStore, on_tile),
-                                               (tvm.ir.expr.Call, on_tile)])
-    block = SBlock(block.iter_vars, regions(block.reads), regions(block.writes), block.name_hint, body,
-                   block.init, block.alloc_buffers, block.match_buffers, block.annotations)
-    slot_body = _rebuild(loop.body, lambda node: SBlockRealize(node.iter_values, node.predicate, block)
-                         if isinstance(node, SBlockRealize) and node.block.name_hint == "acc_update" else None)
+        def regions(of):
+            return [tirx.BufferRegion(tile, [tvm.ir.Range.from_min_extent(i, 1) for i in within])
+                    if r.source.same_as(acc) else r for r in of]
+        body = tvm_ffi.structural_map(block.body, [(tvm.ir.expr.TensorLoad, rewrite), (tirx.BufferStore, rewrite),
+                                                   (tvm.ir.expr.Call, rewrite)])
+        return SBlock(block.iter_vars, regions(block.reads), regions(block.writes), block.name_hint, body,
+                      block.init, block.alloc_buffers, block.match_buffers, block.annotations)
+    channel_blocks = [on_tile(tile) for tile in channel_tiles]
 
     def only(mask):  # the slot loop's body with the channel loop unrolled to the mask's channels
         def post(node):
             if not (isinstance(node, tirx.For) and node.loop_var.same_as(channel.loop_var)):
                 return None
             dtype = str(channel.extent.ty)
-            bodies = [tvm_ffi.structural_map(node.body, (tirx.Var, lambda v, i=i: tirx.const(i, dtype)
-                                                         if v.same_as(channel.loop_var) else v))
-                      for i in range(int(channel.extent)) if mask >> i & 1]
+            bodies = []
+            for i in (i for i in range(int(channel.extent)) if mask >> i & 1):
+                body = _rebuild(node.body, lambda n, i=i: SBlockRealize(n.iter_values, n.predicate, channel_blocks[i])
+                                if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update" else None)
+                bodies.append(tvm_ffi.structural_map(body, (tirx.Var, lambda v, i=i: tirx.const(i, dtype)
+                                                            if v.same_as(channel.loop_var) else v)))
             return bodies[0] if len(bodies) == 1 else tirx.SeqStmt(bodies)
-        return _rebuild(slot_body, post)
+        return _rebuild(loop.body, post)
     start = w_span[chunk, kb, 0]
     loops = [tirx.For(loop.loop_var, w_span[chunk, kb, mask - 1] - start,
                       w_span[chunk, kb, mask] - w_span[chunk, kb, mask - 1], loop.kind, only(mask))
@@ -198,16 +204,19 @@ def mask_segments(loop, w_span, tiles: list):
     lanes = next(int(n.extent) for n in inner if n.kind == tirx.ForKind.VECTORIZED)
 
     def copy(into_tile):
-        i, r, v, lane = (tirx.Var(name, "int32") for name in ("i", "r", "v", "lane"))
-        index = [i, r, v * lanes + lane]
-        task = origin[:2] + [origin[2] + i, origin[3] + r, origin[4] + index[2]]
-        stmt = tirx.BufferStore(tile, tirx.BufferLoad(acc, task), index) if into_tile else \
-            tirx.BufferStore(acc, tirx.BufferLoad(tile, index), task)
-        for var, size, kind in ((lane, lanes, tirx.ForKind.VECTORIZED), (v, shape[2] // lanes, tirx.ForKind.UNROLLED),
-                                (r, shape[1], tirx.ForKind.UNROLLED), (i, shape[0], tirx.ForKind.UNROLLED)):
-            stmt = tirx.For(var, 0, size, kind, stmt)
-        return stmt
-    return tirx.SeqStmt([copy(True)] + loops + [copy(False)])
+        stmts = []
+        for i, tile in enumerate(channel_tiles):
+            r, v, lane = (tirx.Var(name, "int32") for name in ("r", "v", "lane"))
+            index = [r, v * lanes + lane]
+            task = origin[:2] + [origin[2] + i, origin[3] + r, origin[4] + index[1]]
+            stmt = tirx.BufferStore(tile, tirx.BufferLoad(acc, task), index) if into_tile else \
+                tirx.BufferStore(acc, tirx.BufferLoad(tile, index), task)
+            for var, size, kind in ((lane, lanes, tirx.ForKind.VECTORIZED),
+                                    (v, shape[2] // lanes, tirx.ForKind.UNROLLED), (r, shape[1], tirx.ForKind.UNROLLED)):
+                stmt = tirx.For(var, 0, size, kind, stmt)
+            stmts.append(stmt)
+        return stmts
+    return tirx.SeqStmt(copy(True) + loops + copy(False))
 
 
 def split_partial_vector(loop, scratch: list | None = None):

@@ -81,7 +81,8 @@ def test_chunked_default_schedule_bounds_each_chunk_exactly(rng):
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_a_shared_rows_kernel_runs_one_slot_loop_per_mask_on_a_register_tile(rng, channels):
     """Channels per table row: one slot loop per mask of them (2**channels - 1), each with its
-    own channels' updates only and no guard, on a tile copied in before them and out after."""
+    own channels' updates only and no guard, on tiles (one per channel) copied in before them
+    and out after."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "chunking", lambda spec, mean_row: 2)
         patch.setattr(ops, "shared_channels", lambda spec, sharing: channels)
@@ -91,8 +92,9 @@ def test_a_shared_rows_kernel_runs_one_slot_loop_per_mask_on_a_register_tile(rng
     lowered = kernel_func(schedule.default_schedule(ops.prim_func(spec), spec)).script()
     assert lowered.count("for w in range(w_span[") == 2 ** channels - 1
     assert lowered.count('T.sblock("acc_update")') == channels * 2 ** (channels - 1)  # each channel in half the masks
-    assert "if_then_else" not in lowered.split('T.sblock("acc_update")', 1)[1].split("acc_tile[i", 1)[0]
-    assert lowered.count("acc_tile[i, r, v *") == 2  # the tile in, and out
+    assert "if_then_else" not in lowered.split('T.sblock("acc_update")', 1)[1].split("acc_tile0[r", 1)[0]
+    for i in range(channels):  # each channel's tile in, and out
+        assert lowered.count(f"acc_tile{i}[r, v *") == 2
 
 
 def test_default_schedule_bounds_each_tile_by_its_longest_row(rng):
