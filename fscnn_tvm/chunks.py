@@ -233,7 +233,6 @@ def _copy(shape, dtype):
     return func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
 
 
-
 def call_in_chunks(bb, func, inputs: list, chunk: int, out_shape, dtype: str):
     """``func`` (a ``segment_function``) on the batch: one call per chunk of images, each on
     views of its inputs (the images of a chunk are one contiguous block of an NCHW tensor: no
@@ -242,16 +241,16 @@ def call_in_chunks(bb, func, inputs: list, chunk: int, out_shape, dtype: str):
     batch = int(inputs[0].ty.shape[0])
     out_shape = [int(d) for d in out_shape]
 
-    def image_bytes(shape):
-        return int(np.prod([int(d) for d in shape[1:]])) * np.dtype(dtype).itemsize
+    def image_bytes(shape, of_dtype):
+        return int(np.prod([int(d) for d in shape[1:]])) * np.dtype(of_dtype).itemsize
 
     def view(x, i):
         shape = [int(d) for d in x.ty.shape]
         return bb.emit(relax.op.memory.ensure_zero_offset(
-            relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes(shape))))
+            relax.op.memory.view(x, [chunk] + shape[1:], str(x.ty.dtype), i * image_bytes(shape, str(x.ty.dtype)))))
     out = bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(out_shape), dtype, 0))
     for i in range(0, batch, chunk):
-        offset = relax.expr.prim_value(tvm.tirx.IntImm("int64", i * image_bytes(out_shape)))
+        offset = relax.expr.prim_value(tvm.tirx.IntImm("int64", i * image_bytes(out_shape, dtype)))
         call = bb.emit(relax.Call(func, [view(x, i) for x in inputs] + [out, offset]))
         out = bb.emit(relax.TupleGetItem(call, 0))
     return out

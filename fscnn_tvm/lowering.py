@@ -3,9 +3,10 @@ does that TE cannot say. The epilogue stores table channel k to output channel `
 each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
 (``w_length``) or, over a table of several channels per row, runs as one loop per mask of them
 (``mask_segments``), and a vector that ends past its row is stored whole where it is inside,
-else by one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator, hence the
-small rebuild below, which knows every statement kind a scheduled kernel holds and refuses any
-other: a rewrite that silently skipped a node it cannot see into would leave channels unpermuted."""
+else by one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator,
+hence the small rebuild below, which knows every statement kind a scheduled kernel holds and
+refuses any other: a rewrite that silently skipped a node it cannot see into would leave
+channels unpermuted."""
 from __future__ import annotations
 
 import functools
@@ -139,8 +140,9 @@ def mask_segments(loop, w_span, tiles: list):
     if channel is None or int(channel.min) != 0 or not isinstance(channel.extent, tirx.IntImm):
         raise NotImplementedError("lower_sparse: a masked slot loop whose channels are not one loop of its own")
 
+    starts = {n.loop_var: n.min for n in inner}
+
     def at_origin(expr):  # the tile's first element: every loop inside at its start
-        starts = {n.loop_var: n.min for n in inner}
         return tvm.sym.Analyzer().simplify(tvm_ffi.structural_map(expr, (tirx.Var, lambda v: starts.get(v, v))))
 
     def extent(expr):  # elements of the tile along the axis ``expr`` indexes
