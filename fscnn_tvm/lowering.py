@@ -33,7 +33,7 @@ def _block_with(block, body, alloc_buffers=None):
 
 
 # Statements without statements inside.
-LEAVES = (tvm.tirx.BufferStore, tvm.tirx.Evaluate)
+LEAVES = (tvm.tirx.BufferStore, tvm.tirx.Evaluate, tvm.tirx.AllocBuffer)
 
 
 def _rebuild(stmt, post):
@@ -85,7 +85,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     if "w_perm" not in params:
         return func
 
-    permuted, scratch, tiles = [], [], []
+    permuted, scratch, masked = [], [], []
 
     def post(node):
         if isinstance(node, SBlock) and node.name_hint == "out":
@@ -101,7 +101,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
             if "w_span" in params and int(params["w_span"].shape[2]) > 2:
-                return mask_segments(node, params["w_span"], tiles)
+                masked.append(node)
+                return mask_segments(node, params["w_span"])
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params) if int(node.annotations[TILE_BOUND]) else node.extent
             return _for_with(node, extent=extent, annotations=annotations)
@@ -110,24 +111,24 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     body = _rebuild(func.body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
-    if scratch or tiles:  # the root block allocates the scratch vector and the register tiles
+    if scratch:  # the root block allocates the scratch vector
         from tvm.s_tir.stmt import SBlockRealize
         root = body.block
         body = SBlockRealize(body.iter_values, body.predicate,
-                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1] + tiles))
+                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
     func = func.with_body(body)
     # (the mask loops repeat the slot loop's body: ConvertSSA gives each copy its own variables)
-    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if tiles else func
+    return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if masked else func
 
 
-def mask_segments(loop, w_span, tiles: list):
+def mask_segments(loop, w_span):
     """A chunked kernel's slot loop over a table of several channels per row as one loop per
     mask (``formats.chunk_major``: a row's slots on a chunk ordered by which of its channels
     have a nonzero weight), each over its mask's slots with only its channels' FMAs: a window
     loaded once serves every channel of the mask, and no FMA multiplies a zero. The compute's
     guard (slot before the chunk's end) holds in every mask loop and is dropped. The register
-    tile is copied from the task's accumulators into a buffer of its own (appended to
-    ``tiles``) before the mask loops and back after them: the code generator keeps that buffer
+    tile is copied from the task's accumulators into buffers of its own, allocated here, inside
+    the task, before the mask loops and back after them: the code generator keeps those buffers
     in registers through all of them, where it loaded and stored the task buffer around each."""
     import tvm_ffi
     from tvm.s_tir.stmt import SBlock, SBlockRealize
@@ -159,10 +160,12 @@ def mask_segments(loop, w_span, tiles: list):
     # One buffer per channel, in global scope: TVM puts a global buffer of under 1 KiB on the
     # stack, where the code generator promotes it to registers (a local buffer, or a bigger one,
     # comes from the workspace allocator: an opaque pointer, loaded and stored around each loop).
+    # Allocated by a statement in the task's body: one in a block's list of buffers is moved by
+    # TVM's allocation planner above the parallel loop, and every thread then shares it (its
+    # copies in and out race, and each store fights the other core for the line).
     per_channel = shape[1:]
     channel_tiles = [tirx.decl_buffer(per_channel, acc.dtype, f"acc_tile{i}", scope="global")
                      for i in range(shape[0])]
-    tiles.extend(channel_tiles)
     block = update.block
     v_oh, v_ow = (block.iter_vars[i].var for i in (3, 4))
     within = [tirx.floormod(v_oh, shape[1]), tirx.floormod(v_ow, shape[2])]
@@ -218,7 +221,7 @@ def mask_segments(loop, w_span, tiles: list):
                 stmt = tirx.For(var, 0, size, kind, stmt)
             stmts.append(stmt)
         return stmts
-    return tirx.SeqStmt(copy(True) + loops + copy(False))
+    return tirx.SeqStmt([tirx.AllocBuffer(tile) for tile in channel_tiles] + copy(True) + loops + copy(False))
 
 
 def split_partial_vector(loop, scratch: list | None = None):

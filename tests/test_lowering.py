@@ -52,6 +52,46 @@ def test_a_masked_slot_loop_whose_channels_are_split_is_an_error(rng=np.random.d
         lowering.lower_sparse(sch.mod["main"])
 
 
+def test_each_task_of_a_masked_kernel_allocates_its_own_register_tiles(rng=np.random.default_rng(4)):
+    """The tiles the mask loops accumulate in are allocated inside the parallel loop, after TVM's
+    allocation planning too: one tile shared by the threads would race (each copies its task's
+    accumulators in and out) and bounce its cache lines between the cores."""
+    from tvm import s_tir, tirx
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 4)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: 2)
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 8, 16, 16), None, None, fscnn_tvm.resolve_target(None),
+                                    padding=1)
+    lowered = lowering.lower_sparse(schedule.schedule_sparse(ops.prim_func(spec), spec).mod["main"])
+    planned = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerOpaqueBlock()])(tvm.IRModule({"main": lowered}))["main"]
+    inside, outside = [], []
+
+    def visit(stmt, in_parallel):
+        if isinstance(stmt, tirx.AllocBuffer) and stmt.buffer.name.startswith("acc_tile"):
+            (inside if in_parallel else outside).append(stmt.buffer.name)
+        for child in _children(stmt):
+            visit(child, in_parallel or isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL)
+    visit(planned.body, False)
+    assert sorted(inside) == ["acc_tile0", "acc_tile1"] and not outside
+
+
+def _children(stmt):
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return list(stmt.seq)
+    if isinstance(stmt, SBlockRealize):
+        return [stmt.block]
+    if isinstance(stmt, tvm.tirx.IfThenElse):
+        return [stmt.then_case] + ([stmt.else_case] if stmt.else_case is not None else [])
+    body = getattr(stmt, "body", None)
+    return [body] if isinstance(body, tvm.tirx.Stmt) else []
+
+
 def test_functions_without_a_permutation_pass_through():
     func = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))
     assert lowering.lower_sparse(func).same_as(func)
