@@ -35,16 +35,21 @@ def test_a_kernel_without_its_epilogue_store_is_an_error():
         lowering.lower_sparse(func.with_body(tvm.tirx.Evaluate(0)))
 
 
+def _shared_rows_spec(rng, out_channels, in_channels, size, chunk):
+    """The spec of a chunked 3x3 conv (half its weights zero) on a table of 2 channels per row."""
+    w = rng.standard_normal((out_channels, in_channels, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: 2)
+        return ops.kernel_inputs("conv2d", to_csr(w), (1, in_channels, size, size), None, None,
+                                 fscnn_tvm.resolve_target(None), padding=1)[0]
+
+
 def test_a_masked_slot_loop_whose_channels_are_split_is_an_error(rng=np.random.default_rng(3)):
     """The mask loops unroll the channel loop to each mask's channels: a schedule that split it
     cannot be rewritten, and says so instead of running every channel in every mask."""
-    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    w[rng.random(w.shape) < 0.5] = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "chunking", lambda spec, mean_row: 2)
-        patch.setattr(ops, "shared_channels", lambda spec, sharing: 2)
-        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 4, 8, 8), None, None, fscnn_tvm.resolve_target(None),
-                                    padding=1)
+    spec = _shared_rows_spec(rng, 8, 4, 8, chunk=2)
     sch = schedule.schedule_sparse(ops.prim_func(spec), spec)
     *_, channel, _, _, _ = sch.get_loops(sch.get_sblock("acc_update"))
     sch.split(channel, [None, 1])
@@ -57,13 +62,7 @@ def test_each_task_of_a_masked_kernel_allocates_its_own_register_tiles(rng=np.ra
     allocation planning too: one tile shared by the threads would race (each copies its task's
     accumulators in and out) and bounce its cache lines between the cores."""
     from tvm import s_tir, tirx
-    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
-    w[rng.random(w.shape) < 0.5] = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "chunking", lambda spec, mean_row: 4)
-        patch.setattr(ops, "shared_channels", lambda spec, sharing: 2)
-        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 8, 16, 16), None, None, fscnn_tvm.resolve_target(None),
-                                    padding=1)
+    spec = _shared_rows_spec(rng, 16, 8, 16, chunk=4)
     lowered = lowering.lower_sparse(schedule.schedule_sparse(ops.prim_func(spec), spec).mod["main"])
     planned = tvm.transform.Sequential([
         s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
