@@ -14,7 +14,7 @@ import itertools
 
 import tvm
 
-from .decisions import TILE_BOUND
+from .decisions import MASKED_ROW_ATTR, TILE_BOUND
 
 
 def _for_with(loop, body=None, extent=None, annotations=None):
@@ -58,6 +58,11 @@ def _rebuild(stmt, post):
         body = _rebuild(stmt.body, post)
         if not body.same_as(stmt.body):
             new = _block_with(stmt, body)
+    elif isinstance(stmt, tirx.IfThenElse):  # (made by ``split_partial_vector``)
+        then_case = _rebuild(stmt.then_case, post)
+        else_case = None if stmt.else_case is None else _rebuild(stmt.else_case, post)
+        if not then_case.same_as(stmt.then_case) or (else_case is not None and not else_case.same_as(stmt.else_case)):
+            new = tirx.IfThenElse(stmt.condition, then_case, else_case)
     elif not isinstance(stmt, LEAVES):
         raise NotImplementedError(f"lower_sparse: a scheduled kernel holds a {type(stmt).__name__}, which the "
                                   "rewrite does not know how to look into")
@@ -116,6 +121,10 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
         root = body.block
         body = SBlockRealize(body.iter_values, body.predicate,
                              _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
+    if func.attrs is not None and MASKED_ROW_ATTR in func.attrs:
+        row = int(func.attrs[MASKED_ROW_ATTR])
+        body = _rebuild(body, lambda node: masked_windows(node, row, params["x_nchw"])
+                        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED else None)
     func = func.with_body(body)
     # (the mask loops repeat the slot loop's body: ConvertSSA gives each copy its own variables)
     return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if masked else func
@@ -222,6 +231,53 @@ def mask_segments(loop, w_span):
             stmts.append(stmt)
         return stmts
     return tirx.SeqStmt([tirx.AllocBuffer(tile) for tile in channel_tiles] + copy(True) + loops + copy(False))
+
+
+def masked_windows(loop, row: int, x):
+    """A vectorised loop over one ``acc_update`` block of a kernel that reads its input in place
+    on a row of ``row`` pixels that are not whole vectors (``ops.KernelSpec.masked_row``), with
+    the block's window (its one read of ``x``) loaded first by ``llvm.masked.load``: lanes past
+    the row read nothing (the last vector of the last input channel would read past the input's
+    end) and hold zero (their outputs are cropped). A loop over anything else: None."""
+    import tvm_ffi
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    tirx = tvm.tirx
+    realize = loop.body
+    if not isinstance(realize, SBlockRealize) or realize.block.name_hint != "acc_update":
+        return None
+    block, lane, lanes = realize.block, loop.loop_var, int(loop.extent)
+    loads = []
+
+    def find(node):
+        if node.source.same_as(x):
+            loads.append(node)
+        return node
+    tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, find))
+    if len(loads) != 1 or int(loop.min) != 0:
+        raise NotImplementedError(f"lower_sparse: a masked-row kernel's update with {len(loads)} window reads")
+    bound_to = {v.var: value for v, value in zip(block.iter_vars, realize.iter_values)}
+    analyzer = tvm.sym.Analyzer()
+    analyzer.bind(lane, 0)
+
+    def first(expr):  # ``expr`` of the block's variables, at the vector's first lane
+        return analyzer.simplify(tvm_ffi.structural_map(expr, (tirx.Var, lambda v: bound_to.get(v, v))))
+    pixel = first(block.iter_vars[4].var)
+    window = tirx.decl_buffer((lanes,), "float32", "window", scope="global")
+    mask = tirx.Ramp(pixel, 1, lanes) < tirx.Broadcast(row, lanes)
+    args = [tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(x, [first(i) for i in loads[0].indices]))]
+    if tvm.target.codegen.llvm_version_major() < 22:  # (the alignment operand LLVM 22 dropped)
+        args.append(tirx.const(4, "int32"))
+    args += [mask, tirx.Broadcast(tirx.const(0.0, "float32"), lanes)]
+    fill = tirx.BufferStore(window, tirx.call_llvm_pure_intrin(f"float32x{lanes}", "llvm.masked.load", *args),
+                            [tirx.Ramp(0, 1, lanes)])
+    in_window = tirx.BufferLoad(window, [tirx.floormod(block.iter_vars[4].var, lanes)])
+    body = tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, lambda n: in_window if n.same_as(loads[0]) else n))
+    reads = [tirx.BufferRegion(window, [tvm.ir.Range.from_min_extent(0, lanes)]) if r.source.same_as(x) else r
+             for r in block.reads]
+    update = SBlock(block.iter_vars, reads, block.writes, block.name_hint, body, block.init, block.alloc_buffers,
+                    block.match_buffers, block.annotations)
+    return tirx.SeqStmt([tirx.AllocBuffer(window), fill,
+                         _for_with(loop, body=SBlockRealize(realize.iter_values, realize.predicate, update))])
 
 
 def split_partial_vector(loop, scratch: list | None = None):

@@ -28,7 +28,8 @@ from tvm import te
 
 from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
-from .target import caches, vector_lanes, vector_registers
+from .decisions import MASKED_ROW_ATTR
+from .target import caches, masked_stores, vector_lanes, vector_registers
 from .tiles import band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens, shared_channels
 
 ACTIVATIONS = (None, "relu", "relu6")
@@ -182,6 +183,10 @@ class KernelSpec:
     # and the most slots a row holds on one chunk (the nonzero loop's static extent).
     chunk_channels: int | None = None
     chunk_width: int = 0
+    # A flattened pointwise conv read in place though its H*W pixels are not whole vectors: the
+    # windows of a row's last vector run past the row, and their loads are masked there
+    # (``lowering.masked_windows``; CPUs with mask registers).
+    masked_row: bool = False
 
     @property
     def layout(self) -> InputLayout:
@@ -208,8 +213,9 @@ class KernelSpec:
     def in_place(self):
         """Whether the input is its own layout: a conv without padding or stride whose rows are
         whole vectors (a pointwise conv on 56-, 112- or flattened 28x28 maps). The kernel then
-        reads its windows from the input where it lies, instead of copying it first."""
-        return self.kind == "conv2d" and self.geo.identity_layout(self.padded_width)
+        reads its windows from the input where it lies, instead of copying it first. So does one
+        with ``masked_row``."""
+        return self.kind == "conv2d" and (self.masked_row or self.geo.identity_layout(self.padded_width))
 
     @property
     def out_shape(self):
@@ -280,27 +286,40 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
 
 # ----------------------------------------------------------------------------- a layer's spec and arrays
 
+# Most times each input element is read (nonzeros per input channel) for which a pointwise conv
+# whose pixels are not whole vectors reads its input in place (``KernelSpec.masked_row``): each
+# window then starts unaligned, which costs more than the layout pass saves where every input
+# element is read many times. Measured at 90 % on Zen 4, masked in place against the layout pass:
+# 6-26 reads 1.2-3.5x (384->64, 576->96 and 1024->256 at 14x14, 960->160 and 2048->512 at 7x7),
+# 38 1.69x (64->384@14), 96 1.17x (160->960@7), 102 0.98x (256->1024@14), 205 0.87x (512->2048@7).
+MASKED_ROW_READS = 100
+
+
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
-              stride=1, padding=0, dilation=1) -> KernelSpec:
+              stride=1, padding=0, dilation=1, reads=None) -> KernelSpec:
+    """The spec of a layer; ``reads``: nonzeros per input channel, where known (``MASKED_ROW_READS``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     native, registers = vector_lanes(target), vector_registers(target)
     if kind == "conv2d":
         geo, cache = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation), caches(target)
 
-        def spec(geo, lanes, flat_hw=None):
-            # (an input read in place has no layout pass to run band by band)
-            in_place = geo.identity_layout(-(-geo.out_width // lanes) * lanes)
+        def spec(geo, lanes, flat_hw=None, masked_row=False):
             spec = KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                               has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
                               line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2, l1_bytes=cache.l1d,
-                              cores=cache.cores)
-            return spec if in_place else dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, cache))
+                              cores=cache.cores, masked_row=masked_row)
+            # (an input read in place has no layout pass to run band by band)
+            return spec if spec.in_place else dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, cache))
         row = spec(geo, choose_lanes(geo.out_width, native))
         if (geo.kh, geo.kw, geo.stride, geo.pad) != (1, 1, (1, 1), (0, 0, 0, 0)):
             return row
-        flat = spec(ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape),
-                    native, (geo.height, geo.width))
+        pixels = geo.height * geo.width
+        flat_geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, pixels), weight_shape)
+        if pixels % native and masked_stores(target) and reads is not None and reads <= MASKED_ROW_READS:
+            lanes = choose_lanes(pixels, native)
+            return spec(flat_geo, lanes, (geo.height, geo.width), masked_row=bool(pixels % lanes))
+        flat = spec(flat_geo, native, (geo.height, geo.width))
         return flat if flattens(row, flat) else row
     if len(x_shape) != 2:
         raise ValueError(f"x: expected (batch, in_features), got shape {tuple(x_shape)}")
@@ -315,15 +334,17 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
                       "int16" if weight_shape[1] <= np.iinfo(np.int16).max + 1 else "int32", registers=registers)
 
 
-def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, **conv_args):
+def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, ragged_in_place=True,
+                  **conv_args):
     """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer. A CSR
     conv runs on the same weights as a table of several channels per row where the policy picks
     it (``tiles.shared_channels``, ``formats.shared_rows``) and that table's kernel runs chunked
-    (its mask loops need the chunked kernel)."""
+    (its mask loops need the chunked kernel). ``ragged_in_place=False`` keeps a pointwise conv
+    whose pixels are not whole vectors on its layout pass (``KernelSpec.masked_row``)."""
     def table(sparse):
         ell = sparse.ell(ELL_WIDTH_MULTIPLE)
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
-                         **conv_args)
+                         reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, **conv_args)
         return ell, spec, chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     ell, spec, chunk = table(sparse)
     channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \
@@ -343,4 +364,5 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
 
 
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
-    return te.create_prim_func(sparse_compute(spec))
+    func = te.create_prim_func(sparse_compute(spec))
+    return func.with_attr(MASKED_ROW_ATTR, spec.geo.out_width) if spec.masked_row else func

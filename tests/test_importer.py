@@ -403,3 +403,21 @@ def test_an_add_the_epilogue_cannot_take_stays_an_add():
     assert imported.report[0].fused == ["bias"] and not any(k.spec.residual for k in imported.kernels.values())
     ref = model(x, y).detach().numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x, y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_ragged_pointwise_conv_reads_in_place_unless_our_depthwise_kernel_wrote_its_input():
+    """On AVX-512 a 90 % pointwise conv on a 14x14 map reads its input where it lies after an
+    elementwise op, and keeps its layout pass after our depthwise kernel (each core wrote half of
+    the channels every task of the pointwise conv reads). Only the specs are built (no run)."""
+    from fscnn_tvm import ops
+    generator = torch.Generator().manual_seed(0)
+    after_relu = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(96, 24, 1)).eval()
+    after_depthwise = torch.nn.Sequential(torch.nn.Conv2d(96, 96, 3, padding=1, groups=96), torch.nn.ReLU6(),
+                                          torch.nn.Conv2d(96, 24, 1)).eval()
+    for model, in_place in ((after_relu, True), (after_depthwise, False)):
+        with torch.no_grad():
+            model[-1].weight.mul_(torch.rand(model[-1].weight.shape, generator=generator) > 0.9)
+        imported = fscnn_tvm.import_torch(model, (torch.randn(1, 96, 14, 14),), measure=False,
+                                          target="llvm -mcpu=znver4 -num-cores=2")
+        [spec] = [k.spec for k in imported.kernels.values() if isinstance(k.spec, ops.KernelSpec)]
+        assert spec.masked_row == in_place and spec.flat_hw == ((14, 14) if in_place else spec.flat_hw)

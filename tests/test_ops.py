@@ -644,3 +644,31 @@ def test_a_conv_read_in_place_keeps_its_input_rows(rng):
     layer_ = fscnn_tvm.SparseLayer("conv2d", w, x.shape)
     assert layer_.spec.in_place and layer_.spec.layout.width == 12
     assert_matches(layer_(x), torch_conv(x, w))
+
+
+@pytest.mark.parametrize("batch,hw,sparsity", [(1, (14, 14), 0.9), (3, (7, 7), 0.9), (2, (13, 17), 0.7), (1, (3, 3), 0.5)])
+def test_a_pointwise_conv_whose_pixels_are_not_whole_vectors_reads_its_input_in_place(rng, batch, hw, sparsity):
+    """On a CPU with mask registers a pointwise conv of few reads per input element runs on its
+    image flattened and read where it lies, the windows of each row's last vector masked past the
+    row; without mask registers (AVX2) it keeps the layout pass. Outputs as PyTorch's either way."""
+    x = rng.standard_normal((batch, 40, *hw)).astype(np.float32)
+    w = sparse_weight(rng, (24, 40, 1, 1), sparsity)
+    b = rng.standard_normal(24).astype(np.float32)
+    for name, masked in (("znver4", True), ("znver3", False)):
+        target = fscnn_tvm.resolve_target({"kind": "llvm", "mcpu": name, "num-cores": 2})
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, "relu", target)
+        assert spec.masked_row == masked and spec.in_place == masked
+        assert not masked or (spec.flat_hw == hw and spec.x_shape == (batch, 40 * hw[0] * hw[1]))
+    assert_matches(fscnn_tvm.SparseLayer("conv2d", w, x.shape, b, activation="relu")(x),
+                   torch_conv(x, w, b, activation="relu"))
+
+
+def test_a_pointwise_conv_that_reads_each_input_many_times_keeps_aligned_windows(rng):
+    """Past ``MASKED_ROW_READS`` nonzeros per input channel the unaligned windows of an input
+    read in place cost more than the layout pass saves: the layout pass stays."""
+    target = fscnn_tvm.resolve_target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    shape = (1, 16, 7, 7)
+    few = sparse_weight(rng, (ops.MASKED_ROW_READS, 16, 1, 1), 0.5)
+    many = sparse_weight(rng, (4 * ops.MASKED_ROW_READS, 16, 1, 1), 0.0)
+    assert ops.kernel_inputs("conv2d", to_csr(few), shape, None, None, target)[0].masked_row
+    assert not ops.kernel_inputs("conv2d", to_csr(many), shape, None, None, target)[0].masked_row
