@@ -3,7 +3,9 @@ does that TE cannot say. The epilogue stores table channel k to output channel `
 each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
 (``w_length``) or, over a table of several channels per row, runs as one loop per mask of them
 (``mask_segments``), and a vector that ends past its row is stored whole where it is inside,
-else by one masked store (AVX-512) or lane by lane. TVM's Python API has no statement mutator,
+else by one masked store (AVX-512) or lane by lane; a kernel that reads a row that is not whole
+vectors in place loads each window by a masked load (``masked_windows``). TVM's Python API has no
+statement mutator,
 hence the small rebuild below, which knows every statement kind a scheduled kernel holds and
 refuses any other: a rewrite that silently skipped a node it cannot see into would leave
 channels unpermuted."""
@@ -253,7 +255,7 @@ def masked_windows(loop, row: int, x):
             loads.append(node)
         return node
     tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, find))
-    if len(loads) != 1 or int(loop.min) != 0:
+    if len(loads) != 1:
         raise NotImplementedError(f"lower_sparse: a masked-row kernel's update with {len(loads)} window reads")
     bound_to = {v.var: value for v, value in zip(block.iter_vars, realize.iter_values)}
     analyzer = tvm.sym.Analyzer()
@@ -262,6 +264,8 @@ def masked_windows(loop, row: int, x):
     def first(expr):  # ``expr`` of the block's variables, at the vector's first lane
         return analyzer.simplify(tvm_ffi.structural_map(expr, (tirx.Var, lambda v: bound_to.get(v, v))))
     pixel = first(block.iter_vars[4].var)
+    if int(loop.min) != 0 or not analyzer.can_prove_equal(tirx.floormod(pixel, lanes), 0):
+        raise NotImplementedError("lower_sparse: a masked-row kernel whose vectors do not start at whole vectors")
     window = tirx.decl_buffer((lanes,), "float32", "window", scope="global")
     mask = tirx.Ramp(pixel, 1, lanes) < tirx.Broadcast(row, lanes)
     args = [tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(x, [first(i) for i in loads[0].indices]))]
