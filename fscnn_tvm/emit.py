@@ -29,6 +29,7 @@ class Kernel:
 
 DEPTHWISE_PREFIX = "depthwise_conv2d"  # the name of our depthwise kernels' functions
 
+
 def choose_format(weight: np.ndarray, fmt: str, block) -> tuple[str, tuple | None]:
     """``auto``: BSR when whole blocks are mostly full (the block-pruned case), else CSR."""
     if fmt != "auto":

@@ -5,10 +5,9 @@ each nonzero loop annotated with TILE_BOUND runs to the longest row of its regis
 (``mask_segments``), and a vector that ends past its row is stored whole where it is inside,
 else by one masked store (AVX-512) or lane by lane; a kernel that reads a row that is not whole
 vectors in place loads each window by a masked load (``masked_windows``). TVM's Python API has no
-statement mutator,
-hence the small rebuild below, which knows every statement kind a scheduled kernel holds and
-refuses any other: a rewrite that silently skipped a node it cannot see into would leave
-channels unpermuted."""
+statement mutator, hence the small rebuild below, which knows every statement kind a scheduled
+kernel holds and refuses any other: a rewrite that silently skipped a node it cannot see into
+would leave channels unpermuted."""
 from __future__ import annotations
 
 import functools
@@ -72,6 +71,22 @@ def _rebuild(stmt, post):
     return new if replaced is None else replaced
 
 
+def _at_lane(realize, lane=None, value=None):
+    """A function giving an expression of ``realize``'s block variables in terms of its loops,
+    simplified with ``lane`` at ``value`` where given (else as it is)."""
+    import tvm_ffi
+    bound_to = {v.var: bound for v, bound in zip(realize.block.iter_vars, realize.iter_values)}
+
+    def at(expr):
+        expr = tvm_ffi.structural_map(expr, (tvm.tirx.Var, lambda v: bound_to.get(v, v)))
+        if value is None:
+            return expr
+        analyzer = tvm.sym.Analyzer()
+        analyzer.bind(lane, value)
+        return analyzer.simplify(expr)
+    return at
+
+
 def _visit(stmt, found):
     """Every node under ``stmt`` (itself included) into ``found``, children first."""
     _rebuild(stmt, lambda node: found.append(node))
@@ -123,8 +138,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
         root = body.block
         body = SBlockRealize(body.iter_values, body.predicate,
                              _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
-    if func.attrs is not None and MASKED_ROW_ATTR in func.attrs:
-        row = int(func.attrs[MASKED_ROW_ATTR])
+    if func.attrs is not None and MASKED_ROW_ATTR in func.attrs:  # (after ``mask_segments`` has
+        row = int(func.attrs[MASKED_ROW_ATTR])                       # copied each update per channel)
         body = _rebuild(body, lambda node: masked_windows(node, row, params["x_nchw"])
                         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED else None)
     func = func.with_body(body)
@@ -257,14 +272,9 @@ def masked_windows(loop, row: int, x):
     tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, find))
     if len(loads) != 1:
         raise NotImplementedError(f"lower_sparse: a masked-row kernel's update with {len(loads)} window reads")
-    bound_to = {v.var: value for v, value in zip(block.iter_vars, realize.iter_values)}
-    analyzer = tvm.sym.Analyzer()
-    analyzer.bind(lane, 0)
-
-    def first(expr):  # ``expr`` of the block's variables, at the vector's first lane
-        return analyzer.simplify(tvm_ffi.structural_map(expr, (tirx.Var, lambda v: bound_to.get(v, v))))
+    first = _at_lane(realize, lane, 0)  # the vector's first lane
     pixel = first(block.iter_vars[4].var)
-    if int(loop.min) != 0 or not analyzer.can_prove_equal(tirx.floormod(pixel, lanes), 0):
+    if int(loop.min) != 0 or not tvm.sym.Analyzer().can_prove_equal(tirx.floormod(pixel, lanes), 0):
         raise NotImplementedError("lower_sparse: a masked-row kernel whose vectors do not start at whole vectors")
     window = tirx.decl_buffer((lanes,), "float32", "window", scope="global")
     mask = tirx.Ramp(pixel, 1, lanes) < tirx.Broadcast(row, lanes)
@@ -322,24 +332,15 @@ def masked_store(loop, first, step, bound, scratch: list):
     """The vectorised loop's block (one store, lanes contiguous in the buffer) as: the whole
     vector into a scratch vector, then ``llvm.masked.store`` of the lanes whose ``first + step *
     lane < bound``. None where the store does not have that form."""
-    import tvm_ffi
     tirx = tvm.tirx
     realize, lane, count = loop.body, loop.loop_var, int(loop.extent)
-    block, store = realize.block, realize.block.body
+    store = realize.block.body
     if not isinstance(store, tirx.BufferStore) or not isinstance(loop.extent, tirx.IntImm):
         return None
-    bound_to = {v.var: value for v, value in zip(block.iter_vars, realize.iter_values)}
-
-    def bind(expr, lane_value=None):
-        expr = tvm_ffi.structural_map(expr, (tirx.Var, lambda v: bound_to.get(v, v)))
-        if lane_value is None:
-            return expr
-        analyzer = tvm.sym.Analyzer()
-        analyzer.bind(lane, lane_value)
-        return analyzer.simplify(expr)
-    index = [bind(i) for i in store.indices]
-    starts = [bind(i, loop.min) for i in store.indices]
-    moved = [tvm.sym.Analyzer().simplify(bind(i, loop.min + 1) - s) for i, s in zip(store.indices, starts)]
+    index = [_at_lane(realize)(i) for i in store.indices]
+    starts = [_at_lane(realize, lane, loop.min)(i) for i in store.indices]
+    moved = [tvm.sym.Analyzer().simplify(_at_lane(realize, lane, loop.min + 1)(i) - s)
+             for i, s in zip(store.indices, starts)]
     unit = [1 if k == len(moved) - 1 else 0 for k in range(len(moved))]  # along the last axis only
     if not all(isinstance(m, tirx.IntImm) and m.value == u for m, u in zip(moved, unit)) \
             or any(any(v.same_as(lane) for v in tirx.analysis.undefined_vars(i)) for i in index[:-1]):
@@ -350,7 +351,7 @@ def masked_store(loop, first, step, bound, scratch: list):
     if int(vector.shape[0]) != count or vector.dtype != store.buffer.dtype:
         return None
     fill = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.VECTORIZED,
-                    tirx.BufferStore(vector, bind(store.value), [lane - loop.min]))
+                    tirx.BufferStore(vector, _at_lane(realize)(store.value), [lane - loop.min]))
     mask = tirx.Ramp(first, step, count) < tirx.Broadcast(bound, count)
     args = [tirx.BufferLoad(vector, [tirx.Ramp(0, 1, count)]),
             tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(store.buffer, starts))]
