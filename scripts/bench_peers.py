@@ -5,7 +5,11 @@ What a user gets: their own pruned model (a seed no shipped record was tuned on)
 to ONNX with the same weights; ONNX Runtime and DeepSparse run in worker processes of their own
 (DeepSparse in its own virtualenv: it needs numpy < 2), PyTorch and our module in this one. Outputs
 are checked against PyTorch first, then the engines are timed in alternating rounds (median of the
-rounds' medians). Ratios are speedups: ours/X = X's time / our time.
+rounds' medians). Ratios are speedups: ours/X = X's time / our time. Each round starts with a probe
+of the cores' cache-line round trip (``xcore.py``; built with the C compiler on first use, skipped
+without one or with ``--no-probe``): a virtual machine's cores can sit near (~60 ns) or far (~330 ns)
+apart and move between the two while the benchmark runs, and the engines do not slow alike there, so
+rows whose rounds met both give the ratios in each as well.
 
     python scripts/bench_peers.py                         # the layer set at 50-95 %, batch 1
     python scripts/bench_peers.py --models vgg16,resnet50,mobilenet_v2 --batch 1,8
@@ -32,6 +36,9 @@ import torch
 
 import fscnn_tvm
 from fscnn_tvm import bench, prune, zoo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xcore  # noqa: E402 - a sibling script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.environ.get("FSCNN_TVM_DEEPSPARSE_VENV", os.path.expanduser("~/.cache/fscnn-tvm/deepsparse-venv"))
@@ -115,8 +122,10 @@ def has_onnxruntime():
         return False
 
 
-def run_case(label, model, x, threads, peers, budget, rounds, tmp):
-    """Every engine on one case; returns the row of medians and ratios."""
+def run_case(label, model, x, threads, peers, budget, rounds, tmp, probe=None):
+    """Every engine on one case; returns the row of medians and ratios. ``probe`` (the built
+    ``xcore_probe``): each round starts with a cross-core round trip, and where rounds met both
+    placements of the cores the row also gives the ratios in each (``xcore``)."""
     with torch.no_grad():
         ref = model(x).numpy()
     imported = fscnn_tvm.import_torch(model, (x,))
@@ -142,7 +151,9 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp):
         + [(w.name, lambda warmup, w=w: w.time(x_path, budget / rounds, warmup, 2)) for w in workers]
     try:
         samples = {name: [] for name, _ in engines}
+        latencies = []
         for r in range(rounds):
+            latencies.append(xcore.round_trip_ns(probe) if probe else None)
             # The order turns every round, so no engine always runs right after the same one (its
             # data may still fill the caches), and each starts once the last one's threads are idle.
             for name, time_it in engines[r % len(engines):] + engines[:r % len(engines)]:
@@ -154,13 +165,42 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp):
     ms = {name: statistics.median(t.median_ms for t in ts) for name, ts in samples.items()}
     row = {"case": label, "sparse layers": f"{sum(r.rewritten for r in imported.report)}/{len(imported.report)}"}
     row.update({f"{name} ms": v for name, v in ms.items()})
-    dense_best = min(ms[n] for n in ("pytorch", "onnxruntime") if n in ms)
-    row["ours/best dense"] = dense_best / ms["ours"]
-    row["ours/pytorch"] = ms["pytorch"] / ms["ours"]
-    if "deepsparse" in ms:
-        row["ds/pytorch"] = ms["pytorch"] / ms["deepsparse"]
-        row["ours/ds"] = ms["deepsparse"] / ms["ours"]
+    row.update(_ratios(ms))
+    if probe:
+        _label_placements(row, samples, latencies)
     return row
+
+
+def _ratios(ms):
+    out = {"ours/best dense": min(ms[n] for n in ("pytorch", "onnxruntime") if n in ms) / ms["ours"],
+           "ours/pytorch": ms["pytorch"] / ms["ours"]}
+    if "deepsparse" in ms:
+        out["ds/pytorch"] = ms["pytorch"] / ms["deepsparse"]
+        out["ours/ds"] = ms["deepsparse"] / ms["ours"]
+    return out
+
+
+_FASTEST = []  # the fastest cross-core round trip of this run, over all its cases
+
+
+def _label_placements(row, samples, latencies):
+    """The round trips into the row; where some rounds met the near and some the far placement,
+    each placement's ratios (from its rounds' medians) beside the all-round ones."""
+    seen = [v for v in latencies if v is not None]
+    if not seen:
+        return
+    _FASTEST[:] = [min(seen + _FASTEST)]
+    labels = xcore.placements(latencies, _FASTEST[0])
+    row["xcore ns"] = statistics.median(seen)
+    row["far rounds"] = f"{labels.count('far')}/{len(labels)}"
+    row["rounds"] = [{"xcore ns": v, "placement": lab, **{f"{n} ms": ts[i].median_ms for n, ts in samples.items()}}
+                     for i, (v, lab) in enumerate(zip(latencies, labels))]
+    split = xcore.split_medians({n: [t.median_ms for t in ts] for n, ts in samples.items()}, labels)
+    if len(split) == 2:
+        for place, ms in split.items():
+            for ratio, value in _ratios(ms).items():
+                if ratio in ("ours/best dense", "ours/ds"):
+                    row[f"{ratio} ({place})"] = value
 
 
 def conv_case(cin, cout, size, k, stride, sparsity, batch):
@@ -182,6 +222,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-deepsparse", action="store_true")
     p.add_argument("--no-onnxruntime", action="store_true")
+    p.add_argument("--no-probe", action="store_true", help="do not label rounds by the cores' round trip")
     p.add_argument("--out", default=os.path.join(HERE, "results", "peers"))
     args = p.parse_args(argv)
     models = [] if args.models == "none" else [m for m in args.models.split(",") if m]
@@ -204,13 +245,20 @@ def main(argv=None):
                 peers["deepsparse"] = python
             else:
                 print(f"DeepSparse: not compared ({why})", flush=True)
+    probe = None
+    if not args.no_probe:
+        probe, why = xcore.probe_binary()
+        if probe is None:
+            print(f"cross-core probe: not run ({why})", flush=True)
     sparsities = [float(s) for s in args.sparsity.split(",") if s]
     batches = [int(b) for b in args.batch.split(",") if b]
     wanted = [] if args.layers == "none" else LAYERS if args.layers == "all" else \
         [lay for lay in LAYERS if any(s in lay[0] for s in args.layers.split(","))]
     rows = []
     columns = ["case", "sparse layers", "pytorch ms", "ours ms"] + [f"{n} ms" for n in peers] + \
-        ["ours/best dense", "ours/pytorch"] + (["ds/pytorch", "ours/ds"] if "deepsparse" in peers else [])
+        ["ours/best dense", "ours/pytorch"] + (["ds/pytorch", "ours/ds"] if "deepsparse" in peers else []) + \
+        (["xcore ns", "far rounds", "ours/best dense (near)", "ours/best dense (far)"]
+         + (["ours/ds (near)", "ours/ds (far)"] if "deepsparse" in peers else []) if probe else [])
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(f"{name} {int(s * 100)}% b{b}", lambda lay=lay, s=s, b=b: conv_case(*lay[1:], s, b))
                  for b in batches for s in sparsities for lay in wanted for name in [lay[0]]]
@@ -224,7 +272,7 @@ def main(argv=None):
                     cases.append((f"{name} {int(s * 100)}% b{b}", make))
         for label, make in cases:
             model, x = make()
-            row = run_case(label, model, x, threads, peers, args.budget, args.rounds, tmp)
+            row = run_case(label, model, x, threads, peers, args.budget, args.rounds, tmp, probe)
             rows.append(row)
             print(bench.table([row], columns).splitlines()[-1] if len(rows) > 1 else bench.table([row], columns),
                   flush=True)
