@@ -153,6 +153,8 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp, probe=None):
         samples = {name: [] for name, _ in engines}
         latencies = []
         for r in range(rounds):
+            if probe:
+                time.sleep(SETTLE_S)
             latencies.append(xcore.round_trip_ns(probe) if probe else None)
             # The order turns every round, so no engine always runs right after the same one (its
             # data may still fill the caches), and each starts once the last one's threads are idle.
