@@ -37,10 +37,10 @@ import torch
 import fscnn_tvm
 from fscnn_tvm import bench, prune, zoo
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import xcore  # noqa: E402 - a sibling script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.environ.get("FSCNN_TVM_DEEPSPARSE_VENV", os.path.expanduser("~/.cache/fscnn-tvm/deepsparse-venv"))
 SEED = 20261129  # weights and pruning pattern: no shipped record was tuned on it
 # An engine's threads may spin for a while after its last run and take the cores from the next
@@ -153,9 +153,11 @@ def run_case(label, model, x, threads, peers, budget, rounds, tmp, probe=None):
         samples = {name: [] for name, _ in engines}
         latencies = []
         for r in range(rounds):
-            if probe:
+            if probe:  # (once the last engine's threads are idle: a spinning one inflates it)
                 time.sleep(SETTLE_S)
-            latencies.append(xcore.round_trip_ns(probe) if probe else None)
+                latencies.append(xcore.round_trip_ns(probe))
+            else:
+                latencies.append(None)
             # The order turns every round, so no engine always runs right after the same one (its
             # data may still fill the caches), and each starts once the last one's threads are idle.
             for name, time_it in engines[r % len(engines):] + engines[:r % len(engines)]:

@@ -38,7 +38,7 @@ def probe_binary() -> tuple[str | None, str]:
     tmp = f"{path}.{os.getpid()}.tmp"
     build = subprocess.run([cc, "-O2", "-pthread", "-o", tmp, SOURCE], capture_output=True, text=True)
     if build.returncode != 0:
-        return None, f"building the probe failed: {build.stderr.strip().splitlines()[-1:]}"
+        return None, f"building the probe failed: {(build.stderr.strip().splitlines() or [''])[-1]}"
     os.replace(tmp, path)  # (atomic: a concurrent run sees the whole binary or none)
     return path, ""
 
@@ -47,9 +47,9 @@ def round_trip_ns(binary: str, trips: int = 20000, repeats: int = 3) -> float | 
     """The round trip (ns) between the first two CPUs this process may use: the fastest of
     ``repeats`` probes (a thread of another engine still spinning on one of the CPUs inflates a
     probe, never deflates it), or None where there are fewer than two CPUs or the probe fails."""
-    if len(os.sched_getaffinity(0)) < 2:
-        return None
     cpus = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
+    if len(cpus) < 2:
+        return None
     readings = []
     for _ in range(repeats):
         try:
