@@ -148,20 +148,28 @@ def chunk_major(ell: Ell, starts: np.ndarray, group: int) -> tuple[np.ndarray, n
     return data, cols, span
 
 
-def _row_order(lengths: np.ndarray, full_rows: int) -> np.ndarray:
+def _row_order(lengths: np.ndarray, full_rows: int, parts: int = 1) -> np.ndarray:
     """Block rows by length, groups of SORT_GROUP dealt heaviest, lightest, next heaviest...;
-    rows from ``full_rows`` on (a partial last block) stay at the end."""
+    rows from ``full_rows`` on (a partial last block) stay at the end. With ``parts``, each of
+    that many equal ranges of rows is ordered on its own and keeps its place (``split_columns``:
+    a part's rows are one core's)."""
+    if parts > 1:
+        if full_rows != len(lengths) or full_rows % parts:
+            raise ValueError(f"{len(lengths)} block rows do not split into {parts} equal parts")
+        size = full_rows // parts
+        return np.concatenate([p * size + _row_order(lengths[p * size:(p + 1) * size], size)
+                               for p in range(parts)]).astype(INDEX_DTYPE)
     by_length = np.argsort(-lengths[:full_rows], kind="stable")
     groups = [by_length[i:i + SORT_GROUP] for i in range(0, full_rows, SORT_GROUP)]
     dealt = [groups[i // 2] if i % 2 == 0 else groups[-1 - i // 2] for i in range(len(groups))]
     return np.concatenate(dealt + [np.arange(full_rows, len(lengths))]).astype(INDEX_DTYPE)
 
 
-def _ell(lengths, width_multiple, values, columns, block, rows) -> Ell:
+def _ell(lengths, width_multiple, values, columns, block, rows, parts=1) -> Ell:
     """The table of blocks ``values`` (nnz, bo, bi) at ``columns`` (nnz, bi), block row j
     holding ``lengths[j]`` of them in order."""
     n_brows, bo = len(lengths), block[0]
-    order = _row_order(lengths, rows // bo)
+    order = _row_order(lengths, rows // bo, parts)
     width = round_up(max(1, int(lengths.max())), width_multiple)
     table_row = np.empty(n_brows, np.int64)
     table_row[order] = np.arange(n_brows)
@@ -233,9 +241,9 @@ class CSR(SparseMatrix):
         dense[row_of, self.indices] = self.data
         return dense.reshape(self.shape)
 
-    def ell(self, width_multiple: int = 1) -> Ell:
+    def ell(self, width_multiple: int = 1, parts: int = 1) -> Ell:
         return _ell(np.diff(self.indptr), width_multiple, self.data[:, None, None], self.indices[:, None],
-                    (1, 1), self.rows)
+                    (1, 1), self.rows, parts)
 
 
 class BSR(SparseMatrix):
@@ -282,12 +290,12 @@ class BSR(SparseMatrix):
     def to_dense(self) -> np.ndarray:
         return np.ascontiguousarray(self._padded()[:self.rows, :self.cols]).reshape(self.shape)
 
-    def ell(self, width_multiple: int = 1) -> Ell:
+    def ell(self, width_multiple: int = 1, parts: int = 1) -> Ell:
         bi = self.block[1]
         col = self.indices[:, None] * bi + np.arange(bi)[None, :]
         # Columns past the matrix edge hold zero weights; point them at column 0 to stay in bounds.
         return _ell(np.diff(self.indptr), width_multiple, self.data, np.where(col < self.cols, col, 0),
-                    self.block, self.rows)
+                    self.block, self.rows, parts)
 
 
 def to_csr(weight) -> CSR:
@@ -341,6 +349,24 @@ def column_sharing(csr: CSR, rows: int) -> float:
     row = np.repeat(np.arange(csr.rows), np.diff(csr.indptr))
     distinct = np.unique((row // rows).astype(np.int64) * csr.cols + csr.indices).size
     return csr.nnz / distinct if distinct else 1.0
+
+
+def split_columns(csr: CSR, parts: int) -> CSR:
+    """A conv's weights split over ``parts`` equal ranges of input channels: the (parts * K)-row
+    weight whose rows ``p*K .. (p+1)*K - 1`` hold each output channel's nonzeros of range p (its
+    product with the input is the ``parts`` partial sums, one after the other). A kernel whose
+    tasks run a part's rows on the core that wrote that range of its input reads nothing the
+    other cores wrote (``emit``: a pointwise conv after our depthwise kernel)."""
+    channels = csr.shape[1] if len(csr.shape) == 4 else csr.cols
+    if parts < 1 or channels % parts:
+        raise ValueError(f"split_columns: {parts} parts do not divide the {channels} input channels")
+    k, per_part = csr.rows, csr.cols // parts  # columns run (channel, r, s): a channel range is a column range
+    row = np.repeat(np.arange(k), np.diff(csr.indptr))
+    new_row = csr.indices // per_part * k + row
+    order = np.argsort(new_row, kind="stable")  # row-major, each row's columns still ascending
+    indptr = np.zeros(parts * k + 1, INDEX_DTYPE)
+    np.cumsum(np.bincount(new_row, minlength=parts * k), out=indptr[1:])
+    return CSR(csr.data[order], csr.indices[order], indptr, (parts * k,) + tuple(csr.shape[1:]))
 
 
 def shared_rows(csr: CSR, rows: int) -> BSR:

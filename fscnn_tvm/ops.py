@@ -187,6 +187,9 @@ class KernelSpec:
     # windows of a row's last vector run past the row, and their loads are masked there
     # (``lowering.masked_windows``; CPUs with mask registers).
     masked_row: bool = False
+    # The table's rows in this many equal parts, part p reading only input channels of range p
+    # (``formats.split_columns``): each part's tasks run on one core (``tiles.chunk_task_channels``).
+    parts: int = 1
 
     @property
     def layout(self) -> InputLayout:
@@ -296,8 +299,9 @@ MASKED_ROW_READS = 100
 
 
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
-              stride=1, padding=0, dilation=1, reads=None) -> KernelSpec:
-    """The spec of a layer; ``reads``: nonzeros per input channel, where known (``MASKED_ROW_READS``)."""
+              stride=1, padding=0, dilation=1, reads=None, parts=1) -> KernelSpec:
+    """The spec of a layer; ``reads``: nonzeros per input channel, where known (``MASKED_ROW_READS``);
+    ``parts``: of a table split by ``formats.split_columns``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     native, registers = vector_lanes(target), vector_registers(target)
@@ -308,7 +312,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             spec = KernelSpec("conv2d", geo, geo.batch, geo.in_channels, geo.out_channels, tuple(ell_shape),
                               has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
                               line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2, l1_bytes=cache.l1d,
-                              cores=cache.cores, masked_row=masked_row)
+                              cores=cache.cores, masked_row=masked_row, parts=parts)
             # (an input read in place has no layout pass to run band by band)
             return spec if spec.in_place else dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, cache))
         row = spec(geo, choose_lanes(geo.out_width, native))
@@ -334,17 +338,19 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
                       "int16" if weight_shape[1] <= np.iinfo(np.int16).max + 1 else "int32", registers=registers)
 
 
-def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, ragged_in_place=True,
+def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, target, ragged_in_place=True, parts=1,
                   **conv_args):
     """The kernel's spec and its weight arrays (ELL values, offsets, bias) for one layer. A CSR
     conv runs on the same weights as a table of several channels per row where the policy picks
     it (``tiles.shared_channels``, ``formats.shared_rows``) and that table's kernel runs chunked
     (its mask loops need the chunked kernel). ``ragged_in_place=False`` keeps a pointwise conv
-    whose pixels are not whole vectors on its layout pass (``KernelSpec.masked_row``)."""
+    whose pixels are not whole vectors on its layout pass (``KernelSpec.masked_row``). ``parts``:
+    ``sparse`` is split by ``formats.split_columns`` in that many parts."""
     def table(sparse):
-        ell = sparse.ell(ELL_WIDTH_MULTIPLE)
+        ell = sparse.ell(ELL_WIDTH_MULTIPLE, parts)
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
-                         reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, **conv_args)
+                         reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, parts=parts,
+                         **conv_args)
         return ell, spec, chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
     ell, spec, chunk = table(sparse)
     channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \

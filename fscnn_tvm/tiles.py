@@ -130,7 +130,8 @@ def chunk_task_channels(spec: KernelSpec) -> int:
         return n_kb
     rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
     bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
-    return max((d for d in range(1, n_kb + 1) if n_kb % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
+    part = n_kb // spec.parts  # a task's channels within one part
+    return max((d for d in range(1, part + 1) if part % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
 
 
 # Fewest nonzeros a row should hold on one chunk: each (row, chunk) costs a loop's setup and a
@@ -173,7 +174,7 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     cols = layout.width if vectors * spec.lanes == spec.padded_width else \
         vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
     channel_bytes = geo.phases * geo.band_height(rows) * cols * 4
-    fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels % d == 0
+    fits = [d for d in range(1, geo.in_channels // 2 + 1) if geo.in_channels // spec.parts % d == 0
             and d * channel_bytes <= spec.l1_bytes and mean_row * d / geo.in_channels >= CHUNK_NONZEROS]
     return max(fits, default=None)
 

@@ -543,3 +543,30 @@ def test_grouped_csr_is_the_block_diagonal_weight(k, c, groups, kh):
 def test_grouped_csr_rejects_groups_that_do_not_divide(groups):
     with pytest.raises(ValueError, match="groups"):
         F.grouped_to_csr(np.ones((8, 1, 3, 3), np.float32), groups)
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 12), parts=st.sampled_from([1, 2, 4]), per_part=st.integers(1, 6),
+       taps=st.sampled_from([(1, 1), (3, 3)]), seed=st.integers(0, 10**6))
+def test_split_columns_holds_each_row_once_per_range_of_input_channels(k, parts, per_part, taps, seed):
+    w = random_weight((k, parts * per_part) + taps, 0.6, seed)
+    split = F.split_columns(to_csr(w), parts)
+    assert split.shape == (parts * k, parts * per_part) + taps and split.nnz == np.count_nonzero(w)
+    dense = split.to_dense().reshape(parts, k, parts, per_part, *taps)
+    for p in range(parts):
+        for q in range(parts):
+            expected = w.reshape(k, parts, per_part, *taps)[:, q] if p == q else 0.0
+            np.testing.assert_array_equal(dense[p, :, q], expected)
+    # Each part's table rows stay together, in the part's place: one core runs them.
+    for table in (split, F.shared_rows(split, 2)) if k % 2 == 0 else (split,):
+        perm = table.ell(4, parts).perm
+        for p in range(parts):
+            assert set(perm[p * k:(p + 1) * k]) == set(range(p * k, (p + 1) * k))
+
+
+def test_split_columns_and_parts_that_do_not_divide_are_clear_errors():
+    w = random_weight((4, 6, 1, 1))
+    with pytest.raises(ValueError, match="do not divide the 6 input channels"):
+        F.split_columns(to_csr(w), 4)
+    with pytest.raises(ValueError, match="4 block rows do not split into 3 equal parts"):
+        to_csr(w).ell(1, 3)
