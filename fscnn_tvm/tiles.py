@@ -122,9 +122,9 @@ def chunk_task_vectors(spec: KernelSpec) -> int:
 
 def chunk_task_channels(spec: KernelSpec) -> int:
     """Table channels per task of a chunked kernel: every one where the input is laid out band
-    by band (a task is one band); otherwise the most (a divisor) that still leaves 4 tasks per
-    core with the tile's bands of rows, so each chunk's input window, once in L1, serves as many
-    channels as it can."""
+    by band (a task is one band); otherwise the most (a divisor of a part's rows, so no task
+    spans two parts of a split table) that still leaves 4 tasks per core with the tile's bands
+    of rows, so each chunk's input window, once in L1, serves as many channels as it can."""
     n_kb = spec.ell_shape[0]
     if spec.band_rows:
         return n_kb
