@@ -355,7 +355,7 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     ell, spec, chunk = table(sparse)
     channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \
         if kind == "conv2d" and isinstance(sparse, F.CSR) else 1
-    if channels > 1:
+    if channels > 1 and (parts == 1 or sparse.rows // parts % channels == 0):  # (no block row across parts)
         shared = table(F.shared_rows(sparse, channels))
         ell, spec, chunk = shared if shared[2] else (ell, spec, chunk)
     data, cols, spans = ell.data, ell.cols, []

@@ -81,3 +81,20 @@ def test_only_convs_whose_input_fits_the_cores_l2_and_a_single_image_run_split()
         imported = fscnn_tvm.import_torch(InvertedResidual(64, 384, True), (torch.randn(shape),), measure=False,
                                           target=target)
         assert all(k.spec.parts == 1 for k in imported.kernels.values() if isinstance(k.spec, ops.KernelSpec))
+
+
+@pytest.mark.parametrize("out_channels", [5, 6])
+def test_a_split_projection_to_an_odd_number_of_channels_keeps_each_table_row_in_one_part(out_channels):
+    """Tables of two channels per row pair channels 2i and 2i+1: with an odd count per part a pair
+    would span two parts, so such a conv keeps one channel per row."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(384, 384, 3, padding=1, groups=384), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(384, out_channels, 1)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(torch.rand(model[2].weight.shape, generator=torch.Generator().manual_seed(3)) > 0.9)
+    x = torch.randn(1, 384, 14, 14, generator=torch.Generator().manual_seed(4))
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    for spec in (k.spec for k in imported.kernels.values() if isinstance(k.spec, ops.KernelSpec) and k.spec.parts > 1):
+        assert spec.ell_shape[0] % spec.parts == 0 and (out_channels % 2 == 0 or spec.ell_shape[2] == 1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4)
