@@ -69,7 +69,7 @@ def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, laye
     sparse = F.to_format(chain.weight, fmt, block)
     after_depthwise = _from_depthwise(bb, chain.x)
     parts = split_parts(chain, sparse, target) if after_depthwise else 1
-    if parts > 1:
+    if parts > 1:  # (read in place where masked loads allow: each core's windows lie in lines it wrote)
         spec, weights = ops.kernel_inputs(chain.kind, F.split_columns(sparse, parts), x_shape, None, None, target,
                                           parts=parts, **conv_args)
         if follows_parts(spec):
