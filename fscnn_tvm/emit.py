@@ -120,7 +120,7 @@ def _emit_split(bb, chain, spec, weights, target, funcs: dict, kernels_: dict, l
     from .target import vector_lanes
     partial = emit_kernel(bb, dataclasses.replace(chain, residual=None), spec, weights, f"sparse_{chain.kind}",
                           funcs, kernels_, layer)
-    n, c, h, w = static_shape(chain.x)[:1] + (chain.weight.shape[0],) + static_shape(chain.x)[2:]
+    (n, _, h, w), c = static_shape(chain.x), chain.weight.shape[0]
     partial = reshaped(bb, partial, (n, spec.parts, c, h * w))
     bias = bias_of(chain)
     key = ("sum_parts", spec.parts, (n, c, h, w), bias is not None, chain.activation, chain.residual is not None)

@@ -298,13 +298,18 @@ class BSR(SparseMatrix):
                     self.block, self.rows, parts)
 
 
+def _indptr(row_of: np.ndarray, rows: int) -> np.ndarray:
+    """A CSR's row pointers from each nonzero's row (nonzeros stored row by row)."""
+    indptr = np.zeros(rows + 1, INDEX_DTYPE)
+    np.cumsum(np.bincount(row_of, minlength=rows), out=indptr[1:])
+    return indptr
+
+
 def to_csr(weight) -> CSR:
     """CSR of a dense OIHW conv weight or (out, in) linear weight (numpy or torch)."""
     mat, shape = _as_matrix(weight)
     rows, cols = np.nonzero(mat)
-    indptr = np.zeros(mat.shape[0] + 1, INDEX_DTYPE)
-    np.cumsum(np.bincount(rows, minlength=mat.shape[0]), out=indptr[1:])
-    return CSR(mat[rows, cols], cols, indptr, shape)
+    return CSR(mat[rows, cols], cols, _indptr(rows, mat.shape[0]), shape)
 
 
 def grouped_to_csr(weight, groups: int) -> CSR:
@@ -319,10 +324,8 @@ def grouped_to_csr(weight, groups: int) -> CSR:
         raise ValueError(f"groups={groups} must divide the {k} output channels")
     mat = w.reshape(k, per_group * kh * kw)
     rows, cols = np.nonzero(mat)
-    indptr = np.zeros(k + 1, INDEX_DTYPE)
-    np.cumsum(np.bincount(rows, minlength=k), out=indptr[1:])
     shifted = cols + rows // (k // groups) * per_group * kh * kw
-    return CSR(mat[rows, cols], shifted, indptr, (k, per_group * groups, kh, kw))
+    return CSR(mat[rows, cols], shifted, _indptr(rows, k), (k, per_group * groups, kh, kw))
 
 
 def to_bsr(weight, block=(4, 1)) -> BSR:
@@ -364,9 +367,7 @@ def split_columns(csr: CSR, parts: int) -> CSR:
     row = np.repeat(np.arange(k), np.diff(csr.indptr))
     new_row = csr.indices // per_part * k + row
     order = np.argsort(new_row, kind="stable")  # row-major, each row's columns still ascending
-    indptr = np.zeros(parts * k + 1, INDEX_DTYPE)
-    np.cumsum(np.bincount(new_row, minlength=parts * k), out=indptr[1:])
-    return CSR(csr.data[order], csr.indices[order], indptr, (parts * k,) + tuple(csr.shape[1:]))
+    return CSR(csr.data[order], csr.indices[order], _indptr(new_row, parts * k), (parts * k,) + tuple(csr.shape[1:]))
 
 
 def shared_rows(csr: CSR, rows: int) -> BSR:
