@@ -16,6 +16,10 @@ wide pointwise convs), every register tile would stream them from L2 once per ti
 maps (7x7, 14x14: 2-3 tiles a row) that stream binds. There the reduction runs in chunks of input
 channel blocks sized to the L1d, as a GEMM blocks K: a task (an output block x a few rows) runs all
 its tiles on one chunk before the next, the accumulators kept in a task buffer between chunks.
+
+With ``parts`` (``splitk``: a pointwise conv after our depthwise kernel at batch 1) the reduction
+runs in that many ranges of input channels, part p's output blocks summing range p only; the
+parts are the outermost tasks of the parallel loop, so each core's static share is one part.
 """
 from __future__ import annotations
 
@@ -55,6 +59,9 @@ class DenseConvSpec:
     # row ends, so only the task's last tile pads); task_rows must divide the output rows.
     flat_rows: bool = False
     residual: bool = False  # a tensor of the output's shape (``out_shape``) added before the activation
+    # Input channels summed in this many ranges (``splitk``): the output holds each part's sums
+    # (``out_shape``), with no bias, activation or residual.
+    parts: int = 1
     kind: str = "dense_conv2d"
 
     @property
@@ -65,8 +72,11 @@ class DenseConvSpec:
 
     @property
     def out_shape(self):
-        """The kernel's output shape (flat_rows: one row per task, its rows end to end)."""
+        """The kernel's output shape (flat_rows: one row per task, its rows end to end; with
+        parts, the parts' partial outputs: (N, parts, K, rows, columns))."""
         g = self.geo
+        if self.parts > 1:
+            return (g.batch, self.parts) + tuple(g.out_shape[1:])
         if self.flat_rows:
             return (g.batch, g.out_channels, g.out_height // self.task_rows, self.task_rows * g.out_width)
         return g.out_shape
@@ -74,6 +84,8 @@ class DenseConvSpec:
     @property
     def layer_out_shape(self):
         """The layer's output shape: ``out_shape`` with a flattened image (or tasks' rows) unflattened."""
+        if self.parts > 1:
+            return self.out_shape
         if self.flat_hw:
             return self.out_shape[:2] + tuple(self.flat_hw)
         return self.geo.out_shape
@@ -102,6 +114,11 @@ class DenseConvSpec:
         return -(-self.geo.out_channels // self.oc_bn)
 
     @property
+    def part_blocks(self):
+        """Input channel blocks each part sums."""
+        return self.geo.in_channels // self.ic_bn // self.parts
+
+    @property
     def padded_width(self):
         """Output columns computed per row: the row rounded up to whole register tiles."""
         return -(-self.geo.out_width // self.reg_n) * self.reg_n
@@ -109,7 +126,7 @@ class DenseConvSpec:
     @property
     def w_pack_shape(self):
         g = self.geo
-        return (self.out_blocks, g.in_channels // self.ic_bn, g.kh, g.kw, self.ic_bn, self.oc_bn)
+        return (self.parts * self.out_blocks, self.part_blocks, g.kh, g.kw, self.ic_bn, self.oc_bn)
 
     @property
     def pack_hw(self):
@@ -162,19 +179,24 @@ def input_block(in_channels: int, oc_bn: int, reg_n: int) -> int:
 
 
 def make_dense_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
-                    dilation=1) -> DenseConvSpec:
+                    dilation=1, parts=1) -> DenseConvSpec:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
+    if parts > 1 and (has_bias or activation is not None):
+        raise ValueError("a split conv (parts > 1) sums partial outputs: its bias and activation belong "
+                         "to the kernel adding them (splitk.sum_parts), not to each part")
     lanes, flat_hw = vector_lanes(target), None
     pointwise = (geo.kh, geo.kw, max(geo.pad)) == (1, 1, 0)
     if pointwise and geo.stride == (1, 1):
         flat_hw = (geo.height, geo.width)
         geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, geo.height * geo.width), weight_shape)
     oc_bn, reg_n = register_tile(geo.out_channels, geo.out_width, lanes, vector_registers(target))
+    if geo.in_channels % parts:
+        raise ValueError(f"{geo.in_channels} input channels do not split into {parts} parts")
     # Pointwise: one channel per block, so the input needs no packing when its tiles fit the row.
-    ic_bn = 1 if pointwise else input_block(geo.in_channels, oc_bn, reg_n)
-    spec = DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw)
+    ic_bn = 1 if pointwise else input_block(geo.in_channels // parts, oc_bn, reg_n)
+    spec = DenseConvSpec(geo, has_bias, activation, lanes, oc_bn, ic_bn, reg_n, flat_hw, parts=parts)
     cb_chunk, task_rows = reduction_blocking(spec, caches(target))
     spec = dataclasses.replace(spec, cb_chunk=cb_chunk, task_rows=task_rows)
     if task_rows > 1:  # several rows per task: one run of pixels, the tile chosen for the whole run
@@ -194,14 +216,14 @@ def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, 
     accumulators fill at most half the L1d while the parallel loop keeps 4 tasks per core: every
     tile of the task reuses each chunk of weights once it is in L1."""
     g = spec.geo
-    n_cb = g.in_channels // spec.ic_bn
+    n_cb = spec.part_blocks
     w_bytes = spec.ic_bn * g.kh * g.kw * spec.oc_bn * 4  # weights of one block of input channels
     if n_cb * w_bytes <= 2 * cache.l1d:
         return None, 1
     acc_row = spec.padded_width * spec.oc_bn * 4  # accumulator bytes of one output row
     # (a batch of 1 at least: a kernel built for any batch size may mark its batch as negative)
     rows = max((d for d in range(1, g.out_height + 1) if g.out_height % d == 0 and d * acc_row <= cache.l1d // 2
-                and max(g.batch, 1) * spec.out_blocks * (g.out_height // d) >= 4 * cache.cores), default=1)
+                and max(g.batch, 1) * spec.parts * spec.out_blocks * (g.out_height // d) >= 4 * cache.cores), default=1)
     in_rows = (rows - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1
     x_bytes = spec.ic_bn * in_rows * spec.pack_hw[1] * 4  # the task's input window of one block
     fits = [d for d in range(1, n_cb + 1) if n_cb % d == 0 and d * (w_bytes + x_bytes) <= cache.l1d // 2]
@@ -209,18 +231,20 @@ def reduction_blocking(spec: DenseConvSpec, cache: Caches) -> tuple[int | None, 
 
 
 def pack_weight(spec: DenseConvSpec, weight: np.ndarray) -> np.ndarray:
-    """OIHW weight -> ``w_pack[kb, cb, r, s, ci, ko]``, channels past K zero."""
+    """OIHW weight -> ``w_pack[kb, cb, r, s, ci, ko]``, channels past K zero; with parts, block
+    p * out_blocks + kb holding block kb's weights on part p's input channels."""
     g = spec.geo
     padded = np.zeros((spec.out_blocks * spec.oc_bn,) + tuple(weight.shape[1:]), np.float32)
     padded[:g.out_channels] = weight
-    kb, cb = spec.out_blocks, g.in_channels // spec.ic_bn
-    w = padded.reshape(kb, spec.oc_bn, cb, spec.ic_bn, g.kh, g.kw)
-    return np.ascontiguousarray(w.transpose(0, 2, 4, 5, 3, 1))
+    kb, cb = spec.out_blocks, spec.part_blocks
+    w = padded.reshape(kb, spec.oc_bn, spec.parts, cb, spec.ic_bn, g.kh, g.kw)
+    return np.ascontiguousarray(w.transpose(2, 0, 3, 5, 6, 4, 1)).reshape(spec.w_pack_shape)
 
 
-def dense_inputs(weight, x_shape, bias, activation, target, **conv_args):
+def dense_inputs(weight, x_shape, bias, activation, target, parts=1, **conv_args):
     """The kernel's spec and its constant arrays (packed weight, padded bias) for one layer."""
-    spec = make_dense_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, **conv_args)
+    spec = make_dense_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, parts=parts,
+                           **conv_args)
     arrays = [pack_weight(spec, np.asarray(weight, np.float32))]
     if bias is not None:
         arrays.append(np.pad(np.asarray(bias, np.float32).reshape(-1), (0, spec.out_blocks * spec.oc_bn
@@ -238,7 +262,7 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
     x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
     w = te.placeholder(spec.w_pack_shape, "float32", name="w_pack")
     bias = te.placeholder((spec.out_blocks * spec.oc_bn,), "float32", name="bias") if spec.has_bias else None
-    n_cb = g.in_channels // spec.ic_bn
+    n_cb, part = g.in_channels // spec.ic_bn, spec.part_blocks
 
     def packed(n, cb, h, col, ci):
         row, col = h - pt, col - pl
@@ -250,24 +274,25 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
         read = lambda n, cb, h, col, ci: x_pack[n, cb, h, col, ci]  # noqa: E731
     else:
         read = lambda n, cb, h, col, ci: x[n, cb, h, col]  # noqa: E731 - the input is its own packing
-    cb, r, s, ci = (te.reduce_axis((0, e), name=nm) for e, nm in
-                    ((n_cb, "cb"), (g.kh, "r"), (g.kw, "s"), (spec.ic_bn, "ci")))
-    if spec.flat_rows:  # acc[n, kb, task, pixel of the task, ko]
-        ow_ = g.out_width
-        acc = te.compute(
-            (batch, spec.out_blocks, g.out_height // spec.task_rows, spec.task_pixels, spec.oc_bn),
-            lambda n, kb, t, p, ko: te.sum(
-                read(n, cb, (t * spec.task_rows + p // ow_) * sh + r * dh, (p % ow_) * sw + s * dw, ci)
-                * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
-            name="acc")
-    else:
-        acc = te.compute(
-            (batch, spec.out_blocks, g.out_height, spec.padded_width, spec.oc_bn),
-            lambda n, kb, oh, ow, ko: te.sum(
-                read(n, cb, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb, cb, r, s, ci, ko], axis=[cb, r, s, ci]),
-            name="acc")
 
-    # flat_rows: (task, pixel of the task) for (oh, ow)
+    cb, r, s, ci = (te.reduce_axis((0, e), name=nm) for e, nm in
+                    ((part, "cb"), (g.kh, "r"), (g.kw, "s"), (spec.ic_bn, "ci")))
+
+    def tap_sum(n, p, kb, oh, ow, ko):  # flat_rows: oh is a task, ow a pixel of the task
+        if spec.flat_rows:
+            oh, ow = oh * spec.task_rows + ow // g.out_width, ow % g.out_width
+        cb_in, kb_w = (cb, kb) if spec.parts == 1 else (p * part + cb, p * spec.out_blocks + kb)
+        return te.sum(read(n, cb_in, oh * sh + r * dh, ow * sw + s * dw, ci) * w[kb_w, cb, r, s, ci, ko],
+                      axis=[cb, r, s, ci])
+    tile = ((g.out_height // spec.task_rows, spec.task_pixels) if spec.flat_rows else
+            (g.out_height, spec.padded_width)) + (spec.oc_bn,)
+    if spec.parts > 1:  # acc[n, part, kb, ...]; the partial outputs as they are
+        acc = te.compute((batch, spec.parts, spec.out_blocks) + tile, tap_sum, name="acc")
+        out = te.compute(with_batch(spec.out_shape, batch), lambda n, p, k, oh, ow: acc[
+            n, p, k // spec.oc_bn, oh, ow, k % spec.oc_bn], name="out")
+        return [x, w, out]
+    acc = te.compute((batch, spec.out_blocks) + tile, lambda n, kb, oh, ow, ko: tap_sum(n, 0, kb, oh, ow, ko),
+                     name="acc")
     residual = te.placeholder(with_batch(spec.out_shape, batch), "float32", name="residual") \
         if spec.residual else None
     out = conv_epilogue(lambda n, k, oh, ow: acc[n, k // spec.oc_bn, oh, ow, k % spec.oc_bn],
@@ -301,11 +326,11 @@ def schedule_dense(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDec
     if spec.cb_chunk is not None:
         return _schedule_blocked(sch, spec, decide)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)
+    n, *kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)  # kb: (part,) output block
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
-    sch.reorder(n, kb, oh, ow_o, cb, r, s, ci, ow_i, ko_o, ko_v)
-    init = _registers(sch, decide, acc, out, (n, kb, oh), (ci, ow_i, ko_o, ko_v), cb, epilogue_at=ow_o)
+    sch.reorder(n, *kb, oh, ow_o, cb, r, s, ci, ow_i, ko_o, ko_v)
+    init = _registers(sch, decide, acc, out, (n, *kb, oh), (ci, ow_i, ko_o, ko_v), cb, epilogue_at=ow_o)
     *_, i_ow, i_ko, i_v = sch.get_loops(init)
     sch.unroll(i_ow)
     sch.unroll(i_ko)
@@ -342,13 +367,13 @@ def _schedule_pack(sch, spec):
 
 def _schedule_blocked(sch, spec, decide):
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    n, kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)  # flat_rows: oh is the task, ow its pixels
+    n, *kb, oh, ow, ko, cb, r, s, ci = sch.get_loops(acc)  # kb: (part,) block; flat_rows: oh a task
     oh_o, oh_i = (oh, []) if spec.flat_rows else (lambda o, i: (o, [i]))(*sch.split(oh, [None, spec.task_rows]))
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])
     ko_o, ko_v = sch.split(ko, [None, spec.lanes])
     cb_o, cb_i = sch.split(cb, [None, spec.cb_chunk])
-    sch.reorder(n, kb, oh_o, cb_o, *oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
-    init = _registers(sch, decide, acc, out, (n, kb, oh_o), (ci, ow_i, ko_o, ko_v), cb_o)
+    sch.reorder(n, *kb, oh_o, cb_o, *oh_i, ow_o, cb_i, r, s, ci, ow_i, ko_o, ko_v)
+    init = _registers(sch, decide, acc, out, (n, *kb, oh_o), (ci, ow_i, ko_o, ko_v), cb_o)
     *_, i_ow, i_ko = sch.get_loops(init)
     _, i_v = sch.split(i_ko, [None, spec.lanes])
     sch.vectorize(i_v)

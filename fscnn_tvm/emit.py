@@ -68,26 +68,26 @@ def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, laye
     x_shape, conv_args = kernel_view(chain)
     sparse = F.to_format(chain.weight, fmt, block)
     after_depthwise = _from_depthwise(bb, chain.x)
-    parts = split_parts(chain, sparse, target) if after_depthwise else 1
+    parts = split_parts(chain, target) if after_depthwise and isinstance(sparse, F.CSR) else 1
     if parts > 1:  # (read in place where masked loads allow: each core's windows lie in lines it wrote)
         spec, weights = ops.kernel_inputs(chain.kind, F.split_columns(sparse, parts), x_shape, None, None, target,
                                           parts=parts, **conv_args)
         if follows_parts(spec):
-            return _emit_split(bb, chain, spec, weights, target, funcs, kernels_, layer)
+            return _emit_split(bb, chain, spec, weights, f"sparse_{chain.kind}", target, funcs, kernels_, layer)
     spec, weights = ops.kernel_inputs(chain.kind, sparse, x_shape, bias_of(chain), chain.activation, target,
                                       ragged_in_place=not after_depthwise, **conv_args)
     return emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer, _subsamples(chain))
 
 
-def split_parts(chain, sparse, target) -> int:
+def split_parts(chain, target) -> int:
     """In how many parts (``splitk``) a pointwise conv reading our depthwise kernel's output
-    sums its input channels: one per core, where the input is one image (the depthwise tasks
-    then split its channels between the cores), its channels divide evenly, and each core's
-    share of it fits half its L2 (where it does not, the lines come back from L3 or memory
-    whoever wrote them). Measured on MobileNetV2 90 % (Zen 4, 1 MiB L2, 2 threads), split
-    against whole: 14x14 (225-450 KiB of input) 34-52 us against 52-83; 28x28 (600 KiB) even;
-    56x56 (1.2-1.8 MiB) 64-76 against 34-50 (the partial sums' extra pass costs more than the
-    lines it keeps local). Else 1."""
+    sums its input channels (on the CSR or the dense kernel): one per core, where the input is
+    one image (the depthwise tasks then split its channels between the cores), its channels
+    divide evenly, and each core's share of it fits half its L2 (where it does not, the lines
+    come back from L3 or memory whoever wrote them). Measured on MobileNetV2 90 % (Zen 4, 1 MiB
+    L2, 2 threads), split against whole: 14x14 (225-450 KiB of input) 34-52 us against 52-83;
+    28x28 (600 KiB) even; 56x56 (1.2-1.8 MiB) 64-76 against 34-50 (the partial sums' extra pass
+    costs more than the lines it keeps local). Else 1."""
     from .target import caches
     cache = caches(target)
     a = chain.head.attrs
@@ -96,7 +96,7 @@ def split_parts(chain, sparse, target) -> int:
     x_shape = list(chain.x.ty.shape)
     one_image = isinstance(x_shape[0], tvm.tirx.IntImm) and int(x_shape[0]) == 1
     share = int(np.prod([int(d) for d in x_shape[1:]])) * 4 // cache.cores if one_image else 0
-    ok = isinstance(sparse, F.CSR) and pointwise and one_image and cache.cores > 1 \
+    ok = pointwise and one_image and cache.cores > 1 \
         and chain.weight.shape[1] % cache.cores == 0 and share <= cache.l2 // 2
     return cache.cores if ok else 1
 
@@ -111,15 +111,15 @@ def follows_parts(spec) -> bool:
     return bool(spec.chunk_channels) and not spec.band_rows
 
 
-def _emit_split(bb, chain, spec, weights, target, funcs: dict, kernels_: dict, layer: str):
+def _emit_split(bb, chain, spec, weights, prefix, target, funcs: dict, kernels_: dict, layer: str):
     """The split kernel (its partial outputs, one per part), then ``splitk.sum_parts`` adding
     them with the chain's bias, residual and activation."""
     from tvm import relax
 
     from . import splitk
     from .target import vector_lanes
-    partial = emit_kernel(bb, dataclasses.replace(chain, residual=None), spec, weights, f"sparse_{chain.kind}",
-                          funcs, kernels_, layer)
+    partial = emit_kernel(bb, dataclasses.replace(chain, residual=None), spec, weights, prefix, funcs, kernels_,
+                          layer)
     (n, _, h, w), c = static_shape(chain.x), chain.weight.shape[0]
     partial = reshaped(bb, partial, (n, spec.parts, c, h * w))
     bias = bias_of(chain)
@@ -303,6 +303,10 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         return emit_kernel(bb, chain, spec, weights, DEPTHWISE_PREFIX, funcs, kernels_, layer)
     if runs_dense_kernel(chain):
         view_shape, conv_args = kernel_view(chain)
+        parts = split_parts(chain, target) if _from_depthwise(bb, chain.x) else 1
+        if parts > 1:
+            spec, weights = dense.dense_inputs(chain.weight, view_shape, None, None, target, parts=parts, **conv_args)
+            return _emit_split(bb, chain, spec, weights, "dense_conv2d", target, funcs, kernels_, layer)
         spec, weights = dense.dense_inputs(chain.weight, view_shape, bias_of(chain), chain.activation, target,
                                            **conv_args)
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer, _subsamples(chain))

@@ -257,3 +257,39 @@ def test_dense_linear_layers_run_the_dense_kernel_in_a_model(dynamic):
         with torch.no_grad():
             ref = model(xb).numpy()
         np.testing.assert_allclose(compiled(xb), ref, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(parts=st.integers(2, 4), c_part=st.integers(1, 24), k=channels, h=st.integers(1, 16), w=st.integers(1, 16),
+       kh=st.sampled_from([1, 3]), stride=st.integers(1, 2), blocked=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_split_reduction_property(parts, c_part, k, h, w, kh, stride, blocked, seed):
+    """With ``parts`` (``splitk``), output part p is the conv over input channel range p only,
+    for pointwise convs (flattened) and windowed ones, the reduction blocked or not."""
+    rng = np.random.default_rng(seed)
+    padding = kh // 2
+    if out_size(h, padding, padding, kh, stride, 1) < 1 or out_size(w, padding, padding, kh, stride, 1) < 1:
+        return
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"} if host_avx2() else {"kind": "llvm"})
+    c = parts * c_part
+    ic_bn = 1 if kh == 1 else dense.input_block(c_part, 16, 4)  # any whole blocks in each part
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((k, c, kh, kh)).astype(np.float32)
+    spec = dense.make_dense_spec(x.shape, weight.shape, False, None, target, stride, padding, parts=parts)
+    spec = dataclasses.replace(spec, ic_bn=ic_bn)
+    if blocked:
+        spec = dataclasses.replace(spec, cb_chunk=max(d for d in range(1, 4) if spec.part_blocks % d == 0))
+    event(f"pointwise: {kh == 1}; blocked: {blocked}")
+    out = run_spec(spec, x, weight, None, target)
+    ref = np.stack([torch_conv(x[:, p * c_part:(p + 1) * c_part], weight[:, p * c_part:(p + 1) * c_part],
+                               None, stride, padding) for p in range(parts)], axis=1)
+    assert_matches(out.reshape(ref.shape), ref)
+
+
+def test_a_split_conv_rejects_a_bias_an_activation_and_uneven_parts():
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    with pytest.raises(ValueError, match="bias and activation"):
+        dense.make_dense_spec((1, 64, 14, 14), (32, 64, 1, 1), True, None, target, parts=2)
+    with pytest.raises(ValueError, match="bias and activation"):
+        dense.make_dense_spec((1, 64, 14, 14), (32, 64, 1, 1), False, "relu", target, parts=2)
+    with pytest.raises(ValueError, match="do not split into 3 parts"):
+        dense.make_dense_spec((1, 64, 14, 14), (32, 64, 1, 1), False, None, target, parts=3)

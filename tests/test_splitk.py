@@ -6,7 +6,7 @@ import torch
 import tvm
 
 import fscnn_tvm
-from fscnn_tvm import ops, splitk
+from fscnn_tvm import dense, ops, splitk
 from fscnn_tvm.target import caches, resolve_target
 
 
@@ -31,7 +31,7 @@ def test_sum_parts_adds_the_partial_outputs_bias_and_residual(parts, shape, bias
 class InvertedResidual(torch.nn.Module):
     """Expansion, depthwise conv, projection (pruned), with or without the residual add."""
 
-    def __init__(self, channels, hidden, residual):
+    def __init__(self, channels, hidden, residual, keep=0.1):
         super().__init__()
         self.expand = torch.nn.Sequential(torch.nn.Conv2d(channels, hidden, 1, bias=False), torch.nn.BatchNorm2d(hidden),
                                           torch.nn.ReLU6())
@@ -42,7 +42,7 @@ class InvertedResidual(torch.nn.Module):
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for conv in (self.expand[0], self.project[0]):
-                conv.weight.mul_(torch.rand(conv.weight.shape, generator=generator) > 0.9)
+                conv.weight.mul_(torch.rand(conv.weight.shape, generator=generator) < keep)
             for bn in (self.expand[1], self.project[1]):
                 bn.running_mean.uniform_(-1, 1)
                 bn.running_var.uniform_(0.5, 2.0)
@@ -71,16 +71,33 @@ def test_a_projection_after_our_depthwise_kernel_sums_its_parts_and_matches(resi
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_dense_projection_after_our_depthwise_kernel_sums_its_parts_and_matches(residual):
+    """The same block unpruned (the dense kernel, whose parts are its outermost tasks) and with
+    odd channel counts: 96->576->96 at 7x7, 144 hidden channels -> 5 at 14x14."""
+    cores = caches(resolve_target(None)).cores
+    for channels, hidden, side in ((96, 576, 7), (5, 144, 14)):
+        model = InvertedResidual(channels, hidden, residual and channels == 96, keep=1.0)
+        x = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(2))
+        imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+        split = [k.spec for k in imported.kernels.values() if isinstance(k.spec, dense.DenseConvSpec) and k.spec.parts > 1]
+        assert [(s.parts, s.geo.out_channels) for s in split] == ([(cores, channels)] if cores > 1 else [])
+        with torch.no_grad():
+            ref = model(x).numpy()
+        np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_only_convs_whose_input_fits_the_cores_l2_and_a_single_image_run_split():
     """Where each core's share of the input exceeds half its L2 (the lines come back from L3
     whoever wrote them), or a batch spreads the depthwise tasks over images, nothing is split."""
     target = "llvm -mcpu=znver4 -num-cores=2"
     cache = caches(resolve_target(target))
     side = int(np.sqrt(cache.l2 // 2 * 2 // (384 * 4))) + 2  # each core's half of the input over L2 / 2
-    for shape in ((1, 64, side, side), (2, 64, 14, 14)):
-        imported = fscnn_tvm.import_torch(InvertedResidual(64, 384, True), (torch.randn(shape),), measure=False,
+    for shape, keep in (((1, 64, side, side), 0.1), ((2, 64, 14, 14), 0.1), ((1, 64, side, side), 1.0)):
+        imported = fscnn_tvm.import_torch(InvertedResidual(64, 384, True, keep), (torch.randn(shape),), measure=False,
                                           target=target)
-        assert all(k.spec.parts == 1 for k in imported.kernels.values() if isinstance(k.spec, ops.KernelSpec))
+        assert all(k.spec.parts == 1 for k in imported.kernels.values()
+                   if isinstance(k.spec, (ops.KernelSpec, dense.DenseConvSpec)))
 
 
 @pytest.mark.parametrize("out_channels", [5, 6])
