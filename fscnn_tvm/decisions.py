@@ -4,6 +4,9 @@ kernel's schedule function takes one of these, so one function serves both."""
 # Loop annotation set by the schedule (a sampled decision when tuning): 1 = stop this
 # nonzero loop at the longest row of the tile instead of the table width.
 TILE_BOUND = "fscnn_tile_bound"
+# Loop annotation: the nonzero loop of an expansion fused into the depthwise kernel, which
+# ``lowering.bound_rows`` stops at its channel's row length.
+ROW_BOUND = "fscnn_row_bound"
 # Function attribute of a sparse kernel that reads a row of this many pixels in place although
 # they are not whole vectors (``ops.KernelSpec.masked_row``): ``lowering.lower_sparse`` masks its
 # window loads past the row.

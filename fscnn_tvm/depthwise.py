@@ -11,6 +11,14 @@ output rows x ``vectors`` vectors along the row, taps unrolled: each tap's weigh
 broadcast, and rows of the tile share the input rows their windows overlap (the same loads).
 Columns past the row's end (a row that is not whole vectors) are computed on zeros and cropped
 by the epilogue.
+
+With an ``Expansion`` (MobileNet's inverted residual block: a pointwise conv whose output only
+this conv reads), the task computes its channel of that conv's output itself (``mid``: the
+channel's nonzero weights times the input planes they select, then its bias and activation)
+where it would copy its input plane, so the expanded tensor, the block's largest (6x its input),
+is never written to memory nor read back: each plane is made and consumed in the task's L1/L2.
+The expansion's rows are an ELL table (``expansion_table``); each task's nonzero loop runs to
+its own row's length (``e_length``, ``lowering.bound_rows``).
 """
 from __future__ import annotations
 
@@ -20,11 +28,26 @@ import numpy as np
 import tvm
 from tvm import te
 
-from .decisions import FixedDecisions
+from .decisions import ROW_BOUND, FixedDecisions
 from .geometry import ConvGeometry, batch_extent, with_batch
 from .dense import conv_epilogue
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, activate
 from .target import vector_lanes, vector_registers
+
+# Vectors of expanded pixels a task accumulates in registers across its nonzero loop: each
+# nonzero's weight is broadcast once for this many loads and FMAs.
+EXPANSION_VECTORS = 4
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """A pointwise conv (1x1, stride 1, no padding) computed inside the depthwise kernel, in
+    front of it: its output channel k is the depthwise conv's input channel k."""
+    in_channels: int
+    width: int  # ELL width: the most nonzeros of one output channel (at least 1)
+    has_bias: bool
+    activation: str | None
+    lanes: int  # vector lanes of its pixel loop (the machine's)
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,7 @@ class DepthwiseSpec:
     lanes: int
     vectors: int  # register tile: vectors along an output row
     rows: int  # register tile: output rows
+    expansion: Expansion | None = None
     kind: str = "depthwise_conv2d"
 
     @property
@@ -44,7 +68,10 @@ class DepthwiseSpec:
 
     @property
     def x_shape(self):
+        """The kernel's input: the expansion's input with each plane flattened, where it has one."""
         g = self.geo
+        if self.expansion is not None:
+            return (g.batch, self.expansion.in_channels, 1, g.height * g.width)
         return (g.batch, g.in_channels, g.height, g.width)
 
     @property
@@ -105,9 +132,13 @@ def row_lanes(out_width: int, lanes: int) -> int:
 
 
 def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
-                        dilation=1) -> DepthwiseSpec:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
+                        dilation=1, expansion: Expansion | None = None) -> DepthwiseSpec:
+    """``x_shape``: the depthwise conv's input (with an expansion, that conv's output)."""
+    for act in (activation,) + ((expansion.activation,) if expansion else ()):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation: {act!r} is not supported; use one of {ACTIVATIONS}")
+    if expansion is not None and (len(x_shape) != 4 or weight_shape[0] != x_shape[1]):
+        raise ValueError("an expansion needs a depthwise conv of depth multiplier 1 on a 4-D input")
     if len(weight_shape) != 4 or weight_shape[1] != 1:
         raise ValueError(f"weight: a depthwise weight is (C * multiplier, 1, kh, kw), got {tuple(weight_shape)}")
     if len(x_shape) == 4 and weight_shape[0] % x_shape[1]:
@@ -117,16 +148,61 @@ def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, str
     geo = ConvGeometry.create(x_shape, (k, x_shape[1] if len(x_shape) == 4 else 1, kh, kw), stride, padding, dilation)
     lanes = row_lanes(geo.out_width, vector_lanes(target))
     vectors, rows = register_tile(geo.out_height, geo.out_width, lanes, vector_registers(target), kh * kw)
-    return DepthwiseSpec(geo, has_bias, activation, lanes, vectors, rows)
+    return DepthwiseSpec(geo, has_bias, activation, lanes, vectors, rows, expansion)
 
 
-def depthwise_inputs(weight, x_shape, bias, activation, target, **conv_args):
-    """The kernel's spec and its constant arrays (taps per channel, bias) for one layer."""
-    spec = make_depthwise_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, **conv_args)
-    arrays = [np.ascontiguousarray(np.asarray(weight, np.float32).reshape(weight.shape[0], -1))]
+def expansion_table(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(columns, values, row lengths) of a (K, C, 1, 1) weight as an ELL table as wide as its
+    longest row (at least 1); slots past a row's length hold column 0 and weight 0."""
+    w = np.asarray(weight, np.float32).reshape(weight.shape[0], -1)
+    length = np.count_nonzero(w, axis=1).astype(np.int32)
+    width = max(1, int(length.max(initial=0)))
+    cols, vals = np.zeros((w.shape[0], width), np.int32), np.zeros((w.shape[0], width), np.float32)
+    for k, row in enumerate(w):
+        nz = np.flatnonzero(row)
+        cols[k, :nz.size], vals[k, :nz.size] = nz, row[nz]
+    return cols, vals, length
+
+
+def depthwise_inputs(weight, x_shape, bias, activation, target, expand=None, **conv_args):
+    """The kernel's spec and its constant arrays ([the expansion's table and bias,] taps per
+    channel, bias) for one layer. ``expand``: (weight, bias, activation) of a pointwise conv
+    fused in front (``Expansion``); ``x_shape`` is then its output's shape."""
+    expansion, arrays = None, []
+    if expand is not None:
+        e_weight, e_bias, e_act = expand
+        if e_weight.ndim != 4 or e_weight.shape[2:] != (1, 1):
+            raise ValueError(f"expand: a pointwise weight is (K, C, 1, 1), got {tuple(e_weight.shape)}")
+        cols, vals, length = expansion_table(e_weight)
+        expansion = Expansion(e_weight.shape[1], cols.shape[1], e_bias is not None, e_act, vector_lanes(target))
+        arrays = [cols, vals, length] + ([np.asarray(e_bias, np.float32).reshape(-1)] if e_bias is not None else [])
+    spec = make_depthwise_spec(tuple(x_shape), weight.shape, bias is not None, activation, target,
+                               expansion=expansion, **conv_args)
+    arrays.append(np.ascontiguousarray(np.asarray(weight, np.float32).reshape(weight.shape[0], -1)))
     if bias is not None:
         arrays.append(np.asarray(bias, np.float32).reshape(-1))
     return spec, arrays
+
+
+def _expansion_compute(spec: DepthwiseSpec, batch):
+    """(its placeholders, value(n, c, row, col) of the expanded channel c) of a fused expansion."""
+    e, g = spec.expansion, spec.geo
+    x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
+    cols = te.placeholder((g.in_channels, e.width), "int32", name="e_cols")
+    vals = te.placeholder((g.in_channels, e.width), "float32", name="e_vals")
+    length = te.placeholder((g.in_channels,), "int32", name="e_length")  # read by lowering.bound_rows
+    bias = te.placeholder((g.in_channels,), "float32", name="e_bias") if e.has_bias else None
+    j = te.reduce_axis((0, e.width), name="j")
+    shape = (batch, g.in_channels, g.height * g.width)
+    mid = te.compute(shape, lambda n, k, p: te.sum(vals[k, j] * x[n, cols[k, j], 0, p], axis=j), name="mid")
+    # Bias and activation in a pass of their own: read in the padded copy's conditional loads,
+    # the bias became a gather per vector (LLVM); here it is one broadcast.
+    expanded = te.compute(shape, lambda n, k, p: activate(mid[n, k, p] + bias[k] if bias is not None else mid[n, k, p],
+                                                          e.activation), name="expanded")
+
+    def value(n, c, row, col):
+        return expanded[n, c, row * g.width + col]
+    return [x, cols, vals, length] + ([bias] if bias is not None else []), value
 
 
 def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
@@ -134,13 +210,17 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
     g = spec.geo
     (sh, sw), (dh, dw), (pt, pl) = g.stride, g.dilation, g.pad[:2]
     batch = batch_extent(g.batch)
-    x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
+    if spec.expansion is not None:
+        inputs, value = _expansion_compute(spec, batch)
+    else:
+        x = te.placeholder(with_batch(spec.x_shape, batch), "float32", name="x_nchw")
+        inputs, value = [x], lambda n, c, row, col: x[n, c, row, col]
     w = te.placeholder((g.out_channels, g.kh * g.kw), "float32", name="w")
     bias = te.placeholder((g.out_channels,), "float32", name="bias") if spec.has_bias else None
 
     def padded(n, c, row, col):
         inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
-        return te.if_then_else(inside, x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
+        return te.if_then_else(inside, value(n, c, row, col), tvm.tirx.const(0.0, "float32"))
 
     if sw == 1:
         x_phase = te.compute((batch, g.in_channels) + spec.phase_shape,
@@ -160,7 +240,7 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
 
     out = conv_epilogue(lambda n, k, oh, ow: acc[n, k, oh, ow], with_batch(spec.out_shape, batch), bias,
                         spec.activation)
-    return [x, w] + ([bias] if bias is not None else []) + [out]
+    return inputs + [w] + ([bias] if bias is not None else []) + [out]
 
 
 def prim_func(spec: DepthwiseSpec) -> tvm.tirx.PrimFunc:
@@ -201,12 +281,47 @@ def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=Fixe
         # contiguous loads and shuffles).
         x_rows = sch.get_sblock("x_rows")
         sch.compute_at(x_rows, par, preserve_unit_loops=True)
+        if spec.expansion is not None:  # (before its consumer is partitioned)
+            _schedule_expansion(sch, spec, par)
         _split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
         columns = sch.get_loops(x_phase)[-1]
         whole = _split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
         if sch.get(whole).extent >= spec.lanes:  # whole vectors, then a scalar tail
             sch.vectorize(sch.split(whole, [None, spec.lanes])[1])
+    elif spec.expansion is not None:
+        _schedule_expansion(sch, spec, par)
     return sch
+
+
+def _schedule_expansion(sch: tvm.s_tir.Schedule, spec: DepthwiseSpec, par) -> None:
+    """The expanded plane (``mid``) computed in the task: its pixels in tiles of up to
+    EXPANSION_VECTORS vectors held in registers across the nonzero loop (one broadcast weight,
+    then a load and an FMA per vector); the pixels past the last tile (fewer than a tile) with
+    the nonzero loop outside, their loop left to LLVM's vectoriser. Each nonzero loop bounded by
+    its row's length (ROW_BOUND)."""
+    mid, expanded = sch.get_sblock("mid"), sch.get_sblock("expanded")
+    sch.compute_at(expanded, par, preserve_unit_loops=True)
+    sch.compute_at(mid, par, preserve_unit_loops=True)
+    pixels, lanes = spec.geo.height * spec.geo.width, spec.expansion.lanes
+    vectors = min(EXPANSION_VECTORS, pixels // lanes)
+    tiled = pixels // (vectors * lanes) * vectors * lanes if vectors else 0
+    loops = _split_at(sch, sch.get_loops(mid)[-2], [tiled])
+    for loop in loops:
+        block = mid if len(loops) == 1 else sch.get_child_blocks(loop)[0]
+        *_, p, j = sch.get_loops(block)
+        if tiled and loop == loops[0]:
+            p_o, p_r, p_v = sch.split(p, [None, vectors, lanes])
+            sch.reorder(p_o, j, p_r, p_v)
+            sch.unroll(p_r)
+            sch.vectorize(p_v)
+        else:
+            sch.reorder(j, p)
+        sch.annotate(j, ROW_BOUND, 1)
+        init = sch.decompose_reduction(block, j)
+        if tiled and loop == loops[0]:
+            *_, i_r, i_v = sch.get_loops(init)
+            sch.unroll(i_r)
+            sch.vectorize(i_v)
 
 
 def _split_at(sch: tvm.s_tir.Schedule, loop, points: list[int]) -> list:

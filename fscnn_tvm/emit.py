@@ -288,18 +288,22 @@ def grouped_kernel(chain, target, measure: bool) -> tuple[str, str]:
         ("tvm", f"TVM's grouped conv (faster here: {times})")
 
 
-def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped: str = "tvm"):
+def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped: str = "tvm", expansion=None):
     """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
     (bias and activation fused) where it applies, a grouped conv on the kernel ``grouped``
-    names (see ``grouped_kernel``), else dense Relax ops."""
+    names (see ``grouped_kernel``), else dense Relax ops. ``expansion``: the chain of a
+    pointwise conv computed inside this depthwise conv's kernel (``fused_expansions``)."""
     x_shape = static_shape(chain.x)
     if grouped == "csr":
         spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),
                                           x_shape, bias_of(chain), chain.activation, target, **kernel_conv_args(chain))
         return emit_kernel(bb, chain, spec, weights, "grouped_conv2d", funcs, kernels_, layer)
     if grouped == "depthwise":
+        expand = None if expansion is None else (expansion.weight, bias_of(expansion), expansion.activation)
         spec, weights = depthwise.depthwise_inputs(chain.weight, x_shape, bias_of(chain), chain.activation, target,
-                                                   **kernel_conv_args(chain))
+                                                   expand=expand, **kernel_conv_args(chain))
+        if expansion is not None:  # the kernel reads the expansion's input
+            chain = dataclasses.replace(chain, x=expansion.x)
         return emit_kernel(bb, chain, spec, weights, DEPTHWISE_PREFIX, funcs, kernels_, layer)
     if runs_dense_kernel(chain):
         view_shape, conv_args = kernel_view(chain)

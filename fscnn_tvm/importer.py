@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 
 from . import chunks, pick
-from .chains import find_chains
+from .chains import find_chains, fused_expansions
 from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
                    kernel_view, raced_convs, races_csr_when_dense, runs_dense_kernel, static_shape)
 from .bench import table
@@ -118,19 +118,32 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     layer_index = {i: k for k, i in enumerate(i for i, b in enumerate(bindings) if b.var in chains)}
     rows = {}
 
+    outputs = set(chunks.free_vars(main.body.body))
+
     def emit(bindings_, lo, hi, chains_, absorbed_, remap):
+        # (pointwise convs computed inside the depthwise kernel after them: emitted with it)
+        fusions = fused_expansions(bindings_, chains_, lo, hi, sparsity_threshold if sparse else None, outputs)
+        inside = {e.last_var: dw for dw, e in fusions.items()}
+        position = {b.var: i for i, b in enumerate(bindings_)}
         for i in range(lo, hi):
             b = bindings_[i]
-            if b.var in absorbed_:
+            if b.var in absorbed_ or b.var in inside:
                 continue
             if b.var in chains_:
-                chain = chains_[b.var]
+                chain, expansion = chains_[b.var], fusions.get(b.var)
                 chain.x = _substitute(chain.x, remap)
                 chain.residual = None if chain.residual is None else _substitute(chain.residual, remap)
                 chain.head = _substitute(chain.head, remap)
+                if expansion is not None:
+                    expansion.x = _substitute(expansion.x, remap)
                 remap[b.var] = _emit_chain(bb, chain, layer_index[i], names, sparsity_threshold if sparse else None,
-                                           fmt, block, target, funcs, kernels, report, measure and on_host(target))
+                                           fmt, block, target, funcs, kernels, report, measure and on_host(target),
+                                           expansion)
                 rows[layer_index[i]] = report.pop()
+                if expansion is not None:
+                    e_index = layer_index[position[expansion.last_var]]
+                    rows[e_index] = _expansion_row(expansion, _layer_name(names, e_index, "conv2d"),
+                                                   rows[layer_index[i]].name)
             else:
                 remap[b.var] = bb.emit(_substitute(b.value, remap))
 
@@ -209,8 +222,21 @@ def _timed_convs(bindings, chains, segments, traced, threshold, fmt, block) -> l
     return raced_convs(emitted, threshold, fmt, block)
 
 
-def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure):
-    name = names[index] if index < len(names) else f"{chain.kind}{index}"
+def _layer_name(names, index, kind) -> str:
+    return names[index] if index < len(names) else f"{kind}{index}"
+
+
+def _expansion_row(chain, name: str, depthwise: str) -> LayerReport:
+    """The report row of a pointwise conv computed inside a depthwise conv's kernel."""
+    sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size
+    return LayerReport(name, chain.kind, tuple(chain.weight.shape), float(sparsity), "ell (fused)", True,
+                       f"computed inside the depthwise kernel of {depthwise}", list(chain.fused),
+                       static_shape(chain.x), chain.weight, bias_of(chain), chain.activation, conv_args_of(chain))
+
+
+def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, kernels, report, measure,
+                expansion=None):
+    name = _layer_name(names, index, chain.kind)
     shape = tuple(chain.weight.shape) if chain.weight is not None else \
         tuple(int(s) for s in chain.head.args[1].ty.shape)
     sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size if chain.weight is not None else 0.0
@@ -236,7 +262,7 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         if chain.kind == "conv2d" and chain.weight is not None and int(chain.head.attrs.groups) > 1:
             grouped, how = grouped_kernel(chain, target, measure)
             reason += f": {how}" if how else ""
-        out = emit_dense(bb, chain, target, funcs, kernels, name, grouped) if chain.weight is not None \
+        out = emit_dense(bb, chain, target, funcs, kernels, name, grouped, expansion) if chain.weight is not None \
             else bb.emit(chain.head)
         label, layer_block = "dense", None
     report.append(LayerReport(name, chain.kind, shape, float(sparsity), label, reason is None, reason or note,

@@ -15,7 +15,7 @@ import itertools
 
 import tvm
 
-from .decisions import MASKED_ROW_ATTR, TILE_BOUND
+from .decisions import MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
 
 
 def _for_with(loop, body=None, extent=None, annotations=None):
@@ -394,6 +394,24 @@ def _tile_bound(loop, params):
     return tvm.tirx.floordiv(longest + per_iteration - 1, per_iteration) if per_iteration > 1 else longest
 
 
+def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """Each loop annotated ROW_BOUND (the nonzero loop of an expansion fused into the depthwise
+    kernel) runs to its channel's row length, ``e_length[k]``, k the channel its block binds.
+    Other functions pass through unchanged."""
+    from tvm.s_tir.stmt import SBlockRealize
+    length = next((p for p in func.params if p.name == "e_length"), None)
+    if length is None:
+        return func
+
+    def post(node):
+        if isinstance(node, tvm.tirx.For) and ROW_BOUND in node.annotations:
+            block = next(n for n in _visit(node.body, []) if isinstance(n, SBlockRealize))
+            annotations = {k: v for k, v in node.annotations.items() if k != ROW_BOUND}
+            return _for_with(node, extent=length[block.iter_values[1]], annotations=annotations)
+        return None
+    return func.with_body(_rebuild(func.body, post))
+
+
 def kernel_func(sch: tvm.s_tir.Schedule, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
-    """A scheduled sparse kernel, lowered to what runs."""
-    return lower_sparse(sch.mod["main"], masked_stores)
+    """A scheduled kernel, lowered to what runs."""
+    return lower_sparse(bound_rows(sch.mod["main"]), masked_stores)
