@@ -180,9 +180,10 @@ def find_chains(main):
 
 # Least sparsity of a pointwise conv fused into the depthwise kernel after it. Measured on
 # MobileNetV2's block shapes (Zen 4, 2 threads; fused against the CSR and depthwise kernels in
-# turn, caches hot / flushed): at 90 % 1.04-2.9x / 1.3-2.0x, at 70 % 0.94-1.22x / 1.12-1.23x; a
-# dense expansion (one load per FMA, where the dense kernel broadcasts) ran 0.4-0.8x.
-FUSE_SPARSITY = 0.7
+# turn, caches hot / flushed): at 90 % 1.04-2.9x / 1.3-2.0x, at 70 % 0.94-1.22x / 1.12-1.23x, at
+# 60 % 0.97-1.94x / 1.35-1.68x, at 50 % 0.80-1.84x / 1.11-1.25x (mixed); a dense expansion (one
+# load per FMA, where the dense kernel broadcasts) ran 0.4-0.8x.
+FUSE_SPARSITY = 0.6
 
 
 def fused_expansions(bindings, chains, lo: int, hi: int, threshold: float | None, outputs) -> dict:
