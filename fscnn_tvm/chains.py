@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm
 
 from . import chunks
 from .emit import is_depthwise, runs_dense_kernel
@@ -16,7 +17,6 @@ FUSED_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.clip": "relu6"}  # clip: on
 
 
 def _const(expr):
-    import tvm
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
@@ -178,22 +178,17 @@ def find_chains(main):
     return bindings, chains, absorbed
 
 
-# Least sparsity of a pointwise conv fused into the depthwise kernel after it. Measured on
-# MobileNetV2's block shapes (Zen 4, 2 threads; fused against the CSR and depthwise kernels in
-# turn, caches hot / flushed): at 90 % 1.04-2.9x / 1.3-2.0x, at 70 % 0.94-1.22x / 1.12-1.23x, at
-# 60 % 0.97-1.94x / 1.35-1.68x, at 50 % 0.80-1.84x / 1.11-1.25x (mixed); a dense expansion (one
-# load per FMA, where the dense kernel broadcasts) ran 0.4-0.8x.
-FUSE_SPARSITY = 0.6
-
-
-def fused_expansions(bindings, chains, lo: int, hi: int, threshold: float | None, outputs) -> dict:
+def fused_expansions(bindings, chains, lo: int, hi: int, outputs) -> dict:
     """{var of a depthwise chain: the pointwise chain computed inside its kernel}, among
     ``bindings[lo:hi]``: a 1x1 stride-1 unpadded conv our kernels run (constant weight, no
-    residual), pruned to FUSE_SPARSITY and over the threshold, whose output only a depthwise conv
-    of depth multiplier 1 reads (not the model's ``outputs``). Never for the dense baseline
-    (``threshold`` None)."""
-    if threshold is None:
-        return {}
+    residual), whose output only a depthwise conv of depth multiplier 1 reads (not the model's
+    ``outputs``), pruned or not (``depthwise.Expansion``: sparse rows one channel a task, dense
+    ones in groups). Measured on MobileNetV2's block shapes (Zen 4, 2 threads; the fused kernel
+    against the expansion's kernel (CSR or dense) and the depthwise kernel in turn, caches hot /
+    flushed): at 90 % 1.04-2.9x / 1.3-2.0x, at 70 % 0.94-1.22x / 1.12-1.23x, at 50-60 % (groups)
+    1.02-1.24x / 1.13-1.29x, dense (groups) 0.98-1.83x / 1.06-2.02x. Not with a symbolic batch:
+    the kernel's 64-bit batch loop fused with the channels leaves a cast in the expansion's
+    block bindings, which the schedule's vectorize then refuses."""
     position = {b.var: i for i, b in enumerate(bindings)}
     uses = {}
     for b in bindings:
@@ -205,12 +200,10 @@ def fused_expansions(bindings, chains, lo: int, hi: int, threshold: float | None
         if not (lo <= position.get(var, -1) < hi and e is not None and lo <= position.get(e.last_var, -1) < hi
                 and is_depthwise(chain) and chain.weight.shape[0] == chain.weight.shape[1] * int(chain.x.ty.shape[1])
                 and runs_dense_kernel(e) and e.residual is None and uses.get(e.last_var) == 1
-                and e.last_var not in outputs):
+                and e.last_var not in outputs and isinstance(e.x.ty.shape[0], tvm.tirx.IntImm)):
             continue
-        sparsity = 1.0 - np.count_nonzero(e.weight) / e.weight.size
         a = e.head.attrs
-        pointwise = e.weight.shape[2:] == (1, 1) and tuple(int(s) for s in a.strides) == (1, 1) \
-            and not any(int(p) for p in a.padding)
-        if pointwise and sparsity >= max(FUSE_SPARSITY, threshold):
+        if e.weight.shape[2:] == (1, 1) and tuple(int(s) for s in a.strides) == (1, 1) \
+                and not any(int(p) for p in a.padding):
             fused[var] = e
     return fused

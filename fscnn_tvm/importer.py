@@ -122,7 +122,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     def emit(bindings_, lo, hi, chains_, absorbed_, remap):
         # (pointwise convs computed inside the depthwise kernel after them: emitted with it)
-        fusions = fused_expansions(bindings_, chains_, lo, hi, sparsity_threshold if sparse else None, outputs)
+        fusions = fused_expansions(bindings_, chains_, lo, hi, outputs)
         inside = {e.last_var: dw for dw, e in fusions.items()}
         position = {b.var: i for i, b in enumerate(bindings_)}
         for i in range(lo, hi):
@@ -143,7 +143,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                 if expansion is not None:
                     e_index = layer_index[position[expansion.last_var]]
                     rows[e_index] = _expansion_row(expansion, _layer_name(names, e_index, "conv2d"),
-                                                   rows[layer_index[i]].name)
+                                                   rows[layer_index[i]].name, sparsity_threshold if sparse else None)
             else:
                 remap[b.var] = bb.emit(_substitute(b.value, remap))
 
@@ -226,10 +226,13 @@ def _layer_name(names, index, kind) -> str:
     return names[index] if index < len(names) else f"{kind}{index}"
 
 
-def _expansion_row(chain, name: str, depthwise: str) -> LayerReport:
-    """The report row of a pointwise conv computed inside a depthwise conv's kernel."""
+def _expansion_row(chain, name: str, depthwise: str, threshold: float | None) -> LayerReport:
+    """The report row of a pointwise conv computed inside a depthwise conv's kernel: sparse
+    (its nonzeros only) where pruned over the threshold."""
     sparsity = 1.0 - np.count_nonzero(chain.weight) / chain.weight.size
-    return LayerReport(name, chain.kind, tuple(chain.weight.shape), float(sparsity), "ell (fused)", True,
+    sparse = threshold is not None and sparsity >= threshold
+    return LayerReport(name, chain.kind, tuple(chain.weight.shape), float(sparsity),
+                       f"{'ell' if sparse else 'dense'} (fused)", sparse,
                        f"computed inside the depthwise kernel of {depthwise}", list(chain.fused),
                        static_shape(chain.x), chain.weight, bias_of(chain), chain.activation, conv_args_of(chain))
 

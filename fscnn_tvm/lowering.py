@@ -396,7 +396,8 @@ def _tile_bound(loop, params):
 
 def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """Each loop annotated ROW_BOUND (the nonzero loop of an expansion fused into the depthwise
-    kernel) runs to its channel's row length, ``e_length[k]``, k the channel its block binds.
+    kernel) runs to its row's length, ``e_length[k // group]``, k the channel its block binds
+    (with the channels of a group: the first's, as they share the row).
     Other functions pass through unchanged."""
     from tvm.s_tir.stmt import SBlockRealize
     length = next((p for p in func.params if p.name == "e_length"), None)
@@ -405,9 +406,15 @@ def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 
     def post(node):
         if isinstance(node, tvm.tirx.For) and ROW_BOUND in node.annotations:
-            block = next(n for n in _visit(node.body, []) if isinstance(n, SBlockRealize))
+            inside = _visit(node.body, [])
+            block = next(n for n in inside if isinstance(n, SBlockRealize))
+            group = int(block.block.iter_vars[1].dom.extent) // int(length.shape[0])  # channels a row
+            analyzer = tvm.sym.Analyzer()
+            for loop in (n for n in inside if isinstance(n, tvm.tirx.For)):  # the group's first channel
+                analyzer.bind(loop.loop_var, loop.min)
+            row = analyzer.simplify(tvm.tirx.floordiv(block.iter_values[1], group))
             annotations = {k: v for k, v in node.annotations.items() if k != ROW_BOUND}
-            return _for_with(node, extent=length[block.iter_values[1]], annotations=annotations)
+            return _for_with(node, extent=length[row], annotations=annotations)
         return None
     return func.with_body(_rebuild(func.body, post))
 

@@ -93,8 +93,8 @@ def test_imported_depthwise_runs_the_depthwise_kernel():
     x = torch.randn(2, 8, 19, 23)
     imported = fscnn_tvm.import_torch(model, (x,), measure=False)
     kinds = sorted(k.spec.kind for k in imported.kernels.values())
-    assert kinds == ["dense_conv2d", "depthwise_conv2d", "depthwise_conv2d"]
-    assert sum("depthwise kernel" in r.reason for r in imported.report) == 2
+    assert kinds == ["depthwise_conv2d", "depthwise_conv2d"]  # the 8->24 expansion computed inside the first
+    assert sum("depthwise kernel" in r.reason for r in imported.report) == 3
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -158,7 +158,7 @@ def test_expansion_property(n, c, k, h, w, kh, stride, padding, dilation, sparsi
     spec, arrays = depthwise.depthwise_inputs(weight, (n, k, h, w), bias, activation, tgt,
                                               expand=(e_weight, eb, e_activation), stride=stride, padding=padding,
                                               dilation=dilation)
-    event(f"ELL width {spec.expansion.width}; pixels past the tiles: {h * w % (spec.expansion.lanes * 4)}")
+    event(f"group {spec.expansion.group}; tail: {bool(depthwise.expansion_layout(h * w, spec.expansion.lanes)[3])}")
     tensors = [tvm.runtime.tensor(a) for a in [x.reshape(spec.x_shape), *arrays, np.zeros(spec.out_shape, np.float32)]]
     layer._build(kernels.default_schedule(kernels.prim_func(spec), spec), tgt)(*tensors)
     ref = torch_depthwise(torch_expanded(x, e_weight, eb, e_activation), weight, bias, stride, padding, dilation,
@@ -166,14 +166,22 @@ def test_expansion_property(n, c, k, h, w, kh, stride, padding, dilation, sparsi
     assert_matches(tensors[-1].numpy(), ref)
 
 
+def test_grouped_expansion_table_holds_the_union_of_its_channels_columns():
+    weight = np.zeros((4, 5, 1, 1), np.float32)
+    weight[0, 1, 0, 0], weight[1, 3, 0, 0], weight[1, 1, 0, 0] = 1.0, 2.0, 3.0
+    cols, vals, length = depthwise.expansion_table(weight, group=2)
+    assert cols.shape == (2, 2) and vals.shape == (2, 2, 2) and list(length) == [2, 0]
+    assert list(cols[0]) == [1, 3] and vals[0].tolist() == [[1.0, 3.0], [0.0, 2.0]]
+
+
 def test_expansion_table_holds_each_row_and_pads_with_zeros():
     weight = np.zeros((4, 6, 1, 1), np.float32)
     weight[0, [1, 4], 0, 0], weight[2, :, 0, 0] = [2.0, -3.0], np.arange(1, 7)
     cols, vals, length = depthwise.expansion_table(weight)
-    assert cols.shape == vals.shape == (4, 6) and list(length) == [2, 0, 6, 0]
+    assert cols.shape == (4, 6) and vals.shape == (4, 6, 1) and list(length) == [2, 0, 6, 0]
     dense = np.zeros((4, 6), np.float32)
     for r in range(4):
-        dense[r, cols[r, :length[r]]] = vals[r, :length[r]]
+        dense[r, cols[r, :length[r]]] = vals[r, :length[r], 0]
         assert not vals[r, length[r]:].any()
     np.testing.assert_array_equal(dense, weight.reshape(4, 6))
     assert depthwise.expansion_table(np.zeros((3, 2, 1, 1), np.float32))[0].shape == (3, 1)  # never 0 wide
@@ -235,26 +243,46 @@ class Inverted(torch.nn.Module):
 
 @pytest.mark.parametrize("batch,dynamic", [(1, False), (3, False), (2, True)])
 def test_a_pruned_expansion_runs_inside_the_depthwise_kernel_and_matches(batch, dynamic):
+    """Fused at any static batch; with a symbolic batch the two kernels run (see fused_expansions)."""
     model = Inverted(0.9, stride=2)
     x = torch.randn(batch, 16, 22, 22, generator=torch.Generator().manual_seed(3))
     imported = fscnn_tvm.import_torch(model, (x,), measure=False, dynamic_batch=(1, 4) if dynamic else None)
     row = next(r for r in imported.report if r.weight_shape == (96, 16, 1, 1))
-    assert row.fmt == "ell (fused)" and "depthwise kernel" in row.reason and row.rewritten
     (spec,) = [k.spec for k in imported.kernels.values() if isinstance(k.spec, depthwise.DepthwiseSpec)]
-    assert spec.expansion is not None and spec.expansion.in_channels == 16
-    assert not any(k.spec.kind.startswith("sparse") and k.spec.out_features == 96 for k in imported.kernels.values())
+    if dynamic:
+        assert spec.expansion is None and row.fmt != "ell (fused)"
+    else:
+        assert row.fmt == "ell (fused)" and "depthwise kernel" in row.reason and row.rewritten
+        assert spec.expansion is not None and spec.expansion.in_channels == 16
+    assert dynamic or not any(k.spec.kind.startswith("sparse") and k.spec.out_features == 96
+                              for k in imported.kernels.values())
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("sparsity,tap,sparse", [(0.5, False, True), (0.9, True, True), (0.9, False, False)])
-def test_an_expansion_stays_a_kernel_of_its_own_when_dense_read_twice_or_not_pruned(sparsity, tap, sparse):
-    """Under FUSE_SPARSITY, when another op reads the expanded tensor, and in the dense baseline."""
-    model = Inverted(sparsity, tap)
+@pytest.mark.parametrize("sparsity,sparse,group", [(0.5, True, 4), (0.0, True, 4), (0.9, False, 1)])
+def test_dense_and_half_pruned_expansions_run_inside_in_groups_and_match(sparsity, sparse, group):
+    """Rows of density over GROUP_DENSITY expand 4 channels a task from their rows' union; the
+    dense baseline (``sparse=False``) fuses too, its row saying it runs dense."""
+    model = Inverted(sparsity)
     x = torch.randn(1, 16, 14, 14, generator=torch.Generator().manual_seed(4))
     imported = fscnn_tvm.import_torch(model, (x,), measure=False, sparse=sparse)
-    assert not any(r.fmt == "ell (fused)" for r in imported.report)
+    row = next(r for r in imported.report if r.weight_shape == (96, 16, 1, 1))
+    assert row.fmt == ("ell (fused)" if sparse and sparsity >= 0.5 else "dense (fused)")
+    assert row.rewritten == (sparse and sparsity >= 0.5)
+    (spec,) = [k.spec for k in imported.kernels.values() if isinstance(k.spec, depthwise.DepthwiseSpec)]
+    assert spec.expansion.group == group
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_an_expansion_read_twice_stays_a_kernel_of_its_own():
+    model = Inverted(0.9, tap=True)
+    x = torch.randn(1, 16, 14, 14, generator=torch.Generator().manual_seed(4))
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    assert not any("fused" in r.fmt for r in imported.report)
     assert all(k.spec.expansion is None for k in imported.kernels.values() if isinstance(k.spec, depthwise.DepthwiseSpec))
     with torch.no_grad():
         ref = model(x).numpy()
