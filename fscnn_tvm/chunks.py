@@ -106,7 +106,7 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
     """The segments of ``main`` (a static-batch Relax function) that run in chunks, in order;
     empty when none would (batch 1, or every activation of the batch fits ``cache_bytes``).
     Bindings after the last segment run at the full batch. ``absorbed``: bindings folded into a
-    layer chain (no cut inside a chain)."""
+    layer chain or computed inside a kernel (no cut there, and no tensor of their own)."""
     batches = {batch_of(p.ty) for p in main.params}
     if len(batches) != 1 or None in batches or next(iter(batches)) < 2:
         return []
@@ -128,7 +128,7 @@ def plan(main, absorbed: set, cache_bytes: int) -> list[Segment]:
             on_input.add(b.var)
             if not _independent(b.value) or batch_of(b.var.ty) not in (batch, None):
                 break
-            per_image = _bytes(b.var.ty) // batch
+            per_image = 0 if b.var in absorbed else _bytes(b.var.ty) // batch  # (absorbed: no tensor of its own)
             chunk = min(chunk, max(c for c in range(1, batch + 1) if batch % c == 0
                                    and (c == 1 or c * per_image <= cache_bytes)))
         if live_until <= i and b.var not in absorbed and b.var in on_input \

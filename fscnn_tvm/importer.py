@@ -98,6 +98,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     main = mod["main"]
     bindings, chains, absorbed = find_chains(main)
     names = layer_names(program)
+    outputs = set(chunks.free_vars(main.body.body))
     segments, traced = [], {}
     if program is not model and batch_range is None:
         def trace(chunk):  # the model traced on one chunk; a model that runs at its batch size only: None
@@ -106,7 +107,9 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
             except ValueError:
                 return None
         cache = caches(target)
-        segments, traced = chunks.checked_plan(main, absorbed, cache.l2 * cache.cores, trace)
+        # (an expansion computed inside the depthwise kernel after it is never a tensor: no cut there)
+        inside = {e.last_var for e in fused_expansions(bindings, chains, 0, len(bindings), outputs).values()}
+        segments, traced = chunks.checked_plan(main, absorbed | inside, cache.l2 * cache.cores, trace)
     if segments:
         notes.append("images run depth-first in chunks: " + ", ".join(
             f"ops {seg.start + 1}-{seg.end + 1} of {len(bindings)} {seg.chunk} at a time" for seg in segments)
@@ -117,8 +120,6 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     # Layers are numbered in graph order (their names and report rows), whichever function emits them.
     layer_index = {i: k for k, i in enumerate(i for i, b in enumerate(bindings) if b.var in chains)}
     rows = {}
-
-    outputs = set(chunks.free_vars(main.body.body))
 
     def emit(bindings_, lo, hi, chains_, absorbed_, remap):
         # (pointwise convs computed inside the depthwise kernel after them: emitted with it)

@@ -244,3 +244,29 @@ def test_kernel_views_are_one_reshape_and_chunks_return_what_their_last_kernel_w
             chained, returns_reshape = _reshapes(func)
             assert not chained, gv.name_hint
             assert not (returns_reshape and gv in chunk_functions), gv.name_hint
+
+
+def test_no_cut_falls_on_an_expansion_computed_inside_the_depthwise_kernel():
+    """MobileNet's blocks: the expansion's output, the largest tensor, is never materialised when
+    the depthwise kernel computes it, so no segment may end there (the next segment's depthwise
+    conv would then read the whole batch's expanded tensor from memory); a batched import still
+    fuses every expansion and matches PyTorch."""
+    def block(c, hidden, stride):
+        return [torch.nn.Conv2d(c, hidden, 1, bias=False), torch.nn.BatchNorm2d(hidden), torch.nn.ReLU6(),
+                torch.nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), torch.nn.BatchNorm2d(hidden),
+                torch.nn.ReLU6(), torch.nn.Conv2d(hidden, c, 1)]
+    model = _pruned(torch.nn.Sequential(*block(8, 48, 1), *block(8, 48, 2), *block(8, 48, 1)))
+    x = torch.randn(4, 8, 24, 24)
+    main, bindings, absorbed = _main(model, x)
+    chains_ = chains.find_chains(main)[1]
+    fused = {e.last_var for e in chains.fused_expansions(bindings, chains_, 0, len(bindings), set()).values()}
+    assert len(fused) == 3
+    image = 48 * 24 * 24 * 4  # one image's expanded tensor at 24x24
+    segments = chunks.plan(main, absorbed | fused, cache_bytes=image // 2)
+    assert segments and not any(bindings[s.end].var in fused for s in segments)
+    assert any(bindings[s.end].var in fused for s in chunks.plan(main, absorbed, cache_bytes=image // 2))
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    assert sum(r.fmt.endswith("(fused)") for r in imported.report) == 3
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
