@@ -266,8 +266,7 @@ def dense_compute(spec: DenseConvSpec) -> list[te.Tensor]:
 
     def packed(n, cb, h, col, ci):
         row, col = h - pt, col - pl
-        inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
-        return te.if_then_else(inside, x[n, cb * spec.ic_bn + ci, row, col], tvm.tirx.const(0.0, "float32"))
+        return te.if_then_else(g.inside(row, col), x[n, cb * spec.ic_bn + ci, row, col], tvm.tirx.const(0.0, "float32"))
 
     if spec.packs:
         x_pack = te.compute((batch, n_cb) + spec.pack_hw + (spec.ic_bn,), packed, name="x_pack")

@@ -26,10 +26,10 @@ from tvm import te
 from . import expansion as E
 from .decisions import FixedDecisions
 from .dense import conv_epilogue
-from .expansion import Expansion, split_at
 from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS
 from .target import vector_lanes, vector_registers
+
 
 @dataclass(frozen=True)
 class DepthwiseSpec:
@@ -40,7 +40,7 @@ class DepthwiseSpec:
     lanes: int
     vectors: int  # register tile: vectors along an output row
     rows: int  # register tile: output rows
-    expansion: Expansion | None = None
+    expansion: E.Expansion | None = None
     kind: str = "depthwise_conv2d"
 
     @property
@@ -113,7 +113,7 @@ def row_lanes(out_width: int, lanes: int) -> int:
 
 
 def make_depthwise_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0,
-                        dilation=1, expansion: Expansion | None = None) -> DepthwiseSpec:
+                        dilation=1, expansion: E.Expansion | None = None) -> DepthwiseSpec:
     """``x_shape``: the depthwise conv's input (with an expansion, that conv's output)."""
     for act in (activation,) + ((expansion.activation,) if expansion else ()):
         if act not in ACTIVATIONS:
@@ -143,7 +143,7 @@ def depthwise_inputs(weight, x_shape, bias, activation, target, expand=None, **c
             raise ValueError(f"expand: a pointwise weight is (K, C, 1, 1), got {tuple(e_weight.shape)}")
         group = E.expansion_group(e_weight)
         cols, vals, length = E.expansion_table(e_weight, group)
-        expansion = Expansion(e_weight.shape[1], cols.shape[1], e_bias is not None, e_act, vector_lanes(target), group,
+        expansion = E.Expansion(e_weight.shape[1], cols.shape[1], e_bias is not None, e_act, vector_lanes(target), group,
                               vector_registers(target))
         arrays = [cols, vals, length] + ([np.asarray(e_bias, np.float32).reshape(-1)] if e_bias is not None else [])
     spec = make_depthwise_spec(tuple(x_shape), weight.shape, bias is not None, activation, target,
@@ -166,8 +166,7 @@ def depthwise_compute(spec: DepthwiseSpec) -> list[te.Tensor]:
         inputs = [x]
 
         def padded(n, c, row, col):
-            inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
-            return te.if_then_else(inside, x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
+            return te.if_then_else(g.inside(row, col), x[n, c, row, col], tvm.tirx.const(0.0, "float32"))
     w = te.placeholder((g.out_channels, g.kh * g.kw), "float32", name="w")
     bias = te.placeholder((g.out_channels,), "float32", name="bias") if spec.has_bias else None
 
@@ -234,9 +233,9 @@ def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=Fixe
         sch.compute_at(x_rows, par, preserve_unit_loops=True)
         if spec.expansion is not None:  # (before its consumer is partitioned)
             E.schedule(sch, spec, par)
-        split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
+        E.split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
         columns = sch.get_loops(x_phase)[-1]
-        whole = split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
+        whole = E.split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
         if sch.get(whole).extent >= spec.lanes:  # whole vectors, then a scalar tail
             sch.vectorize(sch.split(whole, [None, spec.lanes])[1])
     elif spec.expansion is not None:

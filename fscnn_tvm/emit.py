@@ -90,15 +90,19 @@ def split_parts(chain, target) -> int:
     costs more than the lines it keeps local). Else 1."""
     from .target import caches
     cache = caches(target)
-    a = chain.head.attrs
-    pointwise = chain.weight.shape[2:] == (1, 1) and tuple(int(s) for s in a.strides) == (1, 1) \
-        and not any(int(p) for p in a.padding) and int(a.groups) == 1
     x_shape = list(chain.x.ty.shape)
     one_image = isinstance(x_shape[0], tvm.tirx.IntImm) and int(x_shape[0]) == 1
     share = int(np.prod([int(d) for d in x_shape[1:]])) * 4 // cache.cores if one_image else 0
-    ok = pointwise and one_image and cache.cores > 1 \
+    ok = pointwise(chain) and one_image and cache.cores > 1 \
         and chain.weight.shape[1] % cache.cores == 0 and share <= cache.l2 // 2
     return cache.cores if ok else 1
+
+
+def pointwise(chain) -> bool:
+    """A 1x1 conv at stride 1, unpadded, ungrouped: one matrix product over the pixels."""
+    a = chain.head.attrs
+    return chain.weight.shape[2:] == (1, 1) and tuple(int(s) for s in a.strides) == (1, 1) \
+        and not any(int(p) for p in a.padding) and int(a.groups) == 1
 
 
 def follows_parts(spec) -> bool:

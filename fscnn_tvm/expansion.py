@@ -113,7 +113,7 @@ def compute(spec, batch):
         # Zen 4: stride 2 at 112x112 and 56x56 1.07-1.12x; at stride 1, where the copy writes
         # the phase layout directly, 0.95x: there the pass stays.)
         def padded(n, c, row, col):
-            inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
+            inside = g.inside(row, col)
             return tvm.tirx.Select(inside, finish(te.if_then_else(inside, mid[n, c, row * g.width + col], zero), c),
                                    zero)
         return inputs, padded
@@ -127,8 +127,7 @@ def compute(spec, batch):
     expanded = te.compute((batch, g.in_channels, pixels), lambda n, k, p: finish(summed(n, k, p), k), name="expanded")
 
     def padded(n, c, row, col):
-        inside = tvm.tirx.all(row >= 0, row < g.height, col >= 0, col < g.width)
-        return te.if_then_else(inside, expanded[n, c, row * g.width + col], zero)
+        return te.if_then_else(g.inside(row, col), expanded[n, c, row * g.width + col], zero)
     return inputs, padded
 
 

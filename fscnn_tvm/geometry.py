@@ -121,6 +121,11 @@ class ConvGeometry:
     def out_shape(self):
         return (self.batch, self.out_channels, self.out_height, self.out_width)
 
+    def inside(self, row, col):
+        """The TIR condition that input pixel (row, col) lies in the image (not in its padding)."""
+        import tvm
+        return tvm.tirx.all(row >= 0, row < self.height, col >= 0, col < self.width)
+
     def band_height(self, band_rows: int | None) -> int:
         """Phase rows a band of ``band_rows`` output rows reads (None: the whole image)."""
         return self.phase_height if band_rows is None else band_rows + self.phase_height - self.out_height

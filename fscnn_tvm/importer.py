@@ -98,7 +98,6 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
     main = mod["main"]
     bindings, chains, absorbed = find_chains(main)
     names = layer_names(program)
-    outputs = set(chunks.free_vars(main.body.body))
     segments, traced = [], {}
     if program is not model and batch_range is None:
         def trace(chunk):  # the model traced on one chunk; a model that runs at its batch size only: None
@@ -108,7 +107,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
                 return None
         cache = caches(target)
         # (an expansion computed inside the depthwise kernel after it is never a tensor: no cut there)
-        inside = {e.last_var for e in fused_expansions(bindings, chains, 0, len(bindings), outputs).values()}
+        inside = {e.last_var for e in fused_expansions(bindings, chains, 0, len(bindings), main.body.body).values()}
         segments, traced = chunks.checked_plan(main, absorbed | inside, cache.l2 * cache.cores, trace)
     if segments:
         notes.append("images run depth-first in chunks: " + ", ".join(
@@ -123,8 +122,8 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
 
     def emit(bindings_, lo, hi, chains_, absorbed_, remap):
         # (pointwise convs computed inside the depthwise kernel after them: emitted with it)
-        fusions = fused_expansions(bindings_, chains_, lo, hi, outputs)
-        inside = {e.last_var: dw for dw, e in fusions.items()}
+        fusions = fused_expansions(bindings_, chains_, lo, hi, main.body.body)
+        inside = {e.last_var for e in fusions.values()}
         position = {b.var: i for i, b in enumerate(bindings_)}
         for i in range(lo, hi):
             b = bindings_[i]

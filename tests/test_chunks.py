@@ -259,7 +259,7 @@ def test_no_cut_falls_on_an_expansion_computed_inside_the_depthwise_kernel():
     x = torch.randn(4, 8, 24, 24)
     main, bindings, absorbed = _main(model, x)
     chains_ = chains.find_chains(main)[1]
-    fused = {e.last_var for e in chains.fused_expansions(bindings, chains_, 0, len(bindings), set()).values()}
+    fused = {e.last_var for e in chains.fused_expansions(bindings, chains_, 0, len(bindings), main.body.body).values()}
     assert len(fused) == 3
     image = 48 * 24 * 24 * 4  # one image's expanded tensor at 24x24
     segments = chunks.plan(main, absorbed | fused, cache_bytes=image // 2)
