@@ -116,3 +116,43 @@ def test_default_variant_keeps_pixel_tiles_outermost_only_where_the_input_exceed
                                     fscnn_tvm.resolve_target("llvm -mcpu=haswell"))
     spec = dataclasses.replace(spec, l2_bytes=512 << 10)
     assert schedule.default_variant(spec) == variant
+
+
+def _llvm_ir(spec):
+    from fscnn_tvm import kernels
+    from fscnn_tvm.pipeline import PIPELINE
+    target = fscnn_tvm.resolve_target(None)
+    func = kernels.lower(kernels.default_schedule(kernels.prim_func(spec), spec), target)
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target, tir_pipeline=PIPELINE)
+    return lib.mod.inspect_source("ll")
+
+
+def _small_task_specs(rng):
+    """Kernels of many small tasks (one channel of a 7x7 map each, one row tile), every kind."""
+    from fscnn_tvm import dense, depthwise
+    target = fscnn_tvm.resolve_target(None)
+    w = rng.standard_normal((64, 1, 3, 3)).astype(np.float32)
+    expand = rng.standard_normal((64, 32, 1, 1)).astype(np.float32)
+    expand[rng.random(expand.shape) < 0.9] = 0
+    sparse = rng.standard_normal((32, 64, 1, 1)).astype(np.float32)
+    sparse[rng.random(sparse.shape) < 0.9] = 0
+    return {"depthwise": depthwise.depthwise_inputs(w, (1, 64, 7, 7), None, "relu6", target, padding=1)[0],
+            "fused expansion": depthwise.depthwise_inputs(w, (1, 64, 7, 7), None, "relu6", target, padding=1,
+                                                          expand=(expand, None, "relu6"))[0],
+            "sparse": ops.kernel_inputs("conv2d", to_csr(sparse), (1, 64, 7, 7), None, None, target)[0],
+            "dense": dense.dense_inputs(sparse, (1, 64, 7, 7), None, None, target)[0]}
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "fused expansion", "sparse", "dense"])
+def test_register_tiles_live_on_each_tasks_stack(rng, kind):
+    """A task's accumulators are neither fetched from the workspace allocator (a runtime call per
+    task of the parallel loop) nor allocated outside the parallel body, where the threads would
+    share one buffer: every float buffer of the kernel is a stack slot of the parallel lambda."""
+    function = None
+    for line in _llvm_ir(_small_task_specs(rng)[kind]).splitlines():
+        if line.startswith("define "):
+            function = line
+        elif "parallel_lambda" in (function or ""):
+            assert "@__TVMBackendAllocWorkspace" not in line, "a buffer from the workspace allocator per task"
+        elif " alloca [" in line and "float]" in line:
+            raise AssertionError(f"a float buffer outside the parallel body: {line.strip()}")
