@@ -1,4 +1,5 @@
-"""The TIR pipeline's rewrite of strided vector loads into contiguous loads and a shuffle."""
+"""The TIR pipeline's rewrites: strided vector loads into contiguous loads and a shuffle; task
+buffers on the stack."""
 import numpy as np
 import pytest
 import tvm
@@ -60,3 +61,34 @@ def test_a_stride_2_depthwise_picks_its_column_phases_with_shuffles(target):
     lowered = tirx.get_tir_pipeline(PIPELINE)[0](tirx.transform.BindTarget(target.with_host(target))(mod))
     assert not [r for r in nodes(lowered, tvm.ir.prim.expr.Ramp) if int(r.stride) != 1]
     assert nodes(lowered, tvm.ir.prim.expr.Shuffle)
+
+
+def _task_workspaces(ir: str) -> list[int]:
+    """Bytes of each buffer the parallel body fetches from the workspace allocator."""
+    import re
+    sizes, function = [], ""
+    for line in ir.splitlines():
+        if line.startswith("define "):
+            function = line
+        elif "parallel_lambda" in function:
+            found = re.search(r"tail call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+)", line)
+            sizes += [int(found.group(1))] if found else []
+    return sizes
+
+
+@pytest.mark.parametrize("size,stride", [(28, 1), (14, 2), (112, 2)])
+def test_task_buffers_up_to_the_cap_go_on_the_stack(size, stride):
+    """A fused expansion's per-channel buffers (its expanded plane, the laid-out plane) are
+    allocated once per task: up to TASK_STACK_BYTES on the task's stack, bigger ones (112x112
+    planes) still from the workspace allocator (``test_expansion`` checks these kernels' outputs)."""
+    from fscnn_tvm import pipeline
+    from test_schedule import _llvm_ir
+    rng = np.random.default_rng(size)
+    target = resolve_target(None)
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    expand = rng.standard_normal((8, 4, 1, 1)).astype(np.float32) * (rng.random((8, 4, 1, 1)) < 0.3)
+    spec, _ = depthwise.depthwise_inputs(w, (1, 8, size, size), None, "relu6", target, stride=stride, padding=1,
+                                         expand=(expand, None, "relu6"))
+    sizes = _task_workspaces(_llvm_ir(spec))
+    assert all(s > pipeline.TASK_STACK_BYTES for s in sizes)
+    assert bool(sizes) == (size == 112)
