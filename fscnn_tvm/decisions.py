@@ -11,13 +11,6 @@ ROW_BOUND = "fscnn_row_bound"
 # they are not whole vectors (``ops.KernelSpec.masked_row``): ``lowering.lower_sparse`` masks its
 # window loads past the row.
 MASKED_ROW_ATTR = "fscnn_masked_row"
-# Storage scope of a task's register-tile accumulators (``set_scope``). TVM takes a "local" buffer
-# from the workspace allocator: a runtime call per task of the parallel loop, and an opaque
-# pointer the accumulators are stored to and reloaded from. A "global" one of under 1 KiB it
-# puts on the task's stack, where LLVM promotes it to registers. Measured on a Zen 4, 2 threads:
-# depthwise kernels of one small channel a task 1.33-1.57x (576@14, 960@7), fused expansions
-# 1.05-1.39x (7x7-56x56), a sparse 960->160@7 1.19x; kernels of big tasks unchanged.
-ACC_SCOPE = "global"
 
 
 class FixedDecisions:

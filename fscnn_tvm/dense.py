@@ -31,7 +31,7 @@ import numpy as np
 import tvm
 from tvm import te
 
-from .decisions import ACC_SCOPE, FixedDecisions
+from .decisions import FixedDecisions
 from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
 from .target import Caches, caches, vector_lanes, vector_registers
@@ -349,7 +349,7 @@ def _registers(sch, decide, acc, out, outer, tile, reduction, epilogue_at=None):
     sch.parallel(par)
     decide.unroll_limit(sch, par)
     sch.reverse_compute_at(out, par if epilogue_at is None else epilogue_at, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, ACC_SCOPE)
+    sch.set_scope(acc, 0, "local")
     *unrolled, lanes = tile
     sch.vectorize(lanes)
     for loop in unrolled:

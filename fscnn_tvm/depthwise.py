@@ -24,7 +24,7 @@ import tvm
 from tvm import te
 
 from . import expansion as E
-from .decisions import ACC_SCOPE, FixedDecisions
+from .decisions import FixedDecisions
 from .dense import conv_epilogue
 from .geometry import ConvGeometry, batch_extent, with_batch
 from .ops import ACTIVATIONS
@@ -212,7 +212,7 @@ def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=Fixe
     decide.unroll_limit(sch, par)
     sch.reverse_compute_at(out, ow_o, preserve_unit_loops=True)
     sch.compute_at(x_phase, par, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, ACC_SCOPE)
+    sch.set_scope(acc, 0, "local")
     sch.vectorize(ow_v)
     for loop in (r, s, oh_i, ow_t):
         sch.unroll(loop)

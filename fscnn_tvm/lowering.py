@@ -15,7 +15,7 @@ import itertools
 
 import tvm
 
-from .decisions import ACC_SCOPE, MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
+from .decisions import MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
 
 
 def _for_with(loop, body=None, extent=None, annotations=None):
@@ -345,8 +345,8 @@ def masked_store(loop, first, step, bound, scratch: list):
     if not all(isinstance(m, tirx.IntImm) and m.value == u for m, u in zip(moved, unit)) \
             or any(any(v.same_as(lane) for v in tirx.analysis.undefined_vars(i)) for i in index[:-1]):
         return None  # (not one contiguous run of the buffer)
-    if not scratch:  # (on the task's stack, as the accumulators: ACC_SCOPE)
-        scratch.append(tirx.decl_buffer((count,), store.buffer.dtype, "store_vector", scope=ACC_SCOPE))
+    if not scratch:  # ("local": a "global" one may share an allocation of the whole function)
+        scratch.append(tirx.decl_buffer((count,), store.buffer.dtype, "store_vector", scope="local"))
     vector = scratch[0]
     if int(vector.shape[0]) != count or vector.dtype != store.buffer.dtype:
         return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tvm
 
-from .decisions import ACC_SCOPE, TILE_BOUND, FixedDecisions
+from .decisions import TILE_BOUND, FixedDecisions
 from .ops import KernelSpec
 from .tiles import batch_lanes, chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
@@ -123,7 +123,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     decide.unroll_limit(sch, par)
     # Keep unit loops: the epilogue's loops are picked by position below.
     sch.reverse_compute_at(out, tile_loop, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, ACC_SCOPE)
+    sch.set_scope(acc, 0, "local")
     for loop in (w_i, *inner):
         sch.unroll(loop)
     init = sch.decompose_reduction(acc, w_o)
@@ -167,7 +167,7 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     decide.unroll_limit(sch, par)
     sch.annotate(red_w, TILE_BOUND, 1)  # the chunk's own end: no slot of the next chunk runs
     sch.reverse_compute_at(out, par, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, ACC_SCOPE)
+    sch.set_scope(acc, 0, "local")
     for loop in (io, oh_i, ow_u):
         sch.unroll(loop)
     sch.vectorize(ow_v)

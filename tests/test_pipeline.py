@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import tirx
 
-from fscnn_tvm import depthwise, kernels
+from fscnn_tvm import dense, depthwise, kernels, ops
+from fscnn_tvm.formats import to_csr
 from fscnn_tvm.pipeline import PIPELINE, shuffle_lanes
 from fscnn_tvm.target import resolve_target
 
@@ -82,7 +83,6 @@ def test_task_buffers_up_to_the_cap_go_on_the_stack(size, stride):
     allocated once per task: up to TASK_STACK_BYTES on the task's stack, bigger ones (112x112
     planes) still from the workspace allocator (``test_expansion`` checks these kernels' outputs)."""
     from fscnn_tvm import pipeline
-    from test_schedule import _llvm_ir
     rng = np.random.default_rng(size)
     target = resolve_target(None)
     w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
@@ -92,3 +92,45 @@ def test_task_buffers_up_to_the_cap_go_on_the_stack(size, stride):
     sizes = _task_workspaces(_llvm_ir(spec))
     assert all(s > pipeline.TASK_STACK_BYTES for s in sizes)
     assert bool(sizes) == (size == 112)
+
+
+def _llvm_ir(spec):
+    target = resolve_target(None)
+    func = kernels.lower(kernels.default_schedule(kernels.prim_func(spec), spec), target)
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target, tir_pipeline=PIPELINE)
+    return lib.mod.inspect_source("ll")
+
+
+def _small_task_specs(rng):
+    """Kernels of many small tasks (one channel of a 7x7 map each, one row tile), every kind."""
+    target = resolve_target(None)
+    w = rng.standard_normal((64, 1, 3, 3)).astype(np.float32)
+    expand = rng.standard_normal((64, 32, 1, 1)).astype(np.float32)
+    expand[rng.random(expand.shape) < 0.9] = 0
+    sparse = rng.standard_normal((32, 64, 1, 1)).astype(np.float32)
+    sparse[rng.random(sparse.shape) < 0.9] = 0
+    conv = rng.standard_normal((32, 64, 3, 3)).astype(np.float32)
+    conv[rng.random(conv.shape) < 0.9] = 0
+    return {"depthwise": depthwise.depthwise_inputs(w, (1, 64, 7, 7), None, "relu6", target, padding=1)[0],
+            "fused expansion": depthwise.depthwise_inputs(w, (1, 64, 7, 7), None, "relu6", target, padding=1,
+                                                          expand=(expand, None, "relu6"))[0],
+            "sparse": ops.kernel_inputs("conv2d", to_csr(sparse), (1, 64, 7, 7), None, None, target)[0],
+            # rows of 14 pixels, each row's vector stored masked through a scratch vector
+            "sparse, masked rows": ops.kernel_inputs("conv2d", to_csr(conv), (1, 64, 14, 14), None, None, target,
+                                                     padding=1)[0],
+            "dense": dense.dense_inputs(sparse, (1, 64, 7, 7), None, None, target)[0]}
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "fused expansion", "sparse", "sparse, masked rows", "dense"])
+def test_register_tiles_live_on_each_tasks_stack(kind):
+    """A task's accumulators are neither fetched from the workspace allocator (a runtime call per
+    task of the parallel loop) nor allocated outside the parallel body, where the threads would
+    share one buffer: every float buffer of the kernel is a stack slot of the parallel lambda."""
+    function = None
+    for line in _llvm_ir(_small_task_specs(np.random.default_rng(0))[kind]).splitlines():
+        if line.startswith("define "):
+            function = line
+        elif "parallel_lambda" in (function or ""):
+            assert "@__TVMBackendAllocWorkspace" not in line, "a buffer from the workspace allocator per task"
+        elif " alloca [" in line and "float]" in line:
+            raise AssertionError(f"a float buffer outside the parallel body: {line.strip()}")
