@@ -351,7 +351,10 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                          reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, parts=parts,
                          **conv_args)
-        return ell, spec, chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
+        chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
+        if not chunk and kind == "conv2d" and spec.batch > 1 and not (spec.band_rows or spec.in_place):
+            spec = dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, caches(target), spec.batch))
+        return ell, spec, chunk
     ell, spec, chunk = table(sparse)
     channels = shared_channels(spec, lambda n: F.column_sharing(sparse, n)) \
         if kind == "conv2d" and isinstance(sparse, F.CSR) else 1

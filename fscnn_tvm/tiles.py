@@ -42,7 +42,7 @@ def flattens(row: KernelSpec, flat: KernelSpec) -> bool:
     return math.prod(default_tile(flat)) > math.prod(default_tile(row))
 
 
-def band_rows_for(layout: InputLayout, cache: Caches) -> int | None:
+def band_rows_for(layout: InputLayout, cache: Caches, images: int = 1) -> int | None:
     """Output rows per band of the banded layout (``KernelSpec.band_rows``), or None.
     The input is laid out band by band when the whole layout would not fit the cores' L2
     caches together (the pass would write it to memory and the tiles re-read it from there);
@@ -50,12 +50,24 @@ def band_rows_for(layout: InputLayout, cache: Caches) -> int | None:
     threads. Measured at 90 %, default schedules, on a Zen 4 (1 MiB L2 per core, 2 cores)
     against the whole-image layout: VGG16 64->64 at 224 CSR 1.20-1.27x, 8x1 BSR 1.07x;
     128->128 at 112 BSR 1.47x, CSR 1.04x; 256->256 at 56 1.0-1.1x; ResNet-50's 256->64 1x1 at
-    56 3.2-4.3x."""
+    56 3.2-4.3x. With ``images`` (a batch laid out in one pass, each core then reading its own
+    images' layouts) also where those exceed half of each core's L2, in bands whose halo rows
+    are at most a quarter of their own: ResNet-18's 64->128 3x3 stride 2 at 56 (928 KiB an
+    image; bands of 7 output rows, 8 rows of each stride phase) at batch 2-4, 1.29-1.32x an image; bands of
+    1-2 rows on 14x14 maps ran 0.57-0.94x (``ops.kernel_inputs`` asks only for kernels that do
+    not chunk their reduction: chunked ones ran 0.50-0.66x banded)."""
     geo = layout.geo
-    if dataclasses.replace(layout, band_rows=None).size * 4 <= cache.l2 * cache.cores:
+    size = dataclasses.replace(layout, band_rows=None).size * 4
+    if images > 1:  # each core's images (the parallel loop splits the batch first)
+        fits_l2 = size * -(-images // cache.cores) <= cache.l2 // 2
+    else:
+        fits_l2 = size <= cache.l2 * cache.cores
+    if fits_l2:
         return None
     fits = [r for r in range(1, geo.out_height // 4 + 1)
             if geo.out_height % r == 0 and dataclasses.replace(layout, band_rows=r).size * 4 <= cache.l2 // 2]
+    if images > 1:  # a batch's bands only where their halo rows (laid out twice) are few
+        fits = [r for r in fits if 4 * (geo.band_height(r) - r) <= r]
     return max(fits, default=None)
 
 

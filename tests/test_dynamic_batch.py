@@ -132,7 +132,7 @@ def test_dynamic_kernels_match_pytorch(seed, kind, stride):
         w = _uneven_rows(rng, (k, c, 3, 3))
         with pytest.MonkeyPatch.context() as patch:
             if kind == "banded":
-                patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, seed))
+                patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, seed))
             spec, arrays = ops.kernel_inputs("conv2d", to_csr(w), (1, c, hw, hw), None, "relu", target,
                                              stride=stride, padding=1)
     spec = kernels.batched(spec, DYNAMIC)

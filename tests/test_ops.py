@@ -105,7 +105,7 @@ def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, spars
     ``shared`` channels per table row."""
     with pytest.MonkeyPatch.context() as patch:
         if band:
-            patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, band))
+            patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, band))
         if chunk:
             patch.setattr(ops, "chunking", lambda spec, mean_row: chunked(spec, chunk))
             patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)

@@ -40,7 +40,7 @@ def test_sampled_schedules_match_pytorch(seed, variant, fmt):
     x = rng.standard_normal((2, 6, 23, 13)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
         if variant in schedule.BANDED:
-            patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, seed))
+            patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, seed))
         out = _run_sampled("conv2d", w, x, b, fmt, block, variant, seed, stride=2, padding=1)
     assert_matches(out, torch_conv(x, w, b, stride=2, padding=1, activation="relu"))
     wl, xl = _uneven_rows(rng, (19, 40)), rng.standard_normal((3, 40)).astype(np.float32)
@@ -62,7 +62,7 @@ def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride, band, shar
         patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
         patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
         if band:
-            patch.setattr(ops, "band_rows_for", lambda layout, cache: banded(layout.geo, seed))
+            patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, seed))
         out = _run_sampled("conv2d", w, x, b, "csr", None, "chunks", seed, stride=stride, padding=1)
     assert_matches(out, torch_conv(x, w, b, stride=stride, padding=1, activation="relu"))
 

@@ -65,6 +65,27 @@ def test_band_rows_for_large_inputs_only(x_shape, w_shape, conv, cache, rows):
             or geo.out_height % (rows + 1)
 
 
+@pytest.mark.parametrize("images,rows", [(1, None), (2, 7), (8, 7)])
+def test_band_rows_for_a_batch_whose_images_exceed_each_cores_l2(images, rows):
+    """ResNet-18's stride-2 64->128 at 56x56 (928 KiB an image): one image fits the two L2s;
+    at batch 2 each core reads an image of its own, more than half its L2."""
+    geo = ConvGeometry.create((images, 64, 56, 56), (128, 64, 3, 3), stride=2, padding=1)
+    layout = InputLayout(geo, None, round_up(geo.phase_width, 16))
+    assert tiles.band_rows_for(layout, ZEN4, images) == rows
+
+
+def test_an_unchunked_conv_of_a_batch_lays_out_bands_and_matches(rng):
+    """The batch rule above, through ``kernel_inputs`` (a kernel that does not chunk), run."""
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * (rng.random((16, 8, 3, 3)) < 0.1)
+    x = rng.standard_normal((2, 8, 56, 56)).astype(np.float32)
+    small = Caches(32 << 10, 64 << 10, 64, 2)  # (an L2 the 56x56 input of 8 channels exceeds)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "caches", lambda target: small)
+        layer = fscnn_tvm.layer.SparseLayer("conv2d", to_csr(w), x.shape, stride=2, padding=1)
+    assert layer.spec.band_rows and not layer.spec.chunk_channels
+    assert_matches(layer(x), torch_conv(x, w, stride=2, padding=1))
+
+
 @pytest.mark.parametrize("x_shape,w_shape,conv,sparsity,chunks", [
     ((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), 0.9, True),  # 850 KiB of input
     ((1, 256, 14, 14), (256, 256, 3, 3), dict(padding=1), 0.7, True),
