@@ -352,7 +352,9 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
                          reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, parts=parts,
                          **conv_args)
         chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
-        if not chunk and kind == "conv2d" and spec.batch > 1 and not (spec.band_rows or spec.in_place):
+        # (spatial convs only: MobileNetV2's pointwise convs at batch 8 ran 0.98-0.99x banded)
+        if not chunk and kind == "conv2d" and spec.batch > 1 and spec.geo.kh * spec.geo.kw > 1 \
+                and not (spec.band_rows or spec.in_place):
             spec = dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, caches(target), spec.batch))
         return ell, spec, chunk
     ell, spec, chunk = table(sparse)
