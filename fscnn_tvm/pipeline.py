@@ -9,9 +9,10 @@ whatever their size) from its workspace allocator: two runtime calls per task, a
 pointer the accumulators are stored to and reloaded from. On small tasks (a channel of a 7x7 to
 28x28 map: 0.1-0.5 us) that cost 25-35 %. Those up to ``TASK_STACK_BYTES`` go on the task's
 stack, where LLVM keeps small ones in registers. Measured on a Zen 4, 2 threads: depthwise
-576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (scope alone) and 28x28 / 14x14
-1.49-1.55x / 1.17-1.66x (all buffers), a sparse 960->160@7 1.19x; MobileNetV2 90 % batch 1
-1.16x, batch 8 from 0.75-0.90x DeepSparse to 1.34x.
+576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (the accumulators alone) and
+28x28 / 14x14 1.49-1.55x / 1.17-1.66x (every buffer), a sparse 960->160@7 1.19x; MobileNetV2
+90 % batch 1 1.19x, ResNet-50 batch 8 1.04x (one process, rounds interleaved); MobileNetV2 90 %
+batch 8 against DeepSparse from 0.75-0.90x to 1.11-1.34x (two runs).
 
 A vector load at a constant stride (a depthwise conv's stride-2 input read into its column
 phases) is scalarised by the code generator: one scalar load and insert per lane, ~1 lane a
@@ -68,9 +69,11 @@ def contiguous_strided_loads(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 def _on_stack(alloc):
     """``alloc`` marked for the stack (TVM's ``disable_lower_builtin``) where it is a buffer of
-    constant size up to TASK_STACK_BYTES in main memory: "global", or "local", which on a CPU
-    means the same but which TVM never puts on the stack (the accumulators of schedules tuned
-    before ``decisions.ACC_SCOPE``, which shipped records replay)."""
+    constant size up to TASK_STACK_BYTES in main memory: "global", or "local" (the scope of
+    every register tile of ours, and of the shipped records' traces), which on a CPU means the
+    same but which TVM never puts on the stack. ("local" stays the tiles' scope: a "global"
+    buffer may be merged into an allocation of the whole function, outside the parallel loop,
+    which every thread would then share.)"""
     buffer = alloc.buffer
     if buffer.scope() not in ("global", "local") or not all(isinstance(d, tirx.IntImm) for d in buffer.shape):
         return alloc

@@ -53,9 +53,10 @@ def band_rows_for(layout: InputLayout, cache: Caches, images: int = 1) -> int | 
     56 3.2-4.3x. With ``images`` (a batch laid out in one pass, each core then reading its own
     images' layouts) also where those exceed half of each core's L2, in bands whose halo rows
     are at most a quarter of their own: ResNet-18's 64->128 3x3 stride 2 at 56 (928 KiB an
-    image; bands of 7 output rows, 8 rows of each stride phase) at batch 2-4, 1.29-1.32x an image; bands of
-    1-2 rows on 14x14 maps ran 0.57-0.94x (``ops.kernel_inputs`` asks only for kernels that do
-    not chunk their reduction: chunked ones ran 0.50-0.66x banded)."""
+    image; bands of 7 output rows, 8 rows of each stride phase) at batch 2-4, 1.29-1.32x an
+    image, 128->128 stride 2 at 56 1.34-1.39x; bands of 1-2 rows on 14x14 maps ran 0.57-0.94x
+    (``ops.kernel_inputs`` asks only for spatial kernels that do not chunk their reduction:
+    chunked ones ran 0.50-0.66x banded)."""
     geo = layout.geo
     size = dataclasses.replace(layout, band_rows=None).size * 4
     if images > 1:  # each core's images (the parallel loop splits the batch first)
