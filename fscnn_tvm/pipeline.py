@@ -7,9 +7,9 @@ expanded channel) are allocated in the body of the parallel loop, once per task.
 "global" ones of under 1 KiB on the stack and fetches every other one (the "local" accumulators
 whatever their size) from its workspace allocator: two runtime calls per task, and an opaque
 pointer the accumulators are stored to and reloaded from. On small tasks (a channel of a 7x7 to
-28x28 map: 0.1-0.5 us) that cost 25-35 %. Those up to ``TASK_STACK_BYTES`` go on the task's
-stack, where LLVM keeps small ones in registers. Measured on a Zen 4, 2 threads: depthwise
-576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (the accumulators alone) and
+28x28 map: 0.1-0.5 us) that cost 25-35 %. They go on the task's stack while they fit
+``TASK_STACK_BYTES`` together, where LLVM keeps small ones in registers. Measured on a Zen 4,
+2 threads: depthwise 576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (the accumulators alone) and
 28x28 / 14x14 1.49-1.55x / 1.17-1.66x (every buffer), a sparse 960->160@7 1.19x; MobileNetV2
 90 % batch 1 1.19x, ResNet-50 batch 8 1.04x (one process, rounds interleaved); MobileNetV2 90 %
 batch 8 against DeepSparse from 0.75-0.90x to 1.11-1.34x (two runs).
@@ -27,10 +27,10 @@ from tvm import tirx
 
 PIPELINE = "fscnn"
 MAX_STRIDE = 4  # wider strides need as many loads as lanes they pick: no gain over scalar
-# The largest task buffer put on the stack: bigger ones belong to tasks long enough for the
-# allocator's calls not to matter, and a few of this size leave a thread's stack (8 MiB by
-# default on Linux) untouched.
-TASK_STACK_BYTES = 16 << 10
+# Stack bytes a task's buffers may take (all of them: one task's frame): tasks whose buffers
+# are bigger are long enough for the allocator's calls not to matter, and this much leaves any
+# thread's stack untouched (8 MiB by default on Linux, 128 KiB with musl).
+TASK_STACK_BYTES = 32 << 10
 
 
 def shuffle_lanes(stride: int, lanes: int) -> tuple[list[int], list[int]]:
@@ -67,30 +67,37 @@ def contiguous_strided_loads(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return tvm_ffi.structural_map(mod, (tvm.ir.expr.TensorLoad, _contiguous))
 
 
-def _on_stack(alloc):
-    """``alloc`` marked for the stack (TVM's ``disable_lower_builtin``) where it is a buffer of
-    constant size up to TASK_STACK_BYTES in main memory: "global", or "local" (the scope of
-    every register tile of ours, and of the shipped records' traces), which on a CPU means the
-    same but which TVM never puts on the stack. ("local" stays the tiles' scope: a "global"
-    buffer may be merged into an allocation of the whole function, outside the parallel loop,
-    which every thread would then share.)"""
-    buffer = alloc.buffer
+def _bytes(buffer) -> int | None:
+    """Bytes of a buffer of constant shape in main memory ("global", or "local": the scope of
+    every register tile of ours and of the shipped records' traces, which on a CPU means the
+    same but which TVM never puts on the stack); None for any other."""
     if buffer.scope() not in ("global", "local") or not all(isinstance(d, tirx.IntImm) for d in buffer.shape):
-        return alloc
+        return None
     dtype = tvm.DataType(str(buffer.dtype))
     size = dtype.bits * dtype.lanes // 8
     for d in buffer.shape:
         size *= int(d)
-    if size > TASK_STACK_BYTES:
-        return alloc
-    return tirx.AllocBuffer(buffer, {**dict(alloc.annotations), "disable_lower_builtin": tirx.IntImm("bool", 1)})
+    return size
 
 
 def _task_buffers(loop):
+    """A parallel loop whose body's buffers, in order, are marked for the stack (TVM's
+    ``disable_lower_builtin``) while they fit TASK_STACK_BYTES together. ("local" stays the
+    tiles' scope: a "global" buffer may be merged into an allocation of the whole function,
+    outside the parallel loop, which every thread would then share.)"""
     if loop.kind != tirx.ForKind.PARALLEL:
         return loop
+    left = [TASK_STACK_BYTES]
+
+    def on_stack(alloc):
+        size = _bytes(alloc.buffer)
+        if size is None or size > left[0]:
+            return alloc
+        left[0] -= size
+        return tirx.AllocBuffer(alloc.buffer, {**dict(alloc.annotations),
+                                               "disable_lower_builtin": tirx.IntImm("bool", 1)})
     return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind,
-                    tvm_ffi.structural_map(loop.body, (tirx.AllocBuffer, _on_stack)), loop.thread_binding,
+                    tvm_ffi.structural_map(loop.body, (tirx.AllocBuffer, on_stack)), loop.thread_binding,
                     loop.annotations, loop.step)
 
 
