@@ -9,10 +9,11 @@ whatever their size) from its workspace allocator: two runtime calls per task, a
 pointer the accumulators are stored to and reloaded from. On small tasks (a channel of a 7x7 to
 28x28 map: 0.1-0.5 us) that cost 25-35 %. They go on the task's stack while they fit
 ``TASK_STACK_BYTES`` together, where LLVM keeps small ones in registers. Measured on a Zen 4,
-2 threads: depthwise 576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (the accumulators alone) and
-28x28 / 14x14 1.49-1.55x / 1.17-1.66x (every buffer), a sparse 960->160@7 1.19x; MobileNetV2
-90 % batch 1 1.19x, ResNet-50 batch 8 1.04x (one process, rounds interleaved); MobileNetV2 90 %
-batch 8 against DeepSparse from 0.75-0.90x to 1.11-1.34x (two runs).
+2 threads: depthwise 576@14 / 960@7 1.57x / 1.33x, fused expansions 1.05-1.39x (the
+accumulators alone) and 28x28 / 14x14 1.49-1.55x / 1.17-1.66x (every buffer), a sparse
+960->160@7 1.19x; MobileNetV2 90 % batch 1 1.19x, ResNet-50 batch 8 1.04x (one process, rounds
+interleaved); MobileNetV2 90 % batch 8 against DeepSparse from 0.75-0.90x to 1.11-1.34x (two
+runs).
 
 A vector load at a constant stride (a depthwise conv's stride-2 input read into its column
 phases) is scalarised by the code generator: one scalar load and insert per lane, ~1 lane a

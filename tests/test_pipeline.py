@@ -1,5 +1,7 @@
 """The TIR pipeline's rewrites: strided vector loads into contiguous loads and a shuffle; task
 buffers on the stack."""
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -64,31 +66,47 @@ def test_a_stride_2_depthwise_picks_its_column_phases_with_shuffles(target):
     assert nodes(lowered, tvm.ir.prim.expr.Shuffle)
 
 
-def _task_workspaces(ir: str) -> list[int]:
-    """Bytes of each buffer the parallel body fetches from the workspace allocator."""
-    import re
-    sizes, function = [], ""
+def _llvm_ir(spec):
+    target = resolve_target(None)
+    func = kernels.lower(kernels.default_schedule(kernels.prim_func(spec), spec), target)
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target, tir_pipeline=PIPELINE)
+    return lib.mod.inspect_source("ll")
+
+
+def _lines(ir: str):
+    """(the ``define`` line of the function it is in, line) for each line of LLVM IR."""
+    function = ""
     for line in ir.splitlines():
         if line.startswith("define "):
             function = line
-        elif "parallel_lambda" in function:
-            found = re.search(r"tail call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+)", line)
-            sizes += [int(found.group(1))] if found else []
-    return sizes
+        else:
+            yield function, line
+
+
+def _task_workspaces(ir: str) -> list[int]:
+    """Bytes of each buffer the parallel body fetches from the workspace allocator."""
+    found = (re.search(r"tail call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+)", line)
+             for function, line in _lines(ir) if "parallel_lambda" in function)
+    return [int(f.group(1)) for f in found if f]
 
 
 def _lambda_stack_bytes(ir: str) -> list[int]:
     """Bytes of the array slots (float or float vectors) of each parallel body's frame."""
-    import re
-    frames, function = {}, ""
-    for line in ir.splitlines():
-        if line.startswith("define "):
-            function = line
-        elif "parallel_lambda" in function:
-            found = re.search(r"alloca \[(\d+) x (?:<(\d+) x )?float", line)
-            if found:
-                frames[function] = frames.get(function, 0) + int(found.group(1)) * int(found.group(2) or 1) * 4
+    frames = {}
+    for function, line in _lines(ir):
+        found = re.search(r"alloca \[(\d+) x (?:<(\d+) x )?float", line) if "parallel_lambda" in function else None
+        if found:
+            frames[function] = frames.get(function, 0) + int(found.group(1)) * int(found.group(2) or 1) * 4
     return list(frames.values())
+
+
+def _fused_spec(size, stride=1, seed=0):
+    """A fused expansion (4 -> 8 channels, 70 % pruned: one channel a task) on size x size maps."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    expand = rng.standard_normal((8, 4, 1, 1)).astype(np.float32) * (rng.random((8, 4, 1, 1)) < 0.3)
+    return depthwise.depthwise_inputs(w, (1, 8, size, size), None, "relu6", resolve_target(None), stride=stride,
+                                      padding=1, expand=(expand, None, "relu6"))[0]
 
 
 @pytest.mark.parametrize("size,stride", [(28, 1), (14, 2), (56, 1), (112, 2)])
@@ -98,22 +116,19 @@ def test_task_buffers_go_on_the_stack_while_they_fit_the_budget(size, stride):
     two of 12-14 KiB), from the workspace allocator beyond (112x112 planes of 52 KiB);
     ``test_expansion`` checks these kernels' outputs."""
     from fscnn_tvm import pipeline
-    rng = np.random.default_rng(size)
-    target = resolve_target(None)
-    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
-    expand = rng.standard_normal((8, 4, 1, 1)).astype(np.float32) * (rng.random((8, 4, 1, 1)) < 0.3)
-    spec, _ = depthwise.depthwise_inputs(w, (1, 8, size, size), None, "relu6", target, stride=stride, padding=1,
-                                         expand=(expand, None, "relu6"))
-    ir = _llvm_ir(spec)
+    ir = _llvm_ir(_fused_spec(size, stride, seed=size))
     assert bool(_task_workspaces(ir)) == (size == 112)
     assert all(b <= pipeline.TASK_STACK_BYTES for b in _lambda_stack_bytes(ir))
 
 
-def _llvm_ir(spec):
-    target = resolve_target(None)
-    func = kernels.lower(kernels.default_schedule(kernels.prim_func(spec), spec), target)
-    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target, tir_pipeline=PIPELINE)
-    return lib.mod.inspect_source("ll")
+def test_a_tasks_buffers_past_the_budget_stay_with_the_allocator(monkeypatch):
+    """The budget is per task, not per buffer: with room for one of a 56x56 channel's two
+    planes, the other comes from the workspace allocator."""
+    from fscnn_tvm import pipeline
+    monkeypatch.setattr(pipeline, "TASK_STACK_BYTES", 16 << 10)
+    ir = _llvm_ir(_fused_spec(56))
+    assert len(_task_workspaces(ir)) == 1
+    assert all(b <= 16 << 10 for b in _lambda_stack_bytes(ir))
 
 
 def _small_task_specs(rng):
@@ -141,26 +156,9 @@ def test_register_tiles_live_on_each_tasks_stack(kind):
     """A task's accumulators are neither fetched from the workspace allocator (a runtime call per
     task of the parallel loop) nor allocated outside the parallel body, where the threads would
     share one buffer: every float buffer of the kernel is a stack slot of the parallel lambda."""
-    function = None
-    for line in _llvm_ir(_small_task_specs(np.random.default_rng(0))[kind]).splitlines():
-        if line.startswith("define "):
-            function = line
-        elif "parallel_lambda" in (function or ""):
+    for function, line in _lines(_llvm_ir(_small_task_specs(np.random.default_rng(0))[kind])):
+        if "parallel_lambda" in function:
             assert "@__TVMBackendAllocWorkspace" not in line, "a buffer from the workspace allocator per task"
         elif " alloca [" in line and "float]" in line:
             raise AssertionError(f"a float buffer outside the parallel body: {line.strip()}")
 
-
-def test_a_tasks_buffers_past_the_budget_stay_with_the_allocator(monkeypatch):
-    """The budget is per task, not per buffer: with room for one of a 56x56 channel's two
-    planes, the other comes from the workspace allocator."""
-    from fscnn_tvm import pipeline
-    monkeypatch.setattr(pipeline, "TASK_STACK_BYTES", 16 << 10)
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
-    expand = rng.standard_normal((8, 4, 1, 1)).astype(np.float32) * (rng.random((8, 4, 1, 1)) < 0.3)  # (one channel a task)
-    spec, _ = depthwise.depthwise_inputs(w, (1, 8, 56, 56), None, "relu6", resolve_target(None), padding=1,
-                                         expand=(expand, None, "relu6"))
-    ir = _llvm_ir(spec)
-    assert len(_task_workspaces(ir)) == 1
-    assert all(b <= 16 << 10 for b in _lambda_stack_bytes(ir))
