@@ -11,6 +11,10 @@ ROW_BOUND = "fscnn_row_bound"
 # they are not whole vectors (``ops.KernelSpec.masked_row``): ``lowering.lower_sparse`` masks its
 # window loads past the row.
 MASKED_ROW_ATTR = "fscnn_masked_row"
+# Function attribute of a sparse kernel on interleaved rows (``ops.KernelSpec.interleaved``): its
+# accumulators hold output column j + i * interleave at position j * lanes + i of the row, and
+# ``lowering.lower_sparse`` makes the epilogue read them so.
+INTERLEAVE_ATTR = "fscnn_interleave"
 
 
 class FixedDecisions:

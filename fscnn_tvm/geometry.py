@@ -147,10 +147,27 @@ class InputLayout:
     geo: ConvGeometry
     band_rows: int | None = None
     row_width: int | None = None
+    # Interleaved rows: a row of ``interleave`` vectors of ``lanes`` floats per output row, lane i
+    # of vector j holding phase column j + i * interleave (the row's columns dealt across the
+    # lanes), then one more vector per column a tap reaches right. A tap s columns right reads
+    # its window s whole vectors on: every window load aligned (``KernelSpec.interleaved``).
+    interleave: int | None = None
+    lanes: int = 1
+
+    @property
+    def shift(self):
+        """Phase columns a tap's window can start right of its output column (kernel width's reach)."""
+        return self.geo.phase_width - self.geo.out_width
 
     @property
     def width(self):
+        if self.interleave:
+            return (self.interleave + self.shift) * self.lanes
         return self.row_width or self.geo.phase_width
+
+    def phase_column(self, p):
+        """The phase column at position ``p`` of a layout row."""
+        return p // self.lanes + p % self.lanes * self.interleave if self.interleave else p
 
     @property
     def rows(self):
@@ -169,5 +186,5 @@ class InputLayout:
         rr, ss = r * geo.dilation[0], s * geo.dilation[1]
         sh, sw = geo.stride
         q = (rr % sh) * sw + ss % sw
-        off = ((c * geo.phases + q) * self.rows + rr // sh) * self.width + ss // sw
+        off = ((c * geo.phases + q) * self.rows + rr // sh) * self.width + ss // sw * (self.lanes if self.interleave else 1)
         return off.astype(F.INDEX_DTYPE)

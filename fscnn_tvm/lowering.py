@@ -15,7 +15,7 @@ import itertools
 
 import tvm
 
-from .decisions import MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
+from .decisions import MASKED_ROW_ATTR, ROW_BOUND, INTERLEAVE_ATTR, TILE_BOUND
 
 
 def _for_with(loop, body=None, extent=None, annotations=None):
@@ -108,6 +108,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
         return func
 
     permuted, scratch, masked = [], [], []
+    interleave = int(func.attrs[INTERLEAVE_ATTR]) if func.attrs is not None and INTERLEAVE_ATTR in func.attrs else None
 
     def post(node):
         if isinstance(node, SBlock) and node.name_hint == "out":
@@ -118,7 +119,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             index = list(store.indices)
             index[1] = params["w_perm"][index[1]]
             permuted.append(node)
-            return _block_with(node, tirx.BufferStore(store.buffer, store.value, index))
+            value = interleaved_read(store.value, interleave) if interleave else store.value
+            return _block_with(node, tirx.BufferStore(store.buffer, value, index))
         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
             return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
@@ -145,6 +147,25 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     func = func.with_body(body)
     # (the mask loops repeat the slot loop's body: ConvertSSA gives each copy its own variables)
     return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if masked else func
+
+
+def interleaved_read(value, interleave: int):
+    """``value`` with its read of the accumulators at output column w moved to where an
+    interleaved row holds it: position (w % interleave) * lanes + w // interleave of the row."""
+    import tvm_ffi
+    found = []
+
+    def move(load):
+        if len(load.indices) != 5:  # (the accumulators: the one read by table row and block channel)
+            return load
+        *head, col = load.indices
+        lanes = int(load.source.shape[-1]) // interleave
+        found.append(load)
+        return tvm.tirx.BufferLoad(load.source, [*head, col % interleave * lanes + col // interleave])
+    value = tvm_ffi.structural_map(value, (tvm.ir.expr.TensorLoad, move))
+    if len(found) != 1:
+        raise NotImplementedError(f"lower_sparse: expected the epilogue to read the accumulators once, found {len(found)}")
+    return value
 
 
 def mask_segments(loop, w_span):

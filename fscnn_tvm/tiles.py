@@ -103,6 +103,13 @@ def default_tile(spec: KernelSpec) -> tuple[int, int, int]:
     # channels, cut the loads per FMA). Measured on AVX2 at 90 %: 1024->256 at 14x14 (25
     # vectors) 2 channels x 5 vectors 1.37-1.47x over 4 x 1; 512->128 at 28x28 1 x 7
     # 1.03-1.08x over 4 x 2.
+    if spec.interleaved:
+        # One channel x rows x a row's vectors (or as many as fit): its epilogue permutes the
+        # row's columns in registers. Measured on 64->128 at 112x112, 90 %: 2 rows x 7 vectors
+        # 1.5x over 4 rows (28 accumulators and the permutes' temporaries spill).
+        vectors = _largest_divisor(n_vectors, spec.registers - 4)
+        rows = _largest_divisor(spec.band_rows or spec.geo.out_height, max(1, (spec.registers - 4) // (2 * vectors)))
+        return 1, rows, vectors
     vectors = _largest_divisor(n_vectors, spec.line_vectors)
     for channels in sorted({_largest_divisor(n_kb, c) for c in (4, 2)}, reverse=True):
         rows = _largest_divisor(spec.band_rows or spec.geo.out_height, min(7, spec.registers // (channels * vectors)))

@@ -88,7 +88,7 @@ fmt_block = st.one_of(
 @settings(max_examples=150, deadline=None, database=None)
 @given(
     n=st.integers(1, 4), c=channels, k=channels,
-    h=st.integers(1, 20), w=st.integers(1, 20),
+    h=st.integers(1, 20), w=st.integers(1, 20) | st.integers(30, 40),
     kh=st.integers(1, 7), kw=st.integers(1, 7),
     stride=st.integers(1, 3) | two_ints(1, 3),
     padding=st.integers(0, 3) | two_ints(0, 3) | st.tuples(*[st.integers(0, 3)] * 4),
@@ -96,20 +96,34 @@ fmt_block = st.one_of(
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
     fb=fmt_block, has_bias=st.booleans(), activation=st.sampled_from([None, "relu", "relu6"]),
     seed=st.integers(0, 2**32 - 1), band=st.integers(0, 8), chunk=st.integers(0, 8), shared=st.integers(1, 4),
+    interleave=st.booleans(),
 )
 def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias,
-                         activation, seed, band, chunk, shared):
+                         activation, seed, band, chunk, shared, interleave):
     """``band`` > 0: the input laid out band by band, with any band height that divides the output;
     ``chunk`` > 0: the reduction in chunks of any size that divides the input channels (where the
     kernel can chunk: one column per slot, at most 4 channels per row), a CSR weight run as
-    ``shared`` channels per table row."""
+    ``shared`` channels per table row; ``interleave``: in interleaved rows wherever the conv
+    allows, whatever its nonzeros."""
     with pytest.MonkeyPatch.context() as patch:
+        if interleave:
+            patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+            patch.setattr(ops, "interleavable", lambda spec: event_if(interleavable(spec), "interleaved rows"))
         if band:
             patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, band))
         if chunk:
             patch.setattr(ops, "chunking", lambda spec, mean_row: chunked(spec, chunk))
             patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
         check_conv2d(n, c, k, h, w, kh, kw, stride, padding, dilation, sparsity, fb, has_bias, activation, seed)
+
+
+interleavable = ops.interleavable
+
+
+def event_if(flag, name):
+    if flag:
+        event(name)
+    return flag
 
 
 def chunked(spec, pick):
@@ -672,3 +686,35 @@ def test_a_pointwise_conv_that_reads_each_input_many_times_keeps_aligned_windows
     many = sparse_weight(rng, (4 * ops.MASKED_ROW_READS, 16, 1, 1), 0.0)
     assert ops.kernel_inputs("conv2d", to_csr(few), shape, None, None, target)[0].masked_row
     assert not ops.kernel_inputs("conv2d", to_csr(many), shape, None, None, target)[0].masked_row
+
+
+@pytest.mark.parametrize("shape,stride,kernel,expected", [
+    ((1, 8, 40, 40), 1, 3, True),     # 40 columns: 3 vectors of 16 (or 5 of 8)
+    ((2, 8, 40, 40), 1, (1, 5), True),
+    ((1, 8, 40, 40), 2, 3, False),    # stride 2
+    ((1, 8, 40, 40), 1, 1, False),    # 1x1: every window starts where its row does
+    ((1, 8, 40, 12), 1, 3, False),    # 12 columns: one vector a row
+    ((1, 8, 40, 40), 1, (3, 1), False),
+])
+def test_interleaved_rows_where_windows_start_unaligned(rng, shape, stride, kernel, expected):
+    """Convs with as many nonzeros per channel as ``INTERLEAVE_NONZEROS`` read interleaved rows
+    where the conv allows it, and compute the conv."""
+    kh, kw = pair(kernel)
+    w = sparse_weight(rng, (6, shape[1], kh, kw), 0.0)
+    b = rng.standard_normal(6).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    padding = (kh // 2, kw // 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "INTERLEAVE_NONZEROS", kh * kw * shape[1])
+        spec, _ = ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, "relu6", fscnn_tvm.resolve_target(None),
+                                    stride=stride, padding=padding)
+        assert spec.interleaved == expected
+        if expected:
+            assert spec.layout.width == (spec.padded_width // spec.lanes + kw - 1) * spec.lanes
+        patch.setattr(ops, "INTERLEAVE_NONZEROS", kh * kw * shape[1] + 1)  # one nonzero short
+        assert not ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, "relu6", fscnn_tvm.resolve_target(None),
+                                     stride=stride, padding=padding)[0].interleaved
+        patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+        layer._LAYERS.clear()
+        out = sparse_conv2d(x, w, b, stride=stride, padding=padding, activation="relu6")
+    assert_matches(out, torch_conv(x, w, b, stride, padding, activation="relu6"))

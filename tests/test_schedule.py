@@ -67,6 +67,30 @@ def test_sampled_chunked_schedules_match_pytorch(seed, chunk, stride, band, shar
     assert_matches(out, torch_conv(x, w, b, stride=stride, padding=1, activation="relu"))
 
 
+@settings(max_examples=16, deadline=None)
+@given(seed=st.integers(1, 2**30), variant=st.sampled_from(schedule.VARIANTS[:3] + schedule.BANDED + schedule.CHUNKED),
+       shared=st.integers(1, 3))
+def test_sampled_interleaved_schedules_match_pytorch(seed, variant, shared):
+    """Any point the tuner may pick for a conv on interleaved rows (pixel tiles of any number of
+    vectors: the epilogue gathers a row once all of them ran) computes the layer."""
+    rng = np.random.default_rng(seed)
+    w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
+    x = rng.standard_normal((2, 6, 14, 37)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 3 if variant in schedule.CHUNKED else None)
+        if variant in schedule.BANDED or seed % 2 and variant in schedule.CHUNKED:
+            patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, seed))
+        else:
+            patch.setattr(ops, "band_rows_for", lambda *_: None)
+        spec, _ = ops.kernel_inputs("conv2d", fscnn_tvm.formats.to_csr(w), x.shape, b, "relu",
+                                    fscnn_tvm.resolve_target(None), padding=1)
+        assert spec.interleaved and variant in schedule.variants(spec)
+        out = _run_sampled("conv2d", w, x, b, "csr", None, variant, seed, padding=1)
+    assert_matches(out, torch_conv(x, w, b, padding=1, activation="relu"))
+
+
 def test_chunked_default_schedule_bounds_each_chunk_exactly(rng):
     target = fscnn_tvm.resolve_target(None)
     with pytest.MonkeyPatch.context() as patch:
