@@ -1,13 +1,9 @@
 """The TIR rewrite applied to every scheduled sparse kernel (``lower_sparse``): what the kernel
-does that TE cannot say. The epilogue stores table channel k to output channel ``w_perm[k]``,
-each nonzero loop annotated with TILE_BOUND runs to the longest row of its register tile
-(``w_length``) or, over a table of several channels per row, runs as one loop per mask of them
-(``mask_segments``), and a vector that ends past its row is stored whole where it is inside,
-else by one masked store (AVX-512) or lane by lane; a kernel that reads a row that is not whole
-vectors in place loads each window by a masked load (``masked_windows``). TVM's Python API has no
-statement mutator, hence the small rebuild below, which knows every statement kind a scheduled
-kernel holds and refuses any other: a rewrite that silently skipped a node it cannot see into
-would leave channels unpermuted."""
+does that TE cannot say. The epilogue stores table channel k to output channel ``w_perm[k]``
+(reading the accumulators where interleaved rows hold them), each nonzero loop annotated with
+TILE_BOUND runs to the longest row of its register tile (``w_length``) or, over a table of several
+channels per row, runs as one loop per mask of them (``mask_segments``), and vectors at a row's
+end are stored or loaded masked (``rowends``)."""
 from __future__ import annotations
 
 import functools
@@ -15,82 +11,9 @@ import itertools
 
 import tvm
 
-from .decisions import MASKED_ROW_ATTR, ROW_BOUND, INTERLEAVE_ATTR, TILE_BOUND
-
-
-def _for_with(loop, body=None, extent=None, annotations=None):
-    """``loop`` with its body, extent or annotations replaced."""
-    return tvm.tirx.For(loop.loop_var, loop.min, loop.extent if extent is None else extent, loop.kind,
-                        loop.body if body is None else body, loop.thread_binding,
-                        loop.annotations if annotations is None else annotations)
-
-
-def _block_with(block, body, alloc_buffers=None):
-    """``block`` with its body (and the buffers it allocates) replaced."""
-    from tvm.s_tir.stmt import SBlock
-    return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
-                  block.alloc_buffers if alloc_buffers is None else alloc_buffers, block.match_buffers,
-                  block.annotations)
-
-
-# Statements without statements inside.
-LEAVES = (tvm.tirx.BufferStore, tvm.tirx.Evaluate, tvm.tirx.AllocBuffer)
-
-
-def _rebuild(stmt, post):
-    """``stmt`` rebuilt bottom-up with ``post(node)`` replacing each node (None keeps it).
-    Knows the statements a scheduled sparse kernel holds; any other kind is an error."""
-    from tvm.s_tir.stmt import SBlock, SBlockRealize
-    tirx = tvm.tirx
-    new = stmt
-    if isinstance(stmt, tirx.For):
-        body = _rebuild(stmt.body, post)
-        if not body.same_as(stmt.body):
-            new = _for_with(stmt, body=body)
-    elif isinstance(stmt, tirx.SeqStmt):
-        seq = [_rebuild(s, post) for s in stmt.seq]
-        if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
-            new = tirx.SeqStmt(seq)
-    elif isinstance(stmt, SBlockRealize):
-        block = _rebuild(stmt.block, post)
-        if not block.same_as(stmt.block):
-            new = SBlockRealize(stmt.iter_values, stmt.predicate, block)
-    elif isinstance(stmt, SBlock):
-        body = _rebuild(stmt.body, post)
-        if not body.same_as(stmt.body):
-            new = _block_with(stmt, body)
-    elif isinstance(stmt, tirx.IfThenElse):  # (made by ``split_partial_vector``)
-        then_case = _rebuild(stmt.then_case, post)
-        else_case = None if stmt.else_case is None else _rebuild(stmt.else_case, post)
-        if not then_case.same_as(stmt.then_case) or (else_case is not None and not else_case.same_as(stmt.else_case)):
-            new = tirx.IfThenElse(stmt.condition, then_case, else_case)
-    elif not isinstance(stmt, LEAVES):
-        raise NotImplementedError(f"lower_sparse: a scheduled kernel holds a {type(stmt).__name__}, which the "
-                                  "rewrite does not know how to look into")
-    replaced = post(new)
-    return new if replaced is None else replaced
-
-
-def _at_lane(realize, lane=None, value=None):
-    """A function giving an expression of ``realize``'s block variables in terms of its loops,
-    simplified with ``lane`` at ``value`` where given (else as it is)."""
-    import tvm_ffi
-    bound_to = {v.var: bound for v, bound in zip(realize.block.iter_vars, realize.iter_values)}
-
-    def at(expr):
-        expr = tvm_ffi.structural_map(expr, (tvm.tirx.Var, lambda v: bound_to.get(v, v)))
-        if value is None:
-            return expr
-        analyzer = tvm.sym.Analyzer()
-        analyzer.bind(lane, value)
-        return analyzer.simplify(expr)
-    return at
-
-
-def _visit(stmt, found):
-    """Every node under ``stmt`` (itself included) into ``found``, children first."""
-    _rebuild(stmt, lambda node: found.append(node))
-    return found
+from .decisions import INTERLEAVE_ATTR, MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
+from .rowends import masked_windows, split_partial_vector
+from .tirwalk import block_with, for_with, rebuild, visit
 
 
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
@@ -120,7 +43,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             index[1] = params["w_perm"][index[1]]
             permuted.append(node)
             value = interleaved_read(store.value, interleave) if interleave else store.value
-            return _block_with(node, tirx.BufferStore(store.buffer, value, index))
+            return block_with(node, tirx.BufferStore(store.buffer, value, index))
         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
             return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
@@ -129,20 +52,20 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
                 return mask_segments(node, params["w_span"])
             annotations = {k: v for k, v in node.annotations.items() if k != TILE_BOUND}
             extent = _tile_bound(node, params) if int(node.annotations[TILE_BOUND]) else node.extent
-            return _for_with(node, extent=extent, annotations=annotations)
+            return for_with(node, extent=extent, annotations=annotations)
         return None
 
-    body = _rebuild(func.body, post)
+    body = rebuild(func.body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
     if scratch:  # the root block allocates the scratch vector
         from tvm.s_tir.stmt import SBlockRealize
         root = body.block
         body = SBlockRealize(body.iter_values, body.predicate,
-                             _block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
+                             block_with(root, root.body, list(root.alloc_buffers) + scratch[:1]))
     if func.attrs is not None and MASKED_ROW_ATTR in func.attrs:  # (after ``mask_segments`` has
         row = int(func.attrs[MASKED_ROW_ATTR])                       # copied each update per channel)
-        body = _rebuild(body, lambda node: masked_windows(node, row, params["x_nchw"])
+        body = rebuild(body, lambda node: masked_windows(node, row, params["x_nchw"])
                         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED else None)
     func = func.with_body(body)
     # (the mask loops repeat the slot loop's body: ConvertSSA gives each copy its own variables)
@@ -180,7 +103,7 @@ def mask_segments(loop, w_span):
     import tvm_ffi
     from tvm.s_tir.stmt import SBlock, SBlockRealize
     tirx = tvm.tirx
-    nodes = _visit(loop.body, [])
+    nodes = visit(loop.body, [])
     update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
     inner = [n for n in nodes if isinstance(n, tirx.For)]
     image, kb, io, oh, ow, chunk = update.iter_values[:6]
@@ -243,12 +166,12 @@ def mask_segments(loop, w_span):
             dtype = str(channel.extent.ty)
             bodies = []
             for i in (i for i in range(int(channel.extent)) if mask >> i & 1):
-                body = _rebuild(node.body, lambda n, i=i: SBlockRealize(n.iter_values, n.predicate, channel_blocks[i])
+                body = rebuild(node.body, lambda n, i=i: SBlockRealize(n.iter_values, n.predicate, channel_blocks[i])
                                 if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update" else None)
                 bodies.append(tvm_ffi.structural_map(body, (tirx.Var, lambda v, i=i: tirx.const(i, dtype)
                                                             if v.same_as(channel.loop_var) else v)))
             return bodies[0] if len(bodies) == 1 else tirx.SeqStmt(bodies)
-        return _rebuild(loop.body, post)
+        return rebuild(loop.body, post)
     start = w_span[chunk, kb, 0]
     loops = [tirx.For(loop.loop_var, w_span[chunk, kb, mask - 1] - start,
                       w_span[chunk, kb, mask] - w_span[chunk, kb, mask - 1], loop.kind, only(mask))
@@ -271,123 +194,12 @@ def mask_segments(loop, w_span):
     return tirx.SeqStmt([tirx.AllocBuffer(tile) for tile in channel_tiles] + copy(True) + loops + copy(False))
 
 
-def masked_windows(loop, row: int, x):
-    """A vectorised loop over one ``acc_update`` block of a kernel that reads its input in place
-    on a row of ``row`` pixels that are not whole vectors (``ops.KernelSpec.masked_row``), with
-    the block's window (its one read of ``x``) loaded first by ``llvm.masked.load``: lanes past
-    the row read nothing (the last vector of the last input channel would read past the input's
-    end) and hold zero (their outputs are cropped). A loop over anything else: None."""
-    import tvm_ffi
-    from tvm.s_tir.stmt import SBlock, SBlockRealize
-    tirx = tvm.tirx
-    realize = loop.body
-    if not isinstance(realize, SBlockRealize) or realize.block.name_hint != "acc_update":
-        return None
-    block, lane, lanes = realize.block, loop.loop_var, int(loop.extent)
-    loads = []
-
-    def find(node):
-        if node.source.same_as(x):
-            loads.append(node)
-        return node
-    tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, find))
-    if len(loads) != 1:
-        raise NotImplementedError(f"lower_sparse: a masked-row kernel's update with {len(loads)} window reads")
-    first = _at_lane(realize, lane, 0)  # the vector's first lane
-    pixel = first(block.iter_vars[4].var)
-    if int(loop.min) != 0 or not tvm.sym.Analyzer().can_prove_equal(tirx.floormod(pixel, lanes), 0):
-        raise NotImplementedError("lower_sparse: a masked-row kernel whose vectors do not start at whole vectors")
-    window = tirx.decl_buffer((lanes,), "float32", "window", scope="global")
-    mask = tirx.Ramp(pixel, 1, lanes) < tirx.Broadcast(row, lanes)
-    args = [tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(x, [first(i) for i in loads[0].indices]))]
-    if tvm.target.codegen.llvm_version_major() < 22:  # (the alignment operand LLVM 22 dropped)
-        args.append(tirx.const(4, "int32"))
-    args += [mask, tirx.Broadcast(tirx.const(0.0, "float32"), lanes)]
-    fill = tirx.BufferStore(window, tirx.call_llvm_pure_intrin(f"float32x{lanes}", "llvm.masked.load", *args),
-                            [tirx.Ramp(0, 1, lanes)])
-    in_window = tirx.BufferLoad(window, [tirx.floormod(block.iter_vars[4].var, lanes)])
-    body = tvm_ffi.structural_map(block.body, (tvm.ir.expr.TensorLoad, lambda n: in_window if n.same_as(loads[0]) else n))
-    reads = [tirx.BufferRegion(window, [tvm.ir.Range.from_min_extent(0, lanes)]) if r.source.same_as(x) else r
-             for r in block.reads]
-    update = SBlock(block.iter_vars, reads, block.writes, block.name_hint, body, block.init, block.alloc_buffers,
-                    block.match_buffers, block.annotations)
-    return tirx.SeqStmt([tirx.AllocBuffer(window), fill,
-                         _for_with(loop, body=SBlockRealize(realize.iter_values, realize.predicate, update))])
-
-
-def split_partial_vector(loop, scratch: list | None = None):
-    """A vectorised loop over one predicated block (a register tile's store past the row's end)
-    as ``if every lane is inside: the store unpredicated, else: the part inside``. TVM leaves a
-    predicated vector loop scalar (a 14x14 pointwise conv whose 196-pixel rows pad to 200 ran
-    2.3x slower than a 192-pixel one on AVX2 Zen 3). The part inside is stored lane by lane, or,
-    given ``scratch`` (a list that receives the one vector buffer the rewrite needs), as the
-    vector computed whole into it and a masked store of the lanes inside (``masked_store``).
-    None (keep the loop) unless the predicate is ``a < b`` with ``a`` rising by a constant
-    step per lane and ``b`` free of the lane."""
-    from tvm.s_tir.stmt import SBlockRealize
-    tirx = tvm.tirx
-    realize, lane = loop.body, loop.loop_var
-    if not isinstance(realize, SBlockRealize) or not isinstance(realize.predicate, tirx.LT):
-        return None
-    a, b = realize.predicate.a, realize.predicate.b
-
-    def at(expr, value):
-        analyzer = tvm.sym.Analyzer()
-        analyzer.bind(lane, value)
-        return analyzer.simplify(expr)
-    step = tvm.sym.Analyzer().simplify(at(a, 1) - at(a, 0))
-    if (any(v.same_as(lane) for v in tirx.analysis.undefined_vars(b)) or not isinstance(step, tirx.IntImm)
-            or step.value <= 0 or not tvm.sym.Analyzer().can_prove_equal(at(a, 2) - at(a, 1), step)):
-        return None
-    whole = _for_with(loop, body=SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block))
-    lanes = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.SERIAL, realize)
-    if scratch is not None:
-        lanes = masked_store(loop, at(a, loop.min), step, b, scratch) or lanes
-    inside = tvm.sym.Analyzer().simplify(at(a, loop.min + loop.extent - 1) < b)
-    if isinstance(inside, tirx.IntImm):  # (a row of fewer pixels than a vector: never whole)
-        return whole if inside.value else lanes
-    return tirx.IfThenElse(inside, whole, lanes)
-
-
-def masked_store(loop, first, step, bound, scratch: list):
-    """The vectorised loop's block (one store, lanes contiguous in the buffer) as: the whole
-    vector into a scratch vector, then ``llvm.masked.store`` of the lanes whose ``first + step *
-    lane < bound``. None where the store does not have that form."""
-    tirx = tvm.tirx
-    realize, lane, count = loop.body, loop.loop_var, int(loop.extent)
-    store = realize.block.body
-    if not isinstance(store, tirx.BufferStore) or not isinstance(loop.extent, tirx.IntImm):
-        return None
-    index = [_at_lane(realize)(i) for i in store.indices]
-    starts = [_at_lane(realize, lane, loop.min)(i) for i in store.indices]
-    moved = [tvm.sym.Analyzer().simplify(_at_lane(realize, lane, loop.min + 1)(i) - s)
-             for i, s in zip(store.indices, starts)]
-    unit = [1 if k == len(moved) - 1 else 0 for k in range(len(moved))]  # along the last axis only
-    if not all(isinstance(m, tirx.IntImm) and m.value == u for m, u in zip(moved, unit)) \
-            or any(any(v.same_as(lane) for v in tirx.analysis.undefined_vars(i)) for i in index[:-1]):
-        return None  # (not one contiguous run of the buffer)
-    if not scratch:  # ("local": a "global" one may share an allocation of the whole function)
-        scratch.append(tirx.decl_buffer((count,), store.buffer.dtype, "store_vector", scope="local"))
-    vector = scratch[0]
-    if int(vector.shape[0]) != count or vector.dtype != store.buffer.dtype:
-        return None
-    fill = tirx.For(lane, loop.min, loop.extent, tirx.ForKind.VECTORIZED,
-                    tirx.BufferStore(vector, _at_lane(realize)(store.value), [lane - loop.min]))
-    mask = tirx.Ramp(first, step, count) < tirx.Broadcast(bound, count)
-    args = [tirx.BufferLoad(vector, [tirx.Ramp(0, 1, count)]),
-            tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(store.buffer, starts))]
-    if tvm.target.codegen.llvm_version_major() < 22:  # (the alignment operand LLVM 22 dropped)
-        args.append(tirx.const(tvm.DataType(str(store.buffer.dtype)).bits // 8, "int32"))
-    call = tirx.call_llvm_intrin("void", "llvm.masked.store", *args, mask)
-    return tirx.SeqStmt([fill, tirx.Evaluate(call)])
-
-
 def _tile_bound(loop, params):
     """ceil(longest row of the tile / slots per iteration of ``loop``): the update block's
     block-row binding evaluated at every value of the loops inside ``loop`` it depends on. A
     chunked kernel's rows are their slots on the chunk ``loop`` runs (``w_span``)."""
     from tvm.s_tir.stmt import SBlockRealize
-    nodes = _visit(loop.body, [])
+    nodes = visit(loop.body, [])
     update = next(n for n in nodes if isinstance(n, SBlockRealize) and n.block.name_hint == "acc_update")
     kb_binding = update.iter_values[1]
     if "w_span" in params:
@@ -427,7 +239,7 @@ def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 
     def post(node):
         if isinstance(node, tvm.tirx.For) and ROW_BOUND in node.annotations:
-            inside = _visit(node.body, [])
+            inside = visit(node.body, [])
             block = next(n for n in inside if isinstance(n, SBlockRealize))
             group = int(block.block.iter_vars[1].dom.extent) // int(length.shape[0])  # channels a row
             analyzer = tvm.sym.Analyzer()
@@ -435,9 +247,9 @@ def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
                 analyzer.bind(loop.loop_var, loop.min)
             row = analyzer.simplify(tvm.tirx.floordiv(block.iter_values[1], group))
             annotations = {k: v for k, v in node.annotations.items() if k != ROW_BOUND}
-            return _for_with(node, extent=length[row], annotations=annotations)
+            return for_with(node, extent=length[row], annotations=annotations)
         return None
-    return func.with_body(_rebuild(func.body, post))
+    return func.with_body(rebuild(func.body, post))
 
 
 def kernel_func(sch: tvm.s_tir.Schedule, masked_stores: bool = False) -> tvm.tirx.PrimFunc:

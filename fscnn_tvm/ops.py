@@ -308,7 +308,8 @@ MASKED_ROW_READS = 100
 # channel (256 and 512 channels at 90 %, 128-512 at 70 %) 0.98-1.28x (512->512 at 28x28
 # 1.20-1.28x); 173 (64 channels at 70 %) 1.00-1.07x; 58-115 (64 and 128 channels at 90 %)
 # 0.83-1.10x: the epilogue's gather costs each output vector the same, the aligned loads save
-# per nonzero.
+# per nonzero. With AVX2 (``znver3`` on the same CPU) 1.14-1.33x at 230-690. CSR weights only
+# (a BSR tile's blocks of channels x a row's vectors would not fit the registers).
 INTERLEAVE_NONZEROS = 160
 
 
@@ -371,11 +372,13 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     (its mask loops need the chunked kernel). ``ragged_in_place=False`` keeps a pointwise conv
     whose pixels are not whole vectors on its layout pass (``KernelSpec.masked_row``). ``parts``:
     ``sparse`` is split by ``formats.split_columns`` in that many parts."""
+    interleave = isinstance(sparse, F.CSR) and sparse.nnz >= INTERLEAVE_NONZEROS * sparse.rows
+
     def table(sparse):
         ell = sparse.ell(ELL_WIDTH_MULTIPLE, parts)
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                          reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, parts=parts,
-                         interleave=sparse.nnz >= INTERLEAVE_NONZEROS * sparse.rows, **conv_args)
+                         interleave=interleave, **conv_args)
         chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
         # (spatial convs only: MobileNetV2's pointwise convs at batch 8 ran 0.98-0.99x banded)
         if not chunk and kind == "conv2d" and spec.batch > 1 and spec.geo.kh * spec.geo.kw > 1 \

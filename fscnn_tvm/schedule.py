@@ -167,7 +167,10 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
         task_vectors = chunk_task_vectors(spec)
         kb_t, kb_o = sch.split(kb, decide.tile(sch, kb, 2, 64, [None, chunk_task_channels(spec)]))
         oh_t, oh_i = sch.split(oh, decide.tile(sch, oh, 2, 8, [None, rows]))
-        ow_t, ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 3, 16, [None, task_vectors // vectors, vectors]))
+        if spec.interleaved:  # a task spans whole rows: their epilogue gathers all their vectors
+            ow_t, ow_o, ow_u = sch.split(ow_q, [1, *decide.tile(sch, ow_q, 2, 16, [None, vectors])])
+        else:
+            ow_t, ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 3, 16, [None, task_vectors // vectors, vectors]))
         sch.reorder(n, kb_t, oh_t, ow_t, red_c, kb_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
         par = sch.fuse(n, kb_t, oh_t, ow_t)
     sch.parallel(par)

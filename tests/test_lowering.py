@@ -5,7 +5,7 @@ import torch
 import tvm
 
 import fscnn_tvm
-from fscnn_tvm import lowering, ops, schedule
+from fscnn_tvm import lowering, ops, rowends, schedule
 from fscnn_tvm.formats import to_csr
 
 
@@ -125,7 +125,7 @@ def test_a_loop_whose_predicate_is_not_a_lane_range_is_kept():
     block = SBlock([], [], [], "out", tvm.tirx.BufferStore(buf, tvm.tirx.const(0.0, "float32"), [i]))
     for predicate in (i * i < 5, tvm.tirx.const(5, "int32") > i, i < i + 1):
         loop = tvm.tirx.For(i, 0, 8, tvm.tirx.ForKind.VECTORIZED, SBlockRealize([], predicate, block))
-        assert lowering.split_partial_vector(loop) is None
+        assert rowends.split_partial_vector(loop) is None
 
 
 @pytest.mark.parametrize("hw", [14, 3, 7, 9])
