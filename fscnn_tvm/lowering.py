@@ -13,7 +13,7 @@ import tvm
 
 from .decisions import INTERLEAVE_ATTR, MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
 from .rowends import masked_windows, split_partial_vector
-from .tirwalk import block_with, for_with, rebuild, visit
+from .tirwalk import at_lane, block_with, for_with, rebuild, visit
 
 
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
@@ -24,7 +24,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     channels). A vector that is part inside the row is stored with a masked store where
     ``masked_stores`` (cheap on AVX-512), else lane by lane. Other functions pass through
     unchanged."""
-    from tvm.s_tir.stmt import SBlock
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
     tirx = tvm.tirx
     params = {p.name: p for p in func.params}
     if "w_perm" not in params:
@@ -42,8 +42,7 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             index = list(store.indices)
             index[1] = params["w_perm"][index[1]]
             permuted.append(node)
-            value = interleaved_read(store.value, interleave) if interleave else store.value
-            return block_with(node, tirx.BufferStore(store.buffer, value, index))
+            return block_with(node, tirx.BufferStore(store.buffer, store.value, index))
         if isinstance(node, tirx.For) and node.kind == tirx.ForKind.VECTORIZED:
             return split_partial_vector(node, scratch if masked_stores else None)
         if isinstance(node, tirx.For) and TILE_BOUND in node.annotations:
@@ -55,7 +54,20 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             return for_with(node, extent=extent, annotations=annotations)
         return None
 
-    body = rebuild(func.body, post)
+    body = func.body
+    if interleave:  # (first: the vectorised loop is rewritten below)
+        rows = []
+
+        def gather(node):
+            if isinstance(node, tirx.For) and isinstance(node.body, tirx.For) \
+                    and isinstance(node.body.body, SBlockRealize) and node.body.body.block.name_hint == "out":
+                rows.append(node)
+                return interleaved_rows(node, interleave)
+            return None
+        body = rebuild(body, gather)
+        if len(rows) != 1:
+            raise NotImplementedError(f"lower_sparse: expected one epilogue loop over a row's vectors, found {len(rows)}")
+    body = rebuild(body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
     if scratch:  # the root block allocates the scratch vector
@@ -72,23 +84,48 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     return tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"] if masked else func
 
 
-def interleaved_read(value, interleave: int):
-    """``value`` with its read of the accumulators at output column w moved to where an
-    interleaved row holds it: position (w % interleave) * lanes + w // interleave of the row."""
+def interleaved_rows(loop, interleave: int):
+    """The epilogue's loop over a row's vectors (``loop``, over a vectorised loop over one
+    ``out`` block) on interleaved rows: the row's accumulators first gathered back in column
+    order into a buffer of one row, vector by vector, each a shuffle of the row's vectors (one
+    instruction sequence of permutes, where lane by lane loads and inserts cost ~20 instructions
+    a vector), then the epilogue as scheduled, reading that buffer."""
     import tvm_ffi
-    found = []
-
-    def move(load):
-        if len(load.indices) != 5:  # (the accumulators: the one read by table row and block channel)
-            return load
-        *head, col = load.indices
-        lanes = int(load.source.shape[-1]) // interleave
-        found.append(load)
-        return tvm.tirx.BufferLoad(load.source, [*head, col % interleave * lanes + col // interleave])
-    value = tvm_ffi.structural_map(value, (tvm.ir.expr.TensorLoad, move))
-    if len(found) != 1:
-        raise NotImplementedError(f"lower_sparse: expected the epilogue to read the accumulators once, found {len(found)}")
-    return value
+    from tvm.s_tir.stmt import SBlockRealize
+    tirx = tvm.tirx
+    lanes_loop, realize = loop.body, loop.body.body
+    if not (isinstance(lanes_loop, tirx.For) and lanes_loop.kind == tirx.ForKind.VECTORIZED
+            and isinstance(realize, SBlockRealize)):
+        raise NotImplementedError("lower_sparse: an interleaved epilogue that is not a loop of vectors over one block")
+    block, lanes = realize.block, int(lanes_loop.extent)
+    loads = []
+    tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad, lambda n: loads.append(n) or n))
+    acc_loads = [n for n in loads if len(n.indices) == 5]  # (table row and block channel: the accumulators)
+    if len(acc_loads) != 1:
+        raise NotImplementedError(f"lower_sparse: expected the epilogue to read the accumulators once, found {len(acc_loads)}")
+    acc, (*head, col) = acc_loads[0].source, acc_loads[0].indices
+    at = at_lane(realize)
+    head = [at(e) for e in head]
+    inner = {loop.loop_var, lanes_loop.loop_var}
+    analyzer = tvm.sym.Analyzer()
+    if any(v in inner for e in head for v in tirx.analysis.undefined_vars(e)) or not analyzer.can_prove_equal(
+            at(col), loop.loop_var * lanes + lanes_loop.loop_var) or int(loop.min) or int(lanes_loop.min):
+        raise NotImplementedError("lower_sparse: an interleaved epilogue whose vectors are not one row's, in order")
+    row = tirx.decl_buffer((interleave * lanes,), acc.dtype, "acc_row", scope="local")
+    vectors = [tirx.BufferLoad(acc, [*head, tirx.Ramp(j * lanes, 1, lanes)]) for j in range(interleave)]
+    gathers = [tirx.BufferStore(row, tirx.Shuffle(vectors, [
+        tirx.IntImm("int32", c % interleave * lanes + c // interleave) for c in range(u * lanes, (u + 1) * lanes)]),
+        [tirx.Ramp(u * lanes, 1, lanes)]) for u in range(int(loop.extent))]
+    value = tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad,
+                                                       lambda n: tirx.BufferLoad(row, [col]) if n.same_as(acc_loads[0]) else n))
+    reads = [tirx.BufferRegion(row, [tvm.ir.Range.from_min_extent(col, 1)]) if r.source.same_as(acc) else r
+             for r in block.reads]
+    from tvm.s_tir.stmt import SBlock
+    block = SBlock(block.iter_vars, reads, block.writes, block.name_hint,
+                   tirx.BufferStore(block.body.buffer, value, block.body.indices), block.init, block.alloc_buffers,
+                   block.match_buffers, block.annotations)
+    body = for_with(lanes_loop, body=SBlockRealize(realize.iter_values, realize.predicate, block))
+    return tirx.SeqStmt([tirx.AllocBuffer(row), *gathers, for_with(loop, body=body)])
 
 
 def mask_segments(loop, w_span):

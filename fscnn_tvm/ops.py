@@ -30,7 +30,8 @@ from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
 from .decisions import MASKED_ROW_ATTR, INTERLEAVE_ATTR
 from .target import caches, masked_stores, vector_lanes, vector_registers
-from .tiles import band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens, shared_channels
+from .tiles import (INTERLEAVE_NONZEROS, band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens,
+                    interleavable, shared_channels)
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -185,7 +186,7 @@ class KernelSpec:
     chunk_width: int = 0
     # A flattened pointwise conv read in place though its H*W pixels are not whole vectors: the
     # windows of a row's last vector run past the row, and their loads are masked there
-    # (``lowering.masked_windows``; CPUs with mask registers).
+    # (``rowends.masked_windows``; CPUs with mask registers).
     masked_row: bool = False
     # The table's rows in this many equal parts, part p reading only input channels of range p
     # (``formats.split_columns``): each part's tasks run on one core (``tiles.chunk_task_channels``).
@@ -301,25 +302,6 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
 # 6-26 reads 1.2-3.5x (384->64, 576->96 and 1024->256 at 14x14, 960->160 and 2048->512 at 7x7),
 # 38 1.69x (64->384@14), 96 1.17x (160->960@7), 102 0.98x (256->1024@14), 205 0.87x (512->2048@7).
 MASKED_ROW_READS = 100
-
-
-# Nonzeros per output channel from which a conv reads interleaved rows (``interleavable``).
-# Measured on Zen 4 (AVX-512), 3x3 convs, interleaved against rows of whole vectors: 230-690 nonzeros per
-# channel (256 and 512 channels at 90 %, 128-512 at 70 %) 0.98-1.28x (512->512 at 28x28
-# 1.20-1.28x); 173 (64 channels at 70 %) 1.00-1.07x; 58-115 (64 and 128 channels at 90 %)
-# 0.83-1.10x: the epilogue's gather costs each output vector the same, the aligned loads save
-# per nonzero. With AVX2 (``znver3`` on the same CPU) 1.14-1.33x at 230-690. CSR weights only
-# (a BSR tile's blocks of channels x a row's vectors would not fit the registers).
-INTERLEAVE_NONZEROS = 160
-
-
-def interleavable(spec: KernelSpec) -> bool:
-    """Whether a conv can read interleaved rows: a kernel wider than one column (windows that
-    start unaligned), stride 1 (stride-2 convs ran 0.64-0.70x), at least two vectors per row
-    (one would triple the layout: 0.46-0.80x) and a layout pass to do it in."""
-    geo = spec.geo
-    return geo.phase_width > geo.out_width and geo.stride == (1, 1) and spec.padded_width >= 2 * spec.lanes \
-        and not spec.in_place and spec.flat_hw is None
 
 
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,

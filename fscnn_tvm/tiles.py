@@ -1,7 +1,7 @@
 """The sparse kernel's policies, read from the CPU description (``target``: SIMD lanes and
 registers, L1d/L2 sizes, cores) and a layer's shapes: the vector width of its rows, whether a
 pointwise conv runs on its flattened image, the default register tile, the band height of a
-banded layout, and the chunk size of a chunked reduction. Measurements behind each rule are in
+banded layout, the chunk size of a chunked reduction, and whether a conv reads interleaved rows. Measurements behind each rule are in
 its docstring; docs/performance.md has the rest."""
 from __future__ import annotations
 
@@ -230,3 +230,22 @@ def folds_batch(spec: KernelSpec) -> bool:
     """Whether the register tile can span images: a conv kernel of a fixed batch above one
     (a banded layout is laid out per image and band, so its tiles stay in one image)."""
     return spec.kind == "conv2d" and spec.batch > 1 and not spec.band_rows
+
+
+# Nonzeros per output channel from which a conv reads interleaved rows (``interleavable``).
+# Measured on Zen 4 (AVX-512), 3x3 convs, interleaved against rows of whole vectors: 173-690
+# nonzeros per channel (64-512 channels at 70 %, 256 and 512 at 90 %) 1.10-1.41x but for one
+# 0.94x (128->256 at 56x56, 70 %: its layout crossed the band rule's bound); 58-115 (64 and 128
+# channels at 80-95 %) 0.84-1.21x: the epilogue's gather costs each output vector the same, the
+# aligned loads save per nonzero. With AVX2 (``znver3`` on the same CPU) 1.14-1.33x at 230-690.
+# CSR weights only (a BSR tile's blocks of channels x a row's vectors would not fit the registers).
+INTERLEAVE_NONZEROS = 160
+
+
+def interleavable(spec: KernelSpec) -> bool:
+    """Whether a conv can read interleaved rows: a kernel wider than one column (windows that
+    start unaligned), stride 1 (stride-2 convs ran 0.64-0.70x), at least two vectors per row
+    (one would triple the layout: 0.46-0.80x) and a layout pass to do it in."""
+    geo = spec.geo
+    return geo.phase_width > geo.out_width and geo.stride == (1, 1) and spec.padded_width >= 2 * spec.lanes \
+        and not spec.in_place and spec.flat_hw is None
