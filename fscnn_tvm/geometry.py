@@ -186,5 +186,6 @@ class InputLayout:
         rr, ss = r * geo.dilation[0], s * geo.dilation[1]
         sh, sw = geo.stride
         q = (rr % sh) * sw + ss % sw
-        off = ((c * geo.phases + q) * self.rows + rr // sh) * self.width + ss // sw * (self.lanes if self.interleave else 1)
+        column = ss // sw * (self.lanes if self.interleave else 1)  # (interleaved: whole vectors on)
+        off = ((c * geo.phases + q) * self.rows + rr // sh) * self.width + column
         return off.astype(F.INDEX_DTYPE)

@@ -66,7 +66,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
             return None
         body = rebuild(body, gather)
         if len(rows) != 1:
-            raise NotImplementedError(f"lower_sparse: expected one epilogue loop over a row's vectors, found {len(rows)}")
+            raise NotImplementedError(f"lower_sparse: expected one epilogue loop over a row's vectors, "
+                                      f"found {len(rows)}")
     body = rebuild(body, post)
     if len(permuted) != 1:
         raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
@@ -87,11 +88,11 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
 def interleaved_rows(loop, interleave: int):
     """The epilogue's loop over a row's vectors (``loop``, over a vectorised loop over one
     ``out`` block) on interleaved rows: the row's accumulators first gathered back in column
-    order into a buffer of one row, vector by vector, each a shuffle of the row's vectors (one
-    instruction sequence of permutes, where lane by lane loads and inserts cost ~20 instructions
-    a vector), then the epilogue as scheduled, reading that buffer."""
+    order into a buffer of one row, vector by vector, each a shuffle of the row's vectors (a few
+    permutes, where lane by lane loads and inserts cost ~20 instructions a vector), then the
+    epilogue as scheduled, reading that buffer."""
     import tvm_ffi
-    from tvm.s_tir.stmt import SBlockRealize
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
     tirx = tvm.tirx
     lanes_loop, realize = loop.body, loop.body.body
     if not (isinstance(lanes_loop, tirx.For) and lanes_loop.kind == tirx.ForKind.VECTORIZED
@@ -100,32 +101,35 @@ def interleaved_rows(loop, interleave: int):
     block, lanes = realize.block, int(lanes_loop.extent)
     loads = []
     tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad, lambda n: loads.append(n) or n))
-    acc_loads = [n for n in loads if len(n.indices) == 5]  # (table row and block channel: the accumulators)
+    acc_loads = [n for n in loads if len(n.indices) == 5]  # (by table row and block channel: the accumulators)
     if len(acc_loads) != 1:
-        raise NotImplementedError(f"lower_sparse: expected the epilogue to read the accumulators once, found {len(acc_loads)}")
+        raise NotImplementedError(f"lower_sparse: expected the epilogue to read the accumulators once, "
+                                  f"found {len(acc_loads)}")
     acc, (*head, col) = acc_loads[0].source, acc_loads[0].indices
     at = at_lane(realize)
     head = [at(e) for e in head]
     inner = {loop.loop_var, lanes_loop.loop_var}
-    analyzer = tvm.sym.Analyzer()
-    if any(v in inner for e in head for v in tirx.analysis.undefined_vars(e)) or not analyzer.can_prove_equal(
-            at(col), loop.loop_var * lanes + lanes_loop.loop_var) or int(loop.min) or int(lanes_loop.min):
+    if any(v in inner for e in head for v in tirx.analysis.undefined_vars(e)) or int(loop.min) \
+            or int(lanes_loop.min) or not tvm.sym.Analyzer().can_prove_equal(
+                at(col), loop.loop_var * lanes + lanes_loop.loop_var):
         raise NotImplementedError("lower_sparse: an interleaved epilogue whose vectors are not one row's, in order")
     row = tirx.decl_buffer((interleave * lanes,), acc.dtype, "acc_row", scope="local")
     vectors = [tirx.BufferLoad(acc, [*head, tirx.Ramp(j * lanes, 1, lanes)]) for j in range(interleave)]
-    gathers = [tirx.BufferStore(row, tirx.Shuffle(vectors, [
-        tirx.IntImm("int32", c % interleave * lanes + c // interleave) for c in range(u * lanes, (u + 1) * lanes)]),
-        [tirx.Ramp(u * lanes, 1, lanes)]) for u in range(int(loop.extent))]
-    value = tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad,
-                                                       lambda n: tirx.BufferLoad(row, [col]) if n.same_as(acc_loads[0]) else n))
+
+    def gathered(u):  # output columns u*lanes .. (u+1)*lanes - 1, from where the row holds them
+        where = [tirx.IntImm("int32", c % interleave * lanes + c // interleave)
+                 for c in range(u * lanes, (u + 1) * lanes)]
+        return tirx.BufferStore(row, tirx.Shuffle(vectors, where), [tirx.Ramp(u * lanes, 1, lanes)])
+    value = tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad, lambda n: tirx.BufferLoad(row, [col])
+                                                       if n.same_as(acc_loads[0]) else n))
     reads = [tirx.BufferRegion(row, [tvm.ir.Range.from_min_extent(col, 1)]) if r.source.same_as(acc) else r
              for r in block.reads]
-    from tvm.s_tir.stmt import SBlock
     block = SBlock(block.iter_vars, reads, block.writes, block.name_hint,
                    tirx.BufferStore(block.body.buffer, value, block.body.indices), block.init, block.alloc_buffers,
                    block.match_buffers, block.annotations)
     body = for_with(lanes_loop, body=SBlockRealize(realize.iter_values, realize.predicate, block))
-    return tirx.SeqStmt([tirx.AllocBuffer(row), *gathers, for_with(loop, body=body)])
+    return tirx.SeqStmt([tirx.AllocBuffer(row), *[gathered(u) for u in range(int(loop.extent))],
+                         for_with(loop, body=body)])
 
 
 def mask_segments(loop, w_span):

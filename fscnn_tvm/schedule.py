@@ -140,7 +140,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
             sch.unroll(loop)
         o_wq, o_wv = sch.split(loops[-1], [None, spec.lanes])
         sch.vectorize(o_wv)
-        if spec.interleaved:  # constant lane positions: LLVM gathers a row's columns by permutes
+        if spec.interleaved:  # (reads of the row ``lowering.interleaved_rows`` gathers at constant places)
             sch.unroll(o_wq)
         _schedule_layout(sch, spec)
     return sch
@@ -189,7 +189,7 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     *_, o_w = sch.get_loops(out)
     o_wq, o_wv = sch.split(o_w, [None, spec.lanes])
     sch.vectorize(o_wv)
-    if spec.interleaved:  # constant lane positions: LLVM gathers a row's columns by permutes
+    if spec.interleaved:  # (reads of the row ``lowering.interleaved_rows`` gathers at constant places)
         sch.unroll(o_wq)
     _schedule_layout(sch, spec)
     return sch
@@ -215,7 +215,8 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     if layout.interleave:
         # An interleaved row is the input row transposed (lane i of vector j: column j + i *
         # interleave): every element at a constant place, which LLVM turns into vector loads and
-        # permutes. Vectorised along the lanes instead (strided loads) it ran 1.6x slower.
+        # permutes. Vectorised along the lanes instead (strided loads) it took 15 % of a 64->128
+        # 3x3@112 kernel's time, unrolled 9 %.
         vector, lane = sch.split(col, [None, spec.lanes])
         sch.reorder(lane, vector)
         sch.unroll(lane)

@@ -1,8 +1,8 @@
 """The sparse kernel's policies, read from the CPU description (``target``: SIMD lanes and
 registers, L1d/L2 sizes, cores) and a layer's shapes: the vector width of its rows, whether a
 pointwise conv runs on its flattened image, the default register tile, the band height of a
-banded layout, the chunk size of a chunked reduction, and whether a conv reads interleaved rows. Measurements behind each rule are in
-its docstring; docs/performance.md has the rest."""
+banded layout, the chunk size of a chunked reduction, and whether a conv reads interleaved
+rows. Measurements behind each rule are in its docstring; docs/performance.md has the rest."""
 from __future__ import annotations
 
 import dataclasses
