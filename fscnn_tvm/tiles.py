@@ -244,8 +244,10 @@ INTERLEAVE_NONZEROS = 160
 
 def interleavable(spec: KernelSpec) -> bool:
     """Whether a conv can read interleaved rows: a kernel wider than one column (windows that
-    start unaligned), stride 1 (stride-2 convs ran 0.64-0.70x), at least two vectors per row
-    (one would triple the layout: 0.46-0.80x) and a layout pass to do it in."""
+    start unaligned), stride 1 (stride-2 convs ran 0.64-0.70x), output rows of at least two
+    cache lines (rows of one vector triple the layout: 0.46-0.80x on 14x14 and 7x7 maps with
+    AVX-512; 14x14 maps as two vectors of 8 lanes with AVX2 0.83x) and a layout pass to do it in."""
     geo = spec.geo
-    return geo.phase_width > geo.out_width and geo.stride == (1, 1) and spec.padded_width >= 2 * spec.lanes \
+    line = spec.line_vectors * spec.lanes
+    return geo.phase_width > geo.out_width and geo.stride == (1, 1) and spec.padded_width >= 2 * line \
         and not spec.in_place and spec.flat_hw is None

@@ -693,7 +693,7 @@ def test_a_pointwise_conv_that_reads_each_input_many_times_keeps_aligned_windows
     ((2, 8, 40, 40), 1, (1, 5), True),
     ((1, 8, 40, 40), 2, 3, False),    # stride 2
     ((1, 8, 40, 40), 1, 1, False),    # 1x1: every window starts where its row does
-    ((1, 8, 40, 12), 1, 3, False),    # 12 columns: one vector a row
+    ((1, 8, 40, 12), 1, 3, False),    # 12 columns: under two cache lines a row
     ((1, 8, 40, 40), 1, (3, 1), False),
 ])
 def test_interleaved_rows_where_windows_start_unaligned(rng, shape, stride, kernel, expected):
