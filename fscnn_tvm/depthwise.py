@@ -80,7 +80,7 @@ class DepthwiseSpec:
         """(phases, rows, columns) of one channel's laid-out input."""
         g = self.geo
         return (g.phases, self.padded_height + g.phase_height - g.out_height,
-                self.padded_width + g.phase_width - g.out_width)
+                self.padded_width + g.reach)
 
     @property
     def rows_shape(self):

@@ -118,6 +118,12 @@ class ConvGeometry:
         return self.out_width + (self.kw - 1) * self.dilation[1] // self.stride[1]
 
     @property
+    def reach(self):
+        """Phase columns a tap's window can start right of its output column (the kernel's width
+        as the stride phases see it)."""
+        return self.phase_width - self.out_width
+
+    @property
     def out_shape(self):
         return (self.batch, self.out_channels, self.out_height, self.out_width)
 
@@ -155,14 +161,9 @@ class InputLayout:
     lanes: int = 1
 
     @property
-    def shift(self):
-        """Phase columns a tap's window can start right of its output column (kernel width's reach)."""
-        return self.geo.phase_width - self.geo.out_width
-
-    @property
     def width(self):
         if self.interleave:
-            return (self.interleave + self.shift) * self.lanes
+            return (self.interleave + self.geo.reach) * self.lanes
         return self.row_width or self.geo.phase_width
 
     def phase_column(self, p):

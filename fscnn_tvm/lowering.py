@@ -92,7 +92,7 @@ def interleaved_rows(loop, interleave: int):
     permutes, where lane by lane loads and inserts cost ~20 instructions a vector), then the
     epilogue as scheduled, reading that buffer."""
     import tvm_ffi
-    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    from tvm.s_tir.stmt import SBlockRealize
     tirx = tvm.tirx
     lanes_loop, realize = loop.body, loop.body.body
     if not (isinstance(lanes_loop, tirx.For) and lanes_loop.kind == tirx.ForKind.VECTORIZED
@@ -124,9 +124,7 @@ def interleaved_rows(loop, interleave: int):
                                                        if n.same_as(acc_loads[0]) else n))
     reads = [tirx.BufferRegion(row, [tvm.ir.Range.from_min_extent(col, 1)]) if r.source.same_as(acc) else r
              for r in block.reads]
-    block = SBlock(block.iter_vars, reads, block.writes, block.name_hint,
-                   tirx.BufferStore(block.body.buffer, value, block.body.indices), block.init, block.alloc_buffers,
-                   block.match_buffers, block.annotations)
+    block = block_with(block, tirx.BufferStore(block.body.buffer, value, block.body.indices), reads=reads)
     body = for_with(lanes_loop, body=SBlockRealize(realize.iter_values, realize.predicate, block))
     return tirx.SeqStmt([tirx.AllocBuffer(row), *[gathered(u) for u in range(int(loop.extent))],
                          for_with(loop, body=body)])

@@ -202,9 +202,9 @@ class KernelSpec:
         (AVX-512), against rows of the phase's width: pointwise convs at 14x14 and 7x7 (rows of
         14 and 7 floats widened to 16 and 8) 1.26-1.29x; 3x3 convs 1.04-1.09x (a third of their
         windows aligned), one stride-2 layer 0.96-1.08x."""
-        width = None if self.in_place else F.round_up(self.geo.phase_width, self.lanes)
         if self.interleaved:
             return InputLayout(self.geo, self.band_rows, None, self.padded_width // self.lanes, self.lanes)
+        width = None if self.in_place else F.round_up(self.geo.phase_width, self.lanes)
         return InputLayout(self.geo, self.band_rows, width)
 
     @property
@@ -248,7 +248,7 @@ class KernelSpec:
     def tail(self):
         """Zero floats after the layout: what the last row's windows read past its end."""
         geo = self.geo
-        return max(0, geo.phase_width - geo.out_width + self.padded_width - self.layout.width)
+        return max(0, geo.reach + self.padded_width - self.layout.width)
 
     @property
     def padded_width(self):
@@ -387,4 +387,4 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
 def prim_func(spec: KernelSpec) -> tvm.tirx.PrimFunc:
     func = te.create_prim_func(sparse_compute(spec))
     func = func.with_attr(MASKED_ROW_ATTR, spec.geo.out_width) if spec.masked_row else func
-    return func.with_attr(INTERLEAVE_ATTR, spec.padded_width // spec.lanes) if spec.interleaved else func
+    return func.with_attr(INTERLEAVE_ATTR, spec.layout.interleave) if spec.interleaved else func

@@ -138,10 +138,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
         loops = sch.get_loops(out)
         for loop in loops[-4 if n_i is not None else -3:-1]:  # [images,] channels, rows of the tile
             sch.unroll(loop)
-        o_wq, o_wv = sch.split(loops[-1], [None, spec.lanes])
-        sch.vectorize(o_wv)
-        if spec.interleaved:  # (reads of the row ``lowering.interleaved_rows`` gathers at constant places)
-            sch.unroll(o_wq)
+        _vectorize_epilogue(sch, loops[-1], spec)
         _schedule_layout(sch, spec)
     return sch
 
@@ -186,13 +183,19 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     for loop in (i_io, i_oh, i_u):
         sch.unroll(loop)
     sch.vectorize(i_v)
-    *_, o_w = sch.get_loops(out)
-    o_wq, o_wv = sch.split(o_w, [None, spec.lanes])
-    sch.vectorize(o_wv)
-    if spec.interleaved:  # (reads of the row ``lowering.interleaved_rows`` gathers at constant places)
-        sch.unroll(o_wq)
+    _vectorize_epilogue(sch, sch.get_loops(out)[-1], spec)
     _schedule_layout(sch, spec)
     return sch
+
+
+def _vectorize_epilogue(sch, column, spec: KernelSpec):
+    """The epilogue's loop over a row's ``column``s in vectors; on interleaved rows the vector
+    loop unrolled too, so its reads of the row ``lowering.interleaved_rows`` gathers are at
+    constant places."""
+    vectors, lanes = sch.split(column, [None, spec.lanes])
+    sch.vectorize(lanes)
+    if spec.interleaved:
+        sch.unroll(vectors)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:

@@ -249,5 +249,5 @@ def interleavable(spec: KernelSpec) -> bool:
     AVX-512; 14x14 maps as two vectors of 8 lanes with AVX2 0.83x) and a layout pass to do it in."""
     geo = spec.geo
     line = spec.line_vectors * spec.lanes
-    return geo.phase_width > geo.out_width and geo.stride == (1, 1) and spec.padded_width >= 2 * line \
+    return geo.reach > 0 and geo.stride == (1, 1) and spec.padded_width >= 2 * line \
         and not spec.in_place and spec.flat_hw is None

@@ -13,10 +13,11 @@ def for_with(loop, body=None, extent=None, annotations=None):
                         loop.annotations if annotations is None else annotations)
 
 
-def block_with(block, body, alloc_buffers=None):
-    """``block`` with its body (and the buffers it allocates) replaced."""
+def block_with(block, body, alloc_buffers=None, reads=None):
+    """``block`` with its body (and the buffers it allocates, or the regions it reads) replaced."""
     from tvm.s_tir.stmt import SBlock
-    return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
+    return SBlock(block.iter_vars, block.reads if reads is None else reads, block.writes, block.name_hint, body,
+                  block.init,
                   block.alloc_buffers if alloc_buffers is None else alloc_buffers, block.match_buffers,
                   block.annotations)
 
