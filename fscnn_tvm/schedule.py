@@ -145,8 +145,8 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
 
 def _schedule_chunks(sch, spec: KernelSpec, decide):
     """Chunked reduction: a task (a band of rows, or a tile of a one-row image, x a group of
-    table channels; or one band of a banded layout, which it lays out first) runs, for each
-    chunk of input channels, every register tile of one channel x rows x vectors over
+    table channels; or one band of a banded layout, which it lays out first, then runs a band
+    of the tile's rows at a time) runs, for each chunk of input channels, every register tile of one channel x rows x vectors over
     that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
     accumulators wait in a task buffer between chunks."""
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
@@ -157,7 +157,7 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
         oh_t, oh_b = sch.split(oh, [None, spec.band_rows])
         oh_o, oh_i = sch.split(oh_b, decide.tile(sch, oh_b, 2, 8, [None, rows]))
         ow_o, ow_u = sch.split(ow_q, decide.tile(sch, ow_q, 2, 16, [None, vectors]))
-        sch.reorder(n, oh_t, red_c, kb, oh_o, ow_o, red_w, io, oh_i, ow_u, ow_v)
+        sch.reorder(n, oh_t, oh_o, red_c, kb, ow_o, red_w, io, oh_i, ow_u, ow_v)
         layout_n, layout_band, _ = sch.get_loops(sch.get_sblock("x_flat"))
         par = sch.merge(sch.fuse(layout_n, layout_band), sch.fuse(n, oh_t))
     else:

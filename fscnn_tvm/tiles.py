@@ -143,15 +143,22 @@ def chunk_task_vectors(spec: KernelSpec) -> int:
 def chunk_task_channels(spec: KernelSpec) -> int:
     """Table channels per task of a chunked kernel: every one where the input is laid out band
     by band (a task is one band); otherwise the most (a divisor of a part's rows, so no task
-    spans two parts of a split table) that still leaves 4 tasks per core with the tile's bands
-    of rows, so each chunk's input window, once in L1, serves as many channels as it can."""
+    spans two parts of a split table) that still leaves one task per core (of a spatial conv; 4
+    of a pointwise one) with the tile's bands of rows, so each chunk's input window, once in
+    L1, serves as many channels as it can. Measured on a Xeon (Sapphire Rapids class, 48 KiB
+    L1d, 2 MiB L2) at 90 %, 1 task per core against 4: 512->512 3x3 at 28x28 1.08-1.13x,
+    256->512 1.05x, other VGG16 3x3 layers at 70/90 % 0.97-1.04x; 16 tasks per core 0.77x, 64
+    0.49x. Pointwise convs (their chunk's window no wider than the tile): 1 per core ran
+    ResNet-50's 1024->256 at 14x14 0.79-0.84x, 512->128 at 28x28 0.92-1.16x, others 0.96-1.10x."""
     n_kb = spec.ell_shape[0]
     if spec.band_rows:
         return n_kb
     rows, task_vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
     bands = spec.geo.out_height // rows * spec.padded_width // spec.lanes // task_vectors * max(spec.batch, 1)
     part = n_kb // spec.parts  # a task's channels within one part
-    return max((d for d in range(1, part + 1) if part % d == 0 and bands * (n_kb // d) >= 4 * spec.cores), default=1)
+    tasks_per_core = 1 if spec.geo.kh * spec.geo.kw > 1 else 4
+    return max((d for d in range(1, part + 1)
+                if part % d == 0 and bands * (n_kb // d) >= tasks_per_core * spec.cores), default=1)
 
 
 # Fewest nonzeros a row should hold on one chunk: each (row, chunk) costs a loop's setup and a
@@ -178,10 +185,14 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     each nonzero's input window comes from wherever its channel lies, mostly L2 on maps of 14
     rows and up; measured on AVX2 (Zen 3) a loop of such loads runs ~2.5x slower from L2 than
     from L1. A task of the chunked kernel (a band of the tile's rows, or one tile of a one-row
-    image, x a group of channels; or one band of a banded layout x every channel) runs every
-    channel on one chunk of input channels, whose window for the task fits the L1d, before the
-    next (the largest such chunk: on AVX2 at 90 %, chunks filling 15 and 30 KiB of a 32 KiB L1d
-    ran 1.40x and 1.51x on 64->64 3x3 at 56x56, 1.26x and 1.37x on 256->64 1x1 at 56x56). Only
+    image, x a group of channels; or one band of a banded layout x every channel, a band of
+    the tile's rows at a time) runs every channel on one chunk of input channels, whose window
+    for the tile's rows fits the L1d, before the next (the largest such chunk: on AVX2 at 90 %,
+    chunks filling 15 and 30 KiB of a 32 KiB L1d ran 1.40x and 1.51x on 64->64 3x3 at 56x56,
+    1.26x and 1.37x on 256->64 1x1 at 56x56; on a banded layout, chunks sized to the tile's
+    rows instead of the whole band, e.g. 16 channels instead of 2 on 64->64 at 224x224, ran
+    1.10-1.21x on VGG16's 64- and 128-channel layers at 70 % and 90 % on a Sapphire Rapids
+    class Xeon, 48 KiB L1d; a chunk of half or twice the L1d 0.92x). Only
     where the laid-out input exceeds a quarter of the L2: measured at 70-90 % on AVX2 (512 KiB
     L2), 3x3 convs on 14-56 rows (262-950 KiB of input) 1.2-1.7x,
     2048->512 1x1 at 7x7 (458 KiB) 1.23x, 3x3 convs at 7x7 (147-295 KiB) 0.91-1.06x, 512->2048
@@ -190,7 +201,7 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
         return None
     layout = spec.layout
     geo = spec.geo
-    rows, vectors = spec.band_rows or chunk_tile(spec)[0], chunk_task_vectors(spec)
+    rows, vectors = chunk_tile(spec)[0], chunk_task_vectors(spec)
     cols = layout.width if vectors * spec.lanes == spec.padded_width else \
         vectors * spec.lanes + (geo.kw - 1) * geo.dilation[1]
     channel_bytes = geo.phases * geo.band_height(rows) * cols * 4
@@ -212,12 +223,16 @@ def shared_channels(spec: KernelSpec, sharing) -> int:
       (the most on few nonzeros per row: 64->256@56 1.60x, 24->144@56 1.22x, where one channel per
       row did not chunk), MobileNetV2's and ResNet-50's shapes 0.98-1.6x; 3 channels 0.67-1.22x.
     - a CPU of 16 vector registers (AVX2, ``znver3`` target on the same CPU): 0.31-1.15x, the
-      tile of 2-3 channels leaving room for 3-4 vectors of pixels: one channel per row there."""
+      tile of 2-3 channels leaving room for 3-4 vectors of pixels: one channel per row there.
+    - interleaved rows (every window load aligned, so a shared load saves no split one): one
+      channel per row against 3 on a Sapphire Rapids class Xeon at 70 %, VGG16's 3x3 layers
+      1.13-1.18x (64 at 224, 256 at 56, 256->512 and 512 at 28), 0.98-1.04x (64->128 and 128 at
+      112, 128->256 at 56): one channel per row there."""
     if spec.registers < 32:
         return 1
     if spec.geo.kw == 1:
         return 2
-    return 3 if sharing(3) >= SHARED_FMAS else 1
+    return 3 if not spec.interleaved and sharing(3) >= SHARED_FMAS else 1
 
 
 def batch_lanes(spec: KernelSpec) -> int:

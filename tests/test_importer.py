@@ -62,12 +62,13 @@ def _mixed():
 
 
 def test_the_report_names_a_conv_that_runs_on_shared_rows():
-    """A 70 % 3x3 conv on an AVX-512 target (32 registers) runs its CSR weights as rows of 3
-    channels (``tiles.shared_channels``); the report says so. Only the spec is built (no run)."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
+    """A 70 % 3x3 conv on an AVX-512 target (32 registers) whose rows are not interleaved (14
+    pixels: one vector) runs its CSR weights as rows of 3 channels (``tiles.shared_channels``);
+    the report says so. Only the spec is built (no run)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(512, 512, 3, padding=1), torch.nn.ReLU()).eval()
     with torch.no_grad():
         model[0].weight.mul_(torch.rand(model[0].weight.shape, generator=torch.Generator().manual_seed(0)) > 0.7)
-    imported = fscnn_tvm.import_torch(model, (torch.randn(1, 64, 56, 56),), measure=False,
+    imported = fscnn_tvm.import_torch(model, (torch.randn(1, 512, 14, 14),), measure=False,
                                       target="llvm -mcpu=znver4 -num-cores=2")
     assert imported.report[0].fmt == "csr (3 channels per row)"
     assert "csr (3 channels per row)" in str(imported)

@@ -115,19 +115,20 @@ def test_chunking_where_the_input_exceeds_a_quarter_of_the_l2(rng, x_shape, w_sh
     assert_matches(layer(x), torch_conv(x, w, activation="relu", **conv))
 
 
-@pytest.mark.parametrize("mcpu,w_shape,sparsity,channels", [
-    ("znver4", (64, 64, 3, 3), 0.7, 3),  # 3x3: 1.37 FMAs a window load, 2 of 3 windows split lines
-    ("znver4", (64, 256, 1, 1), 0.7, 2),  # pointwise (aligned windows): 2 channels
-    ("znver4", (64, 256, 1, 1), 0.9, 2),  # pointwise at 90 %: 2 (one channel per row would not chunk)
-    ("znver4", (64, 64, 3, 3), 0.9, 1),  # 1.11 FMAs a load: not worth a loop per mask
-    ("znver3", (64, 64, 3, 3), 0.7, 1),  # 16 vector registers: no room for a tile of several channels
+@pytest.mark.parametrize("mcpu,w_shape,hw,sparsity,channels", [
+    ("znver4", (64, 256, 3, 3), 14, 0.7, 3),  # 3x3: 1.37 FMAs a window load, 2 of 3 windows split lines
+    ("znver4", (64, 64, 3, 3), 56, 0.7, 1),  # interleaved rows (aligned windows): one channel
+    ("znver4", (64, 256, 1, 1), 56, 0.7, 2),  # pointwise (aligned windows): 2 channels
+    ("znver4", (64, 256, 1, 1), 56, 0.9, 2),  # pointwise at 90 %: 2 (one channel per row would not chunk)
+    ("znver4", (64, 256, 3, 3), 14, 0.9, 1),  # 1.11 FMAs a load: not worth a loop per mask
+    ("znver3", (64, 256, 3, 3), 14, 0.7, 1),  # 16 vector registers: no room for a tile of several channels
 ])
-def test_chunked_csr_convs_share_rows_where_their_channels_share_columns(rng, mcpu, w_shape, sparsity, channels):
+def test_chunked_csr_convs_share_rows_where_their_channels_share_columns(rng, mcpu, w_shape, hw, sparsity, channels):
     target = fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu} -num-cores=2")
     w = sparse_weight(rng, w_shape, sparsity)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "caches", lambda t: ZEN3)
-        spec, arrays = ops.kernel_inputs("conv2d", to_csr(w), (1, w_shape[1], 56, 56), None, None, target,
+        spec, arrays = ops.kernel_inputs("conv2d", to_csr(w), (1, w_shape[1], hw, hw), None, None, target,
                                          padding=w_shape[2] // 2)
     assert spec.chunk_channels and spec.ell_shape[2:] == (channels, 1)
     assert arrays[4].shape[2] == 1 << channels  # where each mask's slots begin, then the end
