@@ -23,7 +23,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels
 from .ops import KernelSpec
-from .target import mcpu_lanes
+from .target import caches, mcpu_lanes
 from .tuning_log import RECORDS, WORKLOADS, copy_records, load_lines, open_database
 
 log = logging.getLogger("fscnn_tvm.records")
@@ -171,7 +171,8 @@ def ship(log_dir: str, dest: str, target, tuned_on: str = "") -> int:
     os.makedirs(dest)
     open_database(log_dir).dump_pruned(ms.database.JSONDatabase(work_dir=dest))
     with open(os.path.join(dest, TARGET_FILE), "w") as f:
-        json.dump({"mcpu": str(target.attrs.get("mcpu", "")), "target": str(target), "tuned_on": tuned_on}, f,
+        json.dump({"mcpu": str(target.attrs.get("mcpu", "")), "target": str(target), "tuned_on": tuned_on,
+                   "caches": list(dataclasses.astuple(caches(target))[:3])}, f,
                   indent=1)
     with open(os.path.join(dest, RECORDS)) as f:
         return sum(1 for line in f if line.strip())
@@ -185,6 +186,7 @@ class ShippedSet:
     tuned_on: str  # the `fscnn-tvm tune` arguments of the pruned model
     records: int
     target: str = ""  # the TVM target (JSON) the records were tuned for
+    caches: tuple = ()  # (L1d, L2, line) its kernels' policies were read from (``target.caches``)
 
 
 def shipped_sets(directory=SHIPPED) -> list[ShippedSet]:
@@ -197,7 +199,8 @@ def shipped_sets(directory=SHIPPED) -> list[ShippedSet]:
         meta = json.loads((folder / TARGET_FILE).read_text())
         mcpu = meta.get("mcpu", "")
         found.append(ShippedSet(folder.name, mcpu, mcpu_lanes(mcpu), meta.get("tuned_on", ""),
-                                sum(1 for line in _lines(folder / RECORDS) if line.strip()), meta.get("target", "")))
+                                sum(1 for line in _lines(folder / RECORDS) if line.strip()), meta.get("target", ""),
+                                tuple(meta.get("caches", ()))))
     return found
 
 

@@ -201,11 +201,31 @@ def on_host(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm" and str(target.attrs.get("mcpu", "")) == host_target_dict().get("mcpu", "")
 
 
+# Describes the caches of the CPU a target that is not this machine is built for, as
+# "L1D,L2,LINE" (per core; bytes, or with K / M: "32K,1M,64"). Shipped record sets name the
+# caches they were tuned with, so they can be re-tuned, and checked, from another machine.
+CACHES_ENV = "FSCNN_TVM_CACHES"
+
+
 def caches(target: tvm.target.Target) -> Caches:
     """Per-core L1d and L2 sizes and the line size from the OS when ``target`` is this
-    machine's CPU, else CROSS_CACHES; cores from the target's num-cores."""
+    machine's CPU, else from $FSCNN_TVM_CACHES or CROSS_CACHES; cores from the target's num-cores."""
     cores = int(target.attrs.get("num-cores", 1))
-    return Caches(*(sysfs_caches() if on_host(target) else CROSS_CACHES), cores)
+    return Caches(*(sysfs_caches() if on_host(target) else cross_caches()), cores)
+
+
+def cross_caches() -> tuple[int, int, int]:
+    """(L1d, L2, line) of a CPU that is not this machine: $FSCNN_TVM_CACHES, else CROSS_CACHES."""
+    text = os.environ.get(CACHES_ENV, "").strip()
+    if not text:
+        return CROSS_CACHES
+    try:
+        sizes = tuple(_bytes(part.strip().upper()) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) <= 0:
+        raise ValueError(f"${CACHES_ENV}={text!r}: expected L1D,L2,LINE per core, e.g. 32K,1M,64")
+    return sizes
 
 
 @functools.lru_cache(maxsize=4)

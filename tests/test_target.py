@@ -229,9 +229,23 @@ def test_sysfs_caches_fall_back_where_sysfs_says_nothing(tmp_path):
     assert T.sysfs_caches(str(tmp_path / "missing")) == T.CROSS_CACHES
 
 
-def test_caches_of_another_cpu_are_the_cross_defaults():
+def test_caches_of_another_cpu_are_the_cross_defaults(monkeypatch):
+    monkeypatch.delenv(T.CACHES_ENV, raising=False)
     host = resolve_target(None)
     assert T.caches(host).cores == int(host.attrs["num-cores"])
     other = "znver4" if host.attrs.get("mcpu") != "znver4" else "haswell"
     cross = T.caches(resolve_target(f"llvm -mcpu={other}"))
     assert (cross.l1d, cross.l2, cross.line) == T.CROSS_CACHES
+    # described: for the other CPU only, the host keeps what its OS says
+    monkeypatch.setenv(T.CACHES_ENV, "48K, 2M, 64")
+    cross = T.caches(resolve_target(f"llvm -mcpu={other} -num-cores=4"))
+    assert (cross.l1d, cross.l2, cross.line, cross.cores) == (48 << 10, 2 << 20, 64, 4)
+    assert (T.caches(host).l1d, T.caches(host).l2) == T.sysfs_caches()[:2]
+
+
+@pytest.mark.parametrize("text", ["32K,1M", "32K,1M,64,8", "a,b,c", "32K,0,64", "-1,1M,64"])
+def test_a_cache_description_that_does_not_parse_is_a_clear_error(monkeypatch, text):
+    monkeypatch.setenv(T.CACHES_ENV, text)
+    with pytest.raises(ValueError, match="FSCNN_TVM_CACHES"):
+        T.caches(resolve_target("llvm -mcpu=haswell" if resolve_target(None).attrs.get("mcpu") != "haswell"
+                                else "llvm -mcpu=znver4"))
