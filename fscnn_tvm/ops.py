@@ -29,6 +29,7 @@ from tvm import te
 from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
 from .decisions import MASKED_ROW_ATTR, INTERLEAVE_ATTR
+from .cpuprobe import half_width_cost
 from .target import caches, masked_stores, vector_lanes, vector_registers
 from .tiles import (INTERLEAVE_NONZEROS, band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens,
                     interleavable, shared_channels)
@@ -313,6 +314,7 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     native, registers = vector_lanes(target), vector_registers(target)
     if kind == "conv2d":
+        half_cost = half_width_cost(target)
         geo, cache = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation), caches(target)
 
         def spec(geo, lanes, flat_hw=None, masked_row=False):
@@ -323,13 +325,13 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             spec = dataclasses.replace(spec, interleaved=interleave and interleavable(spec))
             # (an input read in place has no layout pass to run band by band)
             return spec if spec.in_place else dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, cache))
-        row = spec(geo, choose_lanes(geo.out_width, native))
+        row = spec(geo, choose_lanes(geo.out_width, native, half_cost))
         if (geo.kh, geo.kw, geo.stride, geo.pad) != (1, 1, (1, 1), (0, 0, 0, 0)):
             return row
         pixels = geo.height * geo.width
         flat_geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, pixels), weight_shape)
         if pixels % native and masked_stores(target) and reads is not None and reads <= MASKED_ROW_READS:
-            lanes = choose_lanes(pixels, native)
+            lanes = choose_lanes(pixels, native, half_cost)
             return spec(flat_geo, lanes, (geo.height, geo.width), masked_row=bool(pixels % lanes))
         flat = spec(flat_geo, native, (geo.height, geo.width))
         return flat if flattens(row, flat) else row

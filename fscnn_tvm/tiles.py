@@ -16,14 +16,21 @@ if TYPE_CHECKING:
     from .ops import KernelSpec
 
 
-def choose_lanes(out_width: int, native: int) -> int:
-    """Vector width for the output rows: native or half, whichever pads the row least. Never
-    below 8 lanes while the native width is 8 or more: a 128-bit op costs what a 256-bit one
-    does on every AVX2 and AVX-512 CPU, so 4-lane rows do the same work in more ops
-    (measured at 90 % on AVX2, 28-wide rows, where 4 lanes pad nothing: 8 lanes 1.02-1.20x on
-    3x3 layers, 1.44x on a 1x1 conv, which then runs flattened)."""
+def choose_lanes(out_width: int, native: int, half_cost: float = 1.0) -> int:
+    """Vector width for the output rows: native or half, whichever costs the row least, a
+    half-width vector costing ``half_cost`` times its FLOPs at native width
+    (``cpuprobe.half_width_cost``): where both widths run the same FLOPs a cycle (Zen 4), the
+    width that pads the row least; where half-width ops are slower (Xeons with two 512-bit FMA
+    units), native unless half pads that much less. Never below 8 lanes while the
+    native width is 8 or more: a 128-bit op costs what a 256-bit one does on every AVX2 and
+    AVX-512 CPU, so 4-lane rows do the same work in more ops (measured at 90 % on AVX2, 28-wide
+    rows, where 4 lanes pad nothing: 8 lanes 1.02-1.20x on 3x3 layers, 1.44x on a 1x1 conv,
+    which then runs flattened). Measured on a Sapphire Rapids class Xeon, 56-wide rows (8 lanes
+    pad nothing, 16 pad 8 columns), 16 lanes against 8: 64@56 1.05-1.30x, 128->256@56
+    1.07-1.35x, 256@56 1.22-1.25x at 70 and 90 %; pointwise convs on 49 pixels (flattened)
+    1.11-1.21x, on 196 0.95x; 7-wide rows (16 lanes pad 9 columns) 0.63x."""
     options = [v for v in (native, native // 2) if v >= min(native, 8)]
-    return min(options, key=lambda v: (-(-out_width // v) * v, -v))
+    return min(options, key=lambda v: (-(-out_width // v) * v * (half_cost if v < native else 1.0), -v))
 
 
 def flattens(row: KernelSpec, flat: KernelSpec) -> bool:
