@@ -18,11 +18,13 @@ import numpy as np
 import tvm
 from tvm import te
 
+from .target import on_host, vector_lanes
+
 # Half-width ops cost this many times a native op's time per FLOP where the probe finds them
 # over SLOWER times slower; otherwise the same. Two values, not the measured ratio, so a noisy
 # probe does not move a layer's lanes from run to run. Measured by the probe, one thread: a
 # Sapphire Rapids class Xeon 1.43x (84 against 59 GFLOP/s). There 7-wide rows ran 0.63x at 16
-# lanes (a cost of 2 would have chosen them), 56-wide 1.07-1.35x, 49 pixels flattened 1.11-1.21x.
+# lanes (a cost of 2 would have chosen 16 there), 56-wide 1.07-1.35x, 49 pixels flattened 1.11-1.21x.
 HALF_RATE = 1.5
 FULL_RATE = 1.0
 SLOWER = 1.25
@@ -32,6 +34,9 @@ _PASSES = 64  # passes a call (~260 K FLOPs: a call's own overhead is small besi
 
 
 def _probe_func(target: tvm.target.Target, lanes: int):
+    """out[j] = sum over passes and steps k of w[k] * x[k, j]: each step one broadcast weight
+    times a vector of input per accumulator, the accumulators in registers, as in the sparse
+    kernel's slot loop."""
     vectors = _ACCUMULATOR_FLOATS // lanes
     x = te.placeholder((_STEPS, vectors, lanes), "float32", name="x")
     w = te.placeholder((_STEPS,), "float32", name="w")
@@ -54,7 +59,6 @@ def half_width_cost(target: tvm.target.Target) -> float:
     """What a half-width vector op costs per FLOP against a native one on ``target``'s CPU:
     measured where the target is this machine's CPU and its native vectors are 16 floats (below
     that ``tiles.choose_lanes`` takes no half width); FULL_RATE (the padding decides) elsewhere."""
-    from .target import on_host, vector_lanes
     native = vector_lanes(target)
     return _measure(str(target), native) if native >= 16 and on_host(target) else FULL_RATE
 
