@@ -27,8 +27,10 @@ def choose_lanes(out_width: int, native: int, half_cost: float = 1.0) -> int:
     rows, where 4 lanes pad nothing: 8 lanes 1.02-1.20x on 3x3 layers, 1.44x on a 1x1 conv,
     which then runs flattened). Measured on a Sapphire Rapids class Xeon, 56-wide rows (8 lanes
     pad nothing, 16 pad 8 columns), 16 lanes against 8: 64@56 1.05-1.30x, 128->256@56
-    1.07-1.35x, 256@56 1.22-1.25x at 70 and 90 %; pointwise convs on 49 pixels (flattened)
-    1.11-1.21x, on 196 0.95x; 7-wide rows (16 lanes pad 9 columns) 0.63x."""
+    1.07-1.35x, 256@56 1.22-1.25x at 70 and 90 %; 7-wide rows (16 lanes pad 9 columns) 0.63x.
+    Pointwise convs read in place with masked row ends (``ops.make_spec``) keep the padding
+    rule: at 16 lanes 49 pixels ran 1.11-1.21x but 196 0.95x, and ResNet-50's 1024->256@14
+    0.52x in the peer benchmark."""
     options = [v for v in (native, native // 2) if v >= min(native, 8)]
     return min(options, key=lambda v: (-(-out_width // v) * v * (half_cost if v < native else 1.0), -v))
 
