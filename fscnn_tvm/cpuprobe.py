@@ -24,7 +24,7 @@ from .target import on_host, vector_lanes
 # over SLOWER times slower; otherwise the same. Two values, not the measured ratio, so a noisy
 # probe does not move a layer's lanes from run to run. Measured by the probe, one thread: a
 # Sapphire Rapids class Xeon 1.43x (84 against 59 GFLOP/s). There 7-wide rows ran 0.63x at 16
-# lanes (a cost of 2 would have chosen 16 there), 56-wide 1.07-1.35x, 49 pixels flattened 1.11-1.21x.
+# lanes (a cost of 2 would have chosen 16 there), 56-wide 1.05-1.35x (``tiles.choose_lanes``).
 HALF_RATE = 1.5
 FULL_RATE = 1.0
 SLOWER = 1.25

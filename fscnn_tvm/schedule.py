@@ -146,9 +146,9 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
 def _schedule_chunks(sch, spec: KernelSpec, decide):
     """Chunked reduction: a task (a band of rows, or a tile of a one-row image, x a group of
     table channels; or one band of a banded layout, which it lays out first, then runs a band
-    of the tile's rows at a time) runs, for each chunk of input channels, every register tile of one channel x rows x vectors over
-    that channel's nonzeros of the chunk (bounded exactly by ``lower_sparse``); the tiles'
-    accumulators wait in a task buffer between chunks."""
+    of the tile's rows at a time) runs, for each chunk of input channels, every register tile
+    of one channel x rows x vectors over that channel's nonzeros of the chunk (bounded exactly
+    by ``lower_sparse``); the tiles' accumulators wait in a task buffer between chunks."""
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     n, kb, io, oh, ow, red_c, red_w = sch.get_loops(acc)
     rows, vectors = chunk_tile(spec)

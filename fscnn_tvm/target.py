@@ -221,7 +221,7 @@ def cross_caches() -> tuple[int, int, int]:
         return CROSS_CACHES
     try:
         sizes = tuple(_bytes(part.strip().upper()) for part in text.split(","))
-    except ValueError:
+    except (ValueError, IndexError):  # (an empty part: "32K,,64")
         sizes = ()
     if len(sizes) != 3 or min(sizes) <= 0:
         raise ValueError(f"${CACHES_ENV}={text!r}: expected L1D,L2,LINE per core, e.g. 32K,1M,64")

@@ -243,7 +243,7 @@ def test_caches_of_another_cpu_are_the_cross_defaults(monkeypatch):
     assert (T.caches(host).l1d, T.caches(host).l2) == T.sysfs_caches()[:2]
 
 
-@pytest.mark.parametrize("text", ["32K,1M", "32K,1M,64,8", "a,b,c", "32K,0,64", "-1,1M,64"])
+@pytest.mark.parametrize("text", ["32K,1M", "32K,1M,64,8", "a,b,c", "32K,0,64", "-1,1M,64", "32K,,64"])
 def test_a_cache_description_that_does_not_parse_is_a_clear_error(monkeypatch, text):
     monkeypatch.setenv(T.CACHES_ENV, text)
     with pytest.raises(ValueError, match="FSCNN_TVM_CACHES"):
