@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import vmbuild
+from . import unscheduled, vmbuild
 from .records import resolve_database, schedule_kernels, sparse_kernels
 from .target import resolve_target
 from .tuning_log import open_database
@@ -222,41 +222,10 @@ def compile_module(mod, target, tuning_log=None):
                                        + passes.legalize_passes(target))(mod)
         if db is not None:
             mod = MetaScheduleApplyDatabase()(mod)
-        mod = _parallelize_unscheduled(mod)
+        mod = unscheduled.parallelize(mod, target)
         mod = tvm.transform.Sequential(passes.dataflow_lower_passes(target)
                                        + passes.finalize_passes(target))(mod)
         return vmbuild.build(mod, target)
-
-
-def _parallelize_unscheduled(mod):
-    """TVM has no default CPU schedule: an operator without a record (residual add + ReLU,
-    pooling, layout copies, an untuned dense op) runs as one serial loop nest. Give each such
-    function its producers inlined and its outer spatial loops fused into a parallel loop; the
-    innermost loop stays serial for LLVM to vectorise. (Measured: a 56x56x256 residual add +
-    ReLU 2.0x faster on 2 cores.) A function the primitives do not fit is left as it is."""
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and "tir.is_scheduled" in func.attrs):
-            continue
-        try:
-            sch = tvm.s_tir.Schedule(func)
-            root = sch.get_sblock("root")
-            for block in sch.get_child_blocks(root)[:-1]:
-                with contextlib.suppress(tvm.s_tir.ScheduleError):  # reductions and the like stay
-                    sch.compute_inline(block)
-            for block in sch.get_child_blocks(root):
-                loops = sch.get_loops(block)
-                spatial = 0
-                for iv in sch.get(block).iter_vars:
-                    if iv.iter_type != 0:  # not data-parallel
-                        break
-                    spatial += 1
-                outer = loops[:min(spatial, len(loops)) - 1]
-                if outer:
-                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-            mod[gv] = sch.mod["main"].with_attr("tir.is_scheduled", True)
-        except tvm.s_tir.ScheduleError as err:
-            log.debug("%s: left unscheduled (%s)", gv.name_hint, str(err).splitlines()[0])
-    return mod
 
 
 def load(path) -> CompiledModel:
