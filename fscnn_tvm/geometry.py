@@ -142,6 +142,10 @@ class ConvGeometry:
         return max(self.pad) == 0 and self.stride == (1, 1) and padded_width == self.out_width
 
 
+# The smallest page of x86-64 and AArch64 Linux: no virtually indexed L1d way is larger.
+PAGE_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class InputLayout:
     """The padded, phase-split input a sparse conv reads its windows from: per input channel
@@ -172,7 +176,14 @@ class InputLayout:
 
     @property
     def rows(self):
-        return self.geo.band_height(self.band_rows)
+        """Rows of a channel's phase plane: the band's (or image's) phase rows, and one more
+        where a channel would span a whole number of pages. A virtually indexed L1d's way is at
+        most a page, so at such a stride every channel's window starts on the same cache sets,
+        and a chunk of channels (``tiles.chunking``) whose windows fit the L1d by size evicts
+        itself: 128->128 3x3 at 112x112, 90 % (bands of 16 rows of 128 floats: 8 KiB a
+        channel, chunks of 16), 1.13x with the extra row on a Sapphire Rapids class Xeon."""
+        rows = self.geo.band_height(self.band_rows)
+        return rows + (self.geo.phases * rows * self.width * 4 % PAGE_BYTES == 0)
 
     @property
     def size(self):
