@@ -11,15 +11,24 @@ PY=${PY:-.venv/bin/python}
 FSCNN=${FSCNN:-.venv/bin/fscnn-tvm}
 AVX512='llvm -mcpu=znver4'
 AVX2='llvm -mcpu=znver3'
-# The caches each set's kernels are built for (target.json names them): the AVX-512 sets a Zen 4's
-# (what they were first tuned on), the AVX2 sets the cross-target default. Read only where the
-# target is not this machine's CPU (then its own caches apply).
-caches_for() { [ "$1" = "$AVX512" ] && echo 32K,1M,64 || echo 32K,512K,64; }
+# The caches each set's kernels are built for, as its target.json names them (a new set: the
+# cross-target default). Read only where the target is not this machine's CPU (then its own
+# caches apply).
+caches_for() {
+  "$PY" - "fscnn_tvm/schedules/$1/target.json" <<'PYEOF'
+import json, sys
+try:
+    caches = json.load(open(sys.argv[1]))["caches"]
+except (OSError, KeyError, ValueError):
+    from fscnn_tvm.target import CROSS_CACHES as caches
+print(",".join(str(int(c)) for c in caches))
+PYEOF
+}
 
 job() {  # name target dense-trials sparse-trials fscnn-tvm-tune-args...
   local name=$1 target=$2 dense=$3 sparse=$4; shift 4
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  export FSCNN_TVM_CACHES; FSCNN_TVM_CACHES=$(caches_for "$target")
+  export FSCNN_TVM_CACHES; FSCNN_TVM_CACHES=$(caches_for "$name")
   echo "== $name ($target, caches $FSCNN_TVM_CACHES, $dense dense + $sparse sparse trials)"
   if [ ! -d "tuning_logs/$name" ]; then
     "$PY" scripts/ship_schedules.py --seed "$name" "tuning_logs/$name"
