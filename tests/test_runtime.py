@@ -10,24 +10,10 @@ import threading
 
 import numpy as np
 import pytest
-import tvm
-from tvm import relax
-from tvm.script import ir as I
-from tvm.script import relax as R
 
 from fscnn_tvm import runtime
 from fscnn_tvm.target import resolve_target
-
-
-@I.ir_module
-class ResidualAndPool:
-    @R.function
-    def main(x: R.Tensor((1, 8, 12, 12), "float32"), y: R.Tensor((1, 8, 12, 12), "float32")):
-        with R.dataflow():
-            s = R.nn.relu(R.add(x, y))
-            p = R.nn.max_pool2d(s, pool_size=[2, 2], strides=[2, 2])
-            R.output(p)
-        return p
+from test_unscheduled import ResidualAndPool
 
 
 def test_one_compiled_model_called_from_many_threads_at_once():
