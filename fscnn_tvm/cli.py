@@ -70,6 +70,14 @@ def _import(args):
             print(f"end to end, {threads} threads, median of {t_ours.runs}/{t_torch.runs} runs: "
                   f"fscnn-tvm {t_ours.median_ms:.2f} ms, PyTorch {t_torch.median_ms:.2f} ms, "
                   f"speedup {t_torch.median_ms / t_ours.median_ms:.2f}x (default schedules, untuned)")
+    if args.profile and example is None:
+        print("--profile: the program holds no example inputs to run it on")
+    elif args.profile:
+        rows = compiled.profile(*example)
+        total = sum(ms for _, _, ms in rows)
+        print(f"where the time goes ({total:.2f} ms a call, each function without its callees):")
+        for fn, calls, ms in rows[:args.profile]:
+            print(f"  {ms:8.3f} ms {100 * ms / total:5.1f} %  x{calls:g}  {fn}")
     out = args.out or f"{name}.so"
     compiled.export_library(out)
     print(f"wrote {out}")
@@ -182,6 +190,16 @@ def _batch_list(text):
     return values
 
 
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _batch_range(text):
     values = _batch_list(text)
     if len(values) != 2 or values[0] >= values[1]:
@@ -232,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p, _sparsity)
     p.add_argument("--time", type=float, default=1.0, help="seconds to time each engine end to end (0: skip)")
     p.add_argument("--out", default=None, help="shared library to write (default <model>_s<sparsity>.so)")
+    p.add_argument("--profile", type=_count, default=0, metavar="N",
+                   help="print the N functions that take the most time in a call (kernels, pooling, ...)")
     p.add_argument("--tuning-log", default=None, help="apply the records of this tuning log directory")
     p.add_argument("--dynamic-batch", type=_batch_range, default=None, metavar="LO,HI",
                    help="one library for every batch size from LO to HI (checked and timed at --batch)")

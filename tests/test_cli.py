@@ -1,5 +1,5 @@
 """The commands around tuning records: `logs check|repair`, `schedules`, and the one warning
-`import` gives when sparse kernels have no record."""
+`import` gives when sparse kernels have no record; `import --profile`."""
 import os
 
 import numpy as np
@@ -60,6 +60,19 @@ def test_import_warns_once_with_the_command_that_tunes_the_model(small_model, tm
     [message] = [r.getMessage() for r in caplog.records if "have no tuned record" in r.getMessage()]
     assert message.endswith(f"Tune them with: fscnn-tvm tune --program {program} --no-measure "
                             f"--log tuning_logs/small, then add --tuning-log tuning_logs/small")
+
+
+def test_import_profiles_on_request(small_model, tmp_path, capsys):
+    model, x, _ = small_model
+    program = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(model, (x,)), program)
+    assert cli(["import", "--program", program, "--no-measure", "--time", "0", "--profile", "2",
+                "--out", str(tmp_path / "small.so")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("where the time goes"):].splitlines()[1:3]
+    assert len(table) == 2 and all(" ms " in line and " %  x" in line for line in table)
+    with pytest.raises(SystemExit):
+        cli(["import", "--program", program, "--profile", "0"])
 
 
 @pytest.mark.slow  # a whole zoo model

@@ -1,4 +1,4 @@
-"""runtime: calls from several threads;
+"""runtime: calls from several threads; the profile of a call;
 exported libraries, their checksum and their sidecar."""
 import json
 import os
@@ -10,9 +10,13 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
+import fscnn_tvm
 from fscnn_tvm import runtime
+from fscnn_tvm.records import sparse_kernels
 from fscnn_tvm.target import resolve_target
+from test_chunks import BIG, Block, _pruned
 from test_unscheduled import ResidualAndPool
 
 
@@ -51,6 +55,33 @@ def _exported(tmp_path):
     lib = str(tmp_path / "model.so")
     model.export_library(lib)
     return lib, (x, y), model(x, y)
+
+
+def test_the_profile_names_each_kernel_once_a_call_and_adds_up_to_the_call(small_model):
+    model, x, imported = small_model
+    compiled = fscnn_tvm.compile(imported)
+    rows = compiled.profile(x, runs=3)
+    calls = {name: n for name, n, _ in rows}
+    assert {name for name in calls if name.startswith("sparse_")} == set(sparse_kernels(imported))
+    assert all(calls[name] == 1 for name in sparse_kernels(imported))
+    assert all(ms >= 0 for _, _, ms in rows) and [ms for *_, ms in rows] == sorted((ms for *_, ms in rows), reverse=True)
+    with pytest.raises(ValueError, match="runs"):
+        compiled.profile(x, runs=0)
+
+
+def test_a_batch_chunks_time_is_its_own_not_its_kernels():
+    """A batch run in chunks calls each chunk function several times, and it calls the kernels:
+    a chunk's row holds only its own time (views, the VM's calls), less than its kernels'."""
+    torch.manual_seed(1)
+    model = _pruned(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), Block(16),
+                                        torch.nn.MaxPool2d(4), torch.nn.Flatten()))
+    x = torch.randn(*BIG)
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x,), measure=False))
+    rows = compiled.profile(x, runs=3)
+    chunks = [(calls, ms) for name, calls, ms in rows if name.startswith("chunk")]
+    kernels = sum(ms for name, _, ms in rows if name.startswith(("sparse_", "dense_")))
+    assert chunks and all(calls > 1 for calls, _ in chunks)
+    assert sum(ms for _, ms in chunks) < kernels
 
 
 def test_export_writes_a_checksum_and_load_refuses_a_damaged_library(tmp_path):
