@@ -94,8 +94,8 @@ class CompiledModel:
         args = self._inputs(inputs)
         vm = relax.VirtualMachine(self.executable, tvm.cpu())
         main = vm["main"]
-        for _ in range(warmup):
-            main(*args)
+        for _ in range(max(1, warmup)):  # (the first call also checks the inputs)
+            _checked_call(main, args)
         own, calls, stack = {}, {}, []  # stack: [name, start, time spent in callees]
 
         def instrument(func, name, before_run, ret_value, *call_args):
@@ -117,10 +117,7 @@ class CompiledModel:
 
     def __call__(self, *inputs):
         args = self._inputs(inputs)
-        try:
-            return _to_numpy(self._main()(*args))
-        except Exception as err:  # noqa: BLE001 - only the VM's input checks are translated
-            raise _input_error(err, args) or err
+        return _to_numpy(_checked_call(self._main(), args))
 
     def export_library(self, path):
         """Write a shared library; ``fscnn_tvm.load(path)`` runs it without torch. Beside it,
@@ -150,6 +147,13 @@ class CompiledModel:
             for leftover in (lib_tmp, side_tmp):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(leftover)
+
+
+def _checked_call(main, args):
+    try:
+        return main(*args)
+    except Exception as err:  # noqa: BLE001 - only the VM's input checks are translated
+        raise _input_error(err, args) or err
 
 
 def _input_error(err, args):

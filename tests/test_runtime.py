@@ -67,6 +67,8 @@ def test_the_profile_names_each_kernel_once_a_call_and_adds_up_to_the_call(small
     assert all(ms >= 0 for _, _, ms in rows) and [ms for *_, ms in rows] == sorted((ms for *_, ms in rows), reverse=True)
     with pytest.raises(ValueError, match="runs"):
         compiled.profile(x, runs=0)
+    with pytest.raises(ValueError, match="shape"):
+        compiled.profile(np.zeros((2, 8, 10, 10), np.float32))
 
 
 def test_a_batch_chunks_time_is_its_own_not_its_kernels():
