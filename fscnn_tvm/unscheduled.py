@@ -70,13 +70,11 @@ def _window_reduction(sch, lanes: int) -> bool:
     padding inlined into the vector loop (a select of loads per lane) 762 us. Returns
     whether the function was one."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    reductions = [b for b in blocks if _spatial_count(sch, b) < len(sch.get(b).iter_vars)]
-    if len(reductions) != 1:
+    reductions = [i for i, b in enumerate(blocks) if _spatial_count(sch, b) < len(sch.get(b).iter_vars)]
+    if len(reductions) != 1 or reductions[0] > 1:
         return False
-    block = reductions[0]
-    index = [sch.get(b).same_as(sch.get(block)) for b in blocks].index(True)
-    if index > 1:
-        return False
+    index = reductions[0]
+    block = blocks[index]
     loops = sch.get_loops(block)
     spatial = _spatial_count(sch, block)
     if len(loops) != len(sch.get(block).iter_vars) or spatial < 2:
