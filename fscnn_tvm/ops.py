@@ -31,8 +31,8 @@ from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
 from .decisions import MASKED_ROW_ATTR, INTERLEAVE_ATTR
 from .cpuprobe import half_width_cost
 from .target import caches, masked_stores, vector_lanes, vector_registers
-from .tiles import (INTERLEAVE_NONZEROS, band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens,
-                    interleavable, shared_channels)
+from .tiles import (band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens, interleavable, interleaves,
+                    shared_channels)
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -192,7 +192,7 @@ class KernelSpec:
     # The table's rows in this many equal parts, part p reading only input channels of range p
     # (``formats.split_columns``): each part's tasks run on one core (``tiles.chunk_task_channels``).
     parts: int = 1
-    # The input laid out in interleaved rows (``InputLayout.interleave``, ``INTERLEAVE_NONZEROS``):
+    # The input laid out in interleaved rows (``InputLayout.interleave``, ``tiles.interleaves``):
     # every window load aligned; the epilogue gathers each output row's columns back in order.
     interleaved: bool = False
 
@@ -306,10 +306,11 @@ MASKED_ROW_READS = 100
 
 
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
-              stride=1, padding=0, dilation=1, reads=None, parts=1, interleave=False) -> KernelSpec:
+              stride=1, padding=0, dilation=1, reads=None, parts=1, nonzeros=None) -> KernelSpec:
     """The spec of a layer; ``reads``: nonzeros per input channel, where known (``MASKED_ROW_READS``);
-    ``parts``: of a table split by ``formats.split_columns``; ``interleave``: lay the input out in
-    interleaved rows where the conv allows (``interleavable``)."""
+    ``parts``: of a table split by ``formats.split_columns``; ``nonzeros`` (a CSR table's): lay the
+    input out in interleaved rows where they pay (``interleaves``) and the conv allows
+    (``interleavable``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     native, registers = vector_lanes(target), vector_registers(target)
@@ -322,7 +323,8 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
                               has_bias, activation, lanes, flat_hw=flat_hw, registers=registers,
                               line_vectors=max(1, cache.line // (4 * lanes)), l2_bytes=cache.l2, l1_bytes=cache.l1d,
                               cores=cache.cores, masked_row=masked_row, parts=parts)
-            spec = dataclasses.replace(spec, interleaved=interleave and interleavable(spec))
+            spec = dataclasses.replace(spec, interleaved=nonzeros is not None and interleavable(spec)
+                                       and interleaves(spec, nonzeros))
             # (an input read in place has no layout pass to run band by band)
             return spec if spec.in_place else dataclasses.replace(spec, band_rows=band_rows_for(spec.layout, cache))
         row = spec(geo, choose_lanes(geo.out_width, native, half_cost))
@@ -356,13 +358,13 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
     (its mask loops need the chunked kernel). ``ragged_in_place=False`` keeps a pointwise conv
     whose pixels are not whole vectors on its layout pass (``KernelSpec.masked_row``). ``parts``:
     ``sparse`` is split by ``formats.split_columns`` in that many parts."""
-    interleave = isinstance(sparse, F.CSR) and sparse.nnz >= INTERLEAVE_NONZEROS * sparse.rows
+    nonzeros = sparse.nnz if isinstance(sparse, F.CSR) else None
 
     def table(sparse):
         ell = sparse.ell(ELL_WIDTH_MULTIPLE, parts)
         spec = make_spec(kind, tuple(x_shape), sparse.shape, ell.data.shape, bias is not None, activation, target,
                          reads=sparse.nnz / max(1, sparse.cols) if ragged_in_place else None, parts=parts,
-                         interleave=interleave, **conv_args)
+                         nonzeros=nonzeros, **conv_args)
         chunk = chunking(spec, float(ell.lengths.mean()) if len(ell.lengths) else 0.0)
         # (spatial convs only: MobileNetV2's pointwise convs at batch 8 ran 0.98-0.99x banded)
         if not chunk and kind == "conv2d" and spec.batch > 1 and spec.geo.kh * spec.geo.kw > 1 \

@@ -264,6 +264,26 @@ def folds_batch(spec: KernelSpec) -> bool:
 # aligned loads save per nonzero. With AVX2 (``znver3`` on the same CPU) 1.14-1.33x at 230-690.
 # CSR weights only (a BSR tile's blocks of channels x a row's vectors would not fit the registers).
 INTERLEAVE_NONZEROS = 160
+# Nonzeros per input channel (the reads of each laid-out input value, which the interleaved
+# layout writes three times) from which a conv reads interleaved rows whatever its nonzeros per
+# output channel, where the interleaved rows are at most half again as wide as plain ones: the
+# layout pass costs per input value and per column it adds, the aligned loads save per nonzero,
+# so on convs that widen (more output than input channels) the output-channel count above
+# under-counts the reads. Measured at 90 % on a Zen 5 (AVX-512, 48 KiB L1d), interleaved against
+# plain rows, one process: 64->128 at 112x112 (115 reads) 1.24x, 128->128 at 112 (115) 1.15x,
+# 128->256 at 56 (230) 1.12-1.39x, a 3->64 stem at 224 pruned to 70 % (173) 1.62x; 64->64 at 224
+# and 56 (58) 0.89x and 0.76x; 128->128 at 28x28 (115; rows of 2 vectors, 4 interleaved) 0.80x.
+# The first five on a Sapphire Rapids class Xeon: 1.05-1.33x, 1.07-1.32x, 0.99x; 0.94-0.99x, 0.86x.
+INTERLEAVE_READS = 100
+
+
+def interleaves(spec: KernelSpec, nonzeros: int) -> bool:
+    """Whether a CSR conv of ``nonzeros`` is worth reading interleaved rows (where it can:
+    ``interleavable``)."""
+    geo = spec.geo
+    if nonzeros >= INTERLEAVE_NONZEROS * geo.out_channels:
+        return True
+    return nonzeros >= INTERLEAVE_READS * geo.in_channels and 2 * (geo.kw - 1) * spec.lanes <= spec.padded_width
 
 
 def interleavable(spec: KernelSpec) -> bool:

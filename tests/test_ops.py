@@ -107,7 +107,7 @@ def test_conv2d_property(n, c, k, h, w, kh, kw, stride, padding, dilation, spars
     allows, whatever its nonzeros."""
     with pytest.MonkeyPatch.context() as patch:
         if interleave:
-            patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+            patch.setattr(tiles, "INTERLEAVE_NONZEROS", 0)
             patch.setattr(ops, "interleavable", lambda spec: event_if(interleavable(spec), "interleaved rows"))
         if band:
             patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: banded(layout.geo, band))
@@ -705,16 +705,16 @@ def test_interleaved_rows_where_windows_start_unaligned(rng, shape, stride, kern
     x = rng.standard_normal(shape).astype(np.float32)
     padding = (kh // 2, kw // 2)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "INTERLEAVE_NONZEROS", kh * kw * shape[1])
+        patch.setattr(tiles, "INTERLEAVE_NONZEROS", kh * kw * shape[1])
         spec, _ = ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, "relu6", fscnn_tvm.resolve_target(None),
                                     stride=stride, padding=padding)
         assert spec.interleaved == expected
         if expected:
             assert spec.layout.width == (spec.padded_width // spec.lanes + kw - 1) * spec.lanes
-        patch.setattr(ops, "INTERLEAVE_NONZEROS", kh * kw * shape[1] + 1)  # one nonzero short
+        patch.setattr(tiles, "INTERLEAVE_NONZEROS", kh * kw * shape[1] + 1)  # one nonzero short
         assert not ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, "relu6", fscnn_tvm.resolve_target(None),
                                      stride=stride, padding=padding)[0].interleaved
-        patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+        patch.setattr(tiles, "INTERLEAVE_NONZEROS", 0)
         layer._LAYERS.clear()
         out = sparse_conv2d(x, w, b, stride=stride, padding=padding, activation="relu6")
     assert_matches(out, torch_conv(x, w, b, stride, padding, activation="relu6"))

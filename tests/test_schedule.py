@@ -9,7 +9,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fscnn_tvm
-from fscnn_tvm import layer, ops, schedule
+from fscnn_tvm import layer, ops, schedule, tiles
 from fscnn_tvm.decisions import TILE_BOUND, SampledDecisions
 from fscnn_tvm.formats import to_csr
 from fscnn_tvm.lowering import kernel_func
@@ -77,7 +77,7 @@ def test_sampled_interleaved_schedules_match_pytorch(seed, variant, shared):
     w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
     x = rng.standard_normal((2, 6, 14, 37)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "INTERLEAVE_NONZEROS", 0)
+        patch.setattr(tiles, "INTERLEAVE_NONZEROS", 0)
         patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
         patch.setattr(ops, "chunking", lambda spec, mean_row: 3 if variant in schedule.CHUNKED else None)
         if variant in schedule.BANDED or seed % 2 and variant in schedule.CHUNKED:
