@@ -266,14 +266,16 @@ def folds_batch(spec: KernelSpec) -> bool:
 INTERLEAVE_NONZEROS = 160
 # Nonzeros per input channel (the reads of each laid-out input value, which the interleaved
 # layout writes three times) from which a conv reads interleaved rows whatever its nonzeros per
-# output channel, where the interleaved rows are at most half again as wide as plain ones: the
-# layout pass costs per input value and per column it adds, the aligned loads save per nonzero,
-# so on convs that widen (more output than input channels) the output-channel count above
-# under-counts the reads. Measured at 90 % on a Zen 5 (AVX-512, 48 KiB L1d), interleaved against
+# output channel, where a vector is a cache line and the interleaved rows are at most half again
+# as wide as plain ones: the layout pass costs per input value and per column it adds, the
+# aligned loads save per nonzero, so on convs that widen (more output than input channels) the
+# output-channel count above under-counts the reads. Measured at 90 % on a Zen 5 (AVX-512, 48 KiB L1d), interleaved against
 # plain rows, one process: 64->128 at 112x112 (115 reads) 1.24x, 128->128 at 112 (115) 1.15x,
 # 128->256 at 56 (230) 1.12-1.39x, a 3->64 stem at 224 pruned to 70 % (173) 1.62x; 64->64 at 224
 # and 56 (58) 0.89x and 0.76x; 128->128 at 28x28 (115; rows of 2 vectors, 4 interleaved) 0.80x.
 # The first five on a Sapphire Rapids class Xeon: 1.05-1.33x, 1.07-1.32x, 0.99x; 0.94-0.99x, 0.86x.
+# Only where a vector is a cache line (every unaligned window load then splits one): with AVX2
+# (``znver3`` on the same Zen 5, 8 lanes) 64->128 at 112 ran 0.92x and 128->128 at 28 0.81x.
 INTERLEAVE_READS = 100
 
 
@@ -283,7 +285,8 @@ def interleaves(spec: KernelSpec, nonzeros: int) -> bool:
     geo = spec.geo
     if nonzeros >= INTERLEAVE_NONZEROS * geo.out_channels:
         return True
-    return nonzeros >= INTERLEAVE_READS * geo.in_channels and 2 * (geo.kw - 1) * spec.lanes <= spec.padded_width
+    return nonzeros >= INTERLEAVE_READS * geo.in_channels and spec.line_vectors == 1 \
+        and 2 * (geo.kw - 1) * spec.lanes <= spec.padded_width
 
 
 def interleavable(spec: KernelSpec) -> bool:

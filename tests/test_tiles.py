@@ -143,16 +143,19 @@ def test_choose_lanes(width, native, lanes):
     assert tiles.choose_lanes(width, native) == lanes
 
 
-@pytest.mark.parametrize("w_shape,hw,nonzeros,interleaved", [
-    ((128, 64, 3, 3), 112, 128 * 58, True),    # widening: 116 reads an input channel, 58 nonzeros a row
-    ((64, 64, 3, 3), 112, 64 * 58, False),     # square at 58: neither rule
-    ((128, 128, 3, 3), 28, 128 * 116, False),  # 116 reads, but rows of 2 vectors would double
-    ((64, 128, 3, 3), 28, 64 * 160, True),     # 160 nonzeros a row: the per-channel rule alone
+@pytest.mark.parametrize("mcpu,w_shape,hw,nonzeros,interleaved", [
+    ("znver4", (128, 64, 3, 3), 112, 128 * 58, True),    # widening: 116 reads an input channel, 58 a row
+    ("znver3", (128, 64, 3, 3), 112, 128 * 58, False),   # the same with vectors of half a line
+    ("znver4", (64, 64, 3, 3), 112, 64 * 58, False),     # square at 58: neither rule
+    ("znver4", (128, 128, 3, 3), 28, 128 * 116, False),  # 116 reads, but rows of 2 vectors would double
+    ("znver4", (64, 128, 3, 3), 28, 64 * 160, True),     # 160 nonzeros a row: the per-channel rule alone
+    ("znver3", (64, 128, 3, 3), 28, 64 * 160, True),
 ])
-def test_interleaved_rows_where_the_reads_pay_for_the_layout(w_shape, hw, nonzeros, interleaved):
+def test_interleaved_rows_where_the_reads_pay_for_the_layout(mcpu, w_shape, hw, nonzeros, interleaved):
     """A CSR conv reads interleaved rows from ``INTERLEAVE_NONZEROS`` a row, or from
-    ``INTERLEAVE_READS`` an input channel where that layout widens a row by at most half."""
-    target = fscnn_tvm.resolve_target("llvm -mcpu=znver4")
+    ``INTERLEAVE_READS`` an input channel where a vector is a cache line and that layout widens a
+    row by at most half."""
+    target = fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu}")
     spec = ops.make_spec("conv2d", (1, w_shape[1], hw, hw), w_shape, (w_shape[0], 8, 1, 1), False, None, target,
                          padding=1, nonzeros=nonzeros)
     assert spec.interleaved == interleaved
@@ -163,5 +166,5 @@ def test_a_widening_conv_read_interleaved_computes_the_conv(rng):
     w = sparse_weight(rng, (96, 4, 3, 3), 0.0)  # 36 nonzeros a row, 864 an input channel
     x = rng.standard_normal((1, 4, 9, 72)).astype(np.float32)  # rows of 9-10 vectors of 8 or 16 lanes
     spec, _ = ops.kernel_inputs("conv2d", to_csr(w), x.shape, None, None, fscnn_tvm.resolve_target(None), padding=1)
-    assert spec.interleaved
+    assert spec.interleaved == (spec.line_vectors == 1)  # (AVX2: plain rows)
     assert_matches(fscnn_tvm.sparse_conv2d(x, w, padding=1), torch_conv(x, w, padding=1))
