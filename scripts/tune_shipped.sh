@@ -13,7 +13,9 @@ AVX512='llvm -mcpu=znver4'
 AVX2='llvm -mcpu=znver3'
 # The caches each set's kernels are built for, as its target.json names them (a new set: the
 # cross-target default). Read only where the target is not this machine's CPU (then its own
-# caches apply).
+# caches apply, and the set is shipped with them: on a Zen 4 or Zen 5, whose own target is
+# znver4, run with PY and FSCNN pointing at wrappers that set fscnn_tvm.target.on_host to
+# False, as the staleness test does, to keep a set's caches).
 caches_for() {
   "$PY" - "fscnn_tvm/schedules/$1/target.json" <<'PYEOF'
 import json, sys
