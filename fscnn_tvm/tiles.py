@@ -269,8 +269,8 @@ INTERLEAVE_NONZEROS = 160
 # output channel, where a vector is a cache line and the interleaved rows are at most half again
 # as wide as plain ones: the layout pass costs per input value and per column it adds, the
 # aligned loads save per nonzero, so on convs that widen (more output than input channels) the
-# output-channel count above under-counts the reads. Measured at 90 % on a Zen 5 (AVX-512, 48 KiB L1d), interleaved against
-# plain rows, one process: 64->128 at 112x112 (115 reads) 1.24x, 128->128 at 112 (115) 1.15x,
+# output-channel count above under-counts the reads. Measured at 90 % on a Zen 5 (AVX-512,
+# 48 KiB L1d), interleaved against plain rows, one process: 64->128 at 112x112 (115 reads) 1.24x, 128->128 at 112 (115) 1.15x,
 # 128->256 at 56 (230) 1.12-1.39x, a 3->64 stem at 224 pruned to 70 % (173) 1.62x; 64->64 at 224
 # and 56 (58) 0.89x and 0.76x; 128->128 at 28x28 (115; rows of 2 vectors, 4 interleaved) 0.80x.
 # The first five on a Sapphire Rapids class Xeon: 1.05-1.33x, 1.07-1.32x, 0.99x; 0.94-0.99x, 0.86x.
@@ -286,7 +286,7 @@ def interleaves(spec: KernelSpec, nonzeros: int) -> bool:
     if nonzeros >= INTERLEAVE_NONZEROS * geo.out_channels:
         return True
     return nonzeros >= INTERLEAVE_READS * geo.in_channels and spec.line_vectors == 1 \
-        and 2 * (geo.kw - 1) * spec.lanes <= spec.padded_width
+        and 2 * geo.reach * spec.lanes <= spec.padded_width  # (the vectors interleaving adds a row)
 
 
 def interleavable(spec: KernelSpec) -> bool:
