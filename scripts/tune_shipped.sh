@@ -8,14 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-FSCNN=${FSCNN:-.venv/bin/fscnn-tvm}
 AVX512='llvm -mcpu=znver4'
 AVX2='llvm -mcpu=znver3'
+# The tuner and the shipping step run with fscnn_tvm.target.on_host off, as the staleness test
+# builds each set: a set's kernels are built for the caches its target.json names even where
+# its mcpu is this machine's own (znver4 on a Zen 4 or Zen 5, whose caches may differ), instead
+# of being tuned and re-labelled with this machine's.
+OFF_HOST='import runpy, sys; import fscnn_tvm.target as T; T.on_host = lambda target: False'
+fscnn() { "$PY" -c "$OFF_HOST; from fscnn_tvm.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+ship() { "$PY" -c "$OFF_HOST; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+  scripts/ship_schedules.py "$@"; }
 # The caches each set's kernels are built for, as its target.json names them (a new set: the
-# cross-target default). Read only where the target is not this machine's CPU (then its own
-# caches apply, and the set is shipped with them: on a Zen 4 or Zen 5, whose own target is
-# znver4, run with PY and FSCNN pointing at wrappers that set fscnn_tvm.target.on_host to
-# False, as the staleness test does, to keep a set's caches).
+# cross-target default).
 caches_for() {
   "$PY" - "fscnn_tvm/schedules/$1/target.json" <<'PYEOF'
 import json, sys
@@ -33,16 +37,16 @@ job() {  # name target dense-trials sparse-trials fscnn-tvm-tune-args...
   export FSCNN_TVM_CACHES; FSCNN_TVM_CACHES=$(caches_for "$name")
   echo "== $name ($target, caches $FSCNN_TVM_CACHES, $dense dense + $sparse sparse trials)"
   if [ ! -d "tuning_logs/$name" ]; then
-    "$PY" scripts/ship_schedules.py --seed "$name" "tuning_logs/$name"
+    ship --seed "$name" "tuning_logs/$name"
   fi
   # The first job tunes both modules (dense-trials each); the second tops the sparse kernels up
   # to sparse-trials: they tune fast (~1 s a candidate) and gain the most from it.
   if [ "$dense" -gt 0 ]; then
-    "$FSCNN" tune --target "$target" --trials "$dense" --log "tuning_logs/$name" "$@"
+    fscnn tune --target "$target" --trials "$dense" --log "tuning_logs/$name" "$@"
   fi
   # (every pruned conv sparse, as the staleness test imports them: no timed sparse/dense race)
-  "$FSCNN" tune --target "$target" --trials "$sparse" --log "tuning_logs/$name" --no-dense --no-measure "$@"
-  "$PY" scripts/ship_schedules.py "tuning_logs/$name" "$name" --target "$target" --tuned-on "$*"
+  fscnn tune --target "$target" --trials "$sparse" --log "tuning_logs/$name" --no-dense --no-measure "$@"
+  ship "tuning_logs/$name" "$name" --target "$target" --tuned-on "$*"
 }
 ONLY="$*"
 
