@@ -303,6 +303,12 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
 # 6-26 reads 1.2-3.5x (384->64, 576->96 and 1024->256 at 14x14, 960->160 and 2048->512 at 7x7),
 # 38 1.69x (64->384@14), 96 1.17x (160->960@7), 102 0.98x (256->1024@14), 205 0.87x (512->2048@7).
 MASKED_ROW_READS = 100
+# The same bound where the masked rows run at half the native width and half-width ops cost more
+# (``cpuprobe.half_width_cost``), against a layout pass whose rows run native vectors: every read
+# then pays the width too. Zen 5, 1024->256@14 (masked 8 lanes, rows of 14 at 16): 77, 51, 38 reads
+# 0.78x, 0.84x, 0.81x the layout pass; 26 reads 1.05x; 576->96@14, 29 reads, 1.03-1.25x. (Zen 4,
+# half width as cheap: 77 reads 0.99-1.07x, 51 reads 1.2-2x; 7x7 maps run 8 lanes on both paths.)
+MASKED_HALF_ROW_READS = 32
 
 
 def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, target,
@@ -332,8 +338,9 @@ def make_spec(kind, x_shape, weight_shape, ell_shape, has_bias, activation, targ
             return row
         pixels = geo.height * geo.width
         flat_geo = ConvGeometry.create((geo.batch, geo.in_channels, 1, pixels), weight_shape)
-        if pixels % native and masked_stores(target) and reads is not None and reads <= MASKED_ROW_READS:
-            lanes = choose_lanes(pixels, native)  # (at 16 lanes ResNet-50's 1024->256@14 ran 0.52x on a Xeon)
+        lanes = choose_lanes(pixels, native)  # (at 16 lanes ResNet-50's 1024->256@14 ran 0.52x on a Xeon)
+        limit = MASKED_HALF_ROW_READS if half_cost > 1 and lanes < row.lanes else MASKED_ROW_READS
+        if pixels % native and masked_stores(target) and reads is not None and reads <= limit:
             return spec(flat_geo, lanes, (geo.height, geo.width), masked_row=bool(pixels % lanes))
         flat = spec(flat_geo, native, (geo.height, geo.width))
         return flat if flattens(row, flat) else row

@@ -10,7 +10,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fscnn_tvm
-from fscnn_tvm import layer, ops, sparse_conv2d, sparse_linear, tiles
+from fscnn_tvm import cpuprobe, layer, ops, sparse_conv2d, sparse_linear, tiles
 from fscnn_tvm.formats import to_csr
 from fscnn_tvm.target import caches, cpu_info, isa
 
@@ -718,3 +718,17 @@ def test_interleaved_rows_where_windows_start_unaligned(rng, shape, stride, kern
         layer._LAYERS.clear()
         out = sparse_conv2d(x, w, b, stride=stride, padding=padding, activation="relu6")
     assert_matches(out, torch_conv(x, w, b, stride, padding, activation="relu6"))
+
+
+@pytest.mark.parametrize("hw,cost,masked", [((14, 14), cpuprobe.FULL_RATE, True), ((14, 14), cpuprobe.HALF_RATE, False),
+                                            ((7, 7), cpuprobe.HALF_RATE, True)])
+def test_masked_rows_at_half_width_need_fewer_reads_where_half_width_costs_more(rng, monkeypatch, hw, cost, masked):
+    """Between ``MASKED_HALF_ROW_READS`` and ``MASKED_ROW_READS`` reads a 14x14 pointwise conv
+    (masked rows of 8 lanes, laid-out rows of 14 at 16) keeps its layout pass where the CPU runs
+    half-width ops slower; a 7x7 one (8 lanes either way) reads in place on any CPU."""
+    monkeypatch.setattr(ops, "half_width_cost", lambda target: cost)
+    target = fscnn_tvm.resolve_target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    reads = (ops.MASKED_HALF_ROW_READS + ops.MASKED_ROW_READS) // 2
+    w = sparse_weight(rng, (reads, 16, 1, 1), 0.0)
+    spec, _ = ops.kernel_inputs("conv2d", to_csr(w), (1, 16, *hw), None, None, target)
+    assert spec.masked_row == masked
