@@ -18,7 +18,8 @@ import numpy as np
 import tvm
 from tvm import te
 
-from .target import on_host, vector_lanes
+from . import target as target_module  # (on_host looked up there: the staleness test and tune_shipped.sh turn it off)
+from .target import vector_lanes
 
 # Half-width ops cost this many times a native op's time per FLOP where the probe finds them
 # over SLOWER times slower; otherwise the same. Two values, not the measured ratio, so a noisy
@@ -60,7 +61,7 @@ def half_width_cost(target: tvm.target.Target) -> float:
     measured where the target is this machine's CPU and its native vectors are 16 floats (below
     that ``tiles.choose_lanes`` takes no half width); FULL_RATE (the padding decides) elsewhere."""
     native = vector_lanes(target)
-    return _measure(str(target), native) if native >= 16 and on_host(target) else FULL_RATE
+    return _measure(str(target), native) if native >= 16 and target_module.on_host(target) else FULL_RATE
 
 
 @functools.lru_cache(maxsize=4)
