@@ -168,3 +168,37 @@ def test_a_widening_conv_read_interleaved_computes_the_conv(rng):
     spec, _ = ops.kernel_inputs("conv2d", to_csr(w), x.shape, None, None, fscnn_tvm.resolve_target(None), padding=1)
     assert spec.interleaved == (spec.line_vectors == 1)  # (AVX2: plain rows)
     assert_matches(fscnn_tvm.sparse_conv2d(x, w, padding=1), torch_conv(x, w, padding=1))
+
+
+@pytest.mark.parametrize("mcpu,registers", [("znver4", 32), ("znver3", 16)])
+@pytest.mark.parametrize("out_features,fmt,block,batch", [
+    (4096, "csr", None, 1), (10, "csr", None, 1), (7, "csr", None, 2), (256, "bsr", (8, 1), 1),
+    (256, "bsr", (16, 1), 1), (64, "csr", None, 8)])
+def test_a_linear_tile_runs_several_rows_chains_of_fmas(rng, mcpu, registers, out_features, fmt, block, batch):
+    """A linear layer's tile holds up to LINEAR_CHAINS table rows (each a chain of dependent
+    adds), dividing the rows and within the registers; images in the lanes keep one row."""
+    from fscnn_tvm.formats import to_format
+    w = sparse_weight(rng, (out_features, 32), 0.5)
+    spec, _ = ops.kernel_inputs("linear", to_format(w, fmt, block), (batch, 32), None, None,
+                                fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu}"))
+    channels, rows, vectors = tiles.default_tile(spec)
+    n_kb, _, bo, _ = spec.ell_shape
+    if spec.batch_in_lanes:
+        assert (channels, rows, vectors) == (1, 1, 1)
+        return
+    per_row = -(-bo // spec.lanes)  # vectors a table row's accumulator takes
+    assert n_kb % channels == 0 and channels <= tiles.LINEAR_CHAINS and channels * per_row <= registers - 4
+    assert channels == max(c for c in range(1, tiles.LINEAR_CHAINS + 1)
+                           if n_kb % c == 0 and c * per_row <= registers - 4)
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (4, 1))])
+def test_a_linear_tile_of_rows_from_empty_to_dense_matches(rng, fmt, block):
+    """Each tile's nonzero loop runs to its longest row: rows from empty to dense, 8 to a tile."""
+    from test_ops import torch_linear
+    w = _uneven_rows(rng, (96, 300))
+    x = rng.standard_normal((1, 300)).astype(np.float32)
+    b = rng.standard_normal(96).astype(np.float32)
+    layer_ = fscnn_tvm.SparseLayer("linear", w, x.shape, b, fmt=fmt, block=block, activation="relu")
+    assert tiles.default_tile(layer_.spec)[0] > 1
+    assert_matches(layer_(x), torch_linear(x, w, b, "relu"))
