@@ -81,3 +81,28 @@ def test_pooling_matches_pytorch(kind, args, shape, vectorised):
     scripts = [f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert any("T.vectorized" in s for s in scripts) == vectorised
     assert all("T.parallel" in s for s in scripts if "T.grid" in s or "range(" in s)
+
+
+@I.ir_module
+class Subsample:  # as a subsampling 1x1 conv's input reaches it: a flat kernel output, sliced, flat again
+    @R.function
+    def main(x: R.Tensor((1, 8, 1, 144), "float32")):
+        with R.dataflow():
+            y = R.reshape(x, (1, 8, 12, 12))
+            y = R.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[12, 12], strides=[2, 2])
+            y = R.reshape(y, (1, 8, 1, 36))
+            R.output(y)
+        return y
+
+
+def test_a_reshape_after_a_strided_slice_runs_in_the_slices_loops():
+    """The fused reshape/slice/reshape runs over the slice's rows and columns (a column loop of
+    6), not over the flattened output's 36 pixels with a div and mod each."""
+    target = resolve_target(None)
+    scheduled = unscheduled.parallelize(_legalized(Subsample), target)
+    (func,) = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert "T.parallel" in func.script() and "range(T.int64(6))" in func.script()
+    x = np.random.default_rng(0).standard_normal((1, 8, 1, 144)).astype(np.float32)
+    vm = relax.VirtualMachine(runtime.compile_module(Subsample, target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out.reshape(1, 8, 6, 6), x.reshape(1, 8, 12, 12)[:, :, ::2, ::2])
