@@ -148,6 +148,17 @@ def chunk_major(ell: Ell, starts: np.ndarray, group: int) -> tuple[np.ndarray, n
     return data, cols, span
 
 
+def interleave_rows(table: np.ndarray, group: int) -> np.ndarray:
+    """``table`` (rows, slots, ...) with each group of ``group`` rows stored slot by slot: the
+    element of row r and slot w at flat position ((r // group) * slots + w) * group + r % group
+    (of its rows x slots layout), the shape unchanged; ``group`` must divide the rows."""
+    rows, slots = table.shape[:2]
+    if rows % group:
+        raise ValueError(f"interleave_rows: {group} does not divide the table's {rows} rows")
+    return np.ascontiguousarray(table.reshape((rows // group, group, slots) + table.shape[2:])
+                                .swapaxes(1, 2).reshape(table.shape))
+
+
 def _row_order(lengths: np.ndarray, full_rows: int, parts: int = 1) -> np.ndarray:
     """Block rows by length, groups of SORT_GROUP dealt heaviest, lightest, next heaviest...;
     rows from ``full_rows`` on (a partial last block) stay at the end. With ``parts``, each of

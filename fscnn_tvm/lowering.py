@@ -13,6 +13,7 @@ import tvm
 
 from .decisions import INTERLEAVE_ATTR, MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
 from .rowends import masked_windows, split_partial_vector
+from .tiles import linear_group
 from .tirwalk import at_lane, block_with, for_with, rebuild, visit
 
 
@@ -22,13 +23,14 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     its register tile (``w_length``), so a tile of short rows skips the table's padding (a
     chunked kernel's: exactly its row's slots on the chunk, by mask where a row holds several
     channels). A vector that is part inside the row is stored with a masked store where
-    ``masked_stores`` (cheap on AVX-512), else lane by lane. Other functions pass through
-    unchanged."""
+    ``masked_stores`` (cheap on AVX-512), else lane by lane. A CSR linear table is read
+    interleaved (``interleaved_table``). Other functions pass through unchanged."""
     from tvm.s_tir.stmt import SBlock, SBlockRealize
     tirx = tvm.tirx
     params = {p.name: p for p in func.params}
     if "w_perm" not in params:
         return func
+    func = interleaved_table(func)
 
     permuted, scratch, masked = [], [], []
     interleave = int(func.attrs[INTERLEAVE_ATTR]) if func.attrs is not None and INTERLEAVE_ATTR in func.attrs else None
@@ -288,6 +290,47 @@ def bound_rows(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             annotations = {k: v for k, v in node.annotations.items() if k != ROW_BOUND}
             return for_with(node, extent=length[row], annotations=annotations)
         return None
+    return func.with_body(rebuild(func.body, post))
+
+
+def interleaved_table(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A CSR linear kernel (no images in the lanes) reading its table as ``ops.kernel_inputs``
+    stores it: each group of ``tiles.linear_group`` rows slot by slot
+    (``formats.interleave_rows``), so row kb's slot w is at position ((kb // group) * width + w)
+    * group + kb % group of the table's rows x slots. The tile's rows are unrolled, so kb // group
+    and kb % group fold to constants and the two indices back into that position. Other
+    functions pass through unchanged."""
+    import tvm_ffi
+    from tvm.s_tir.stmt import SBlock
+    tirx = tvm.tirx
+    params = {p.name: p for p in func.params}
+    if "w_data" not in params or "x" not in params:
+        return func
+    data, offset = params["w_data"], params["w_offset"]
+    shape = tuple(int(d) for d in data.shape)
+    group, width = linear_group(shape), shape[1]
+    if group == 1 or any(isinstance(n, SBlock) and n.name_hint == "x_t" for n in visit(func.body, [])):
+        return func
+
+    def moved(load):
+        if not (load.source.same_as(data) or load.source.same_as(offset)):
+            return load
+        kb, w, *rest = load.indices
+        slot = (tirx.floordiv(kb, group) * width + w) * group + tirx.floormod(kb, group)
+        return tirx.BufferLoad(load.source, [tirx.floordiv(slot, width), tirx.floormod(slot, width), *rest])
+
+    def remap(expr):
+        return tvm_ffi.structural_map(expr, (tvm.ir.expr.TensorLoad, moved))
+
+    def post(node):  # innermost blocks only: an outer block's body holds the rewritten ones
+        if not isinstance(node, SBlock) or any(isinstance(n, SBlock) for n in visit(node.body, [])):
+            return None
+        body = remap(node.body)
+        if body.same_as(node.body):
+            return None
+        reads = [tirx.BufferRegion(r.source, [tvm.ir.Range(0, d) for d in r.source.shape])
+                 if r.source.same_as(data) or r.source.same_as(offset) else r for r in node.reads]
+        return block_with(node, body, reads=reads)
     return func.with_body(rebuild(func.body, post))
 
 

@@ -32,7 +32,7 @@ from .decisions import MASKED_ROW_ATTR, INTERLEAVE_ATTR
 from .cpuprobe import half_width_cost
 from .target import caches, masked_stores, vector_lanes, vector_registers
 from .tiles import (band_rows_for, choose_lanes, chunk_task_channels, chunking, flattens, interleavable, interleaves,
-                    shared_channels)
+                    linear_group, shared_channels)
 
 ACTIVATIONS = (None, "relu", "relu6")
 # Rows padded to a multiple of 4 nonzeros: a few zero slots per row buy an evenly splittable
@@ -392,6 +392,9 @@ def kernel_inputs(kind, sparse: F.SparseMatrix, x_shape, bias, activation, targe
         data, cols, span = F.chunk_major(ell, bounds, chunk_task_channels(spec))
         spans = [span]
     offsets = (spec.layout.offsets(cols) if kind == "conv2d" else cols).astype(spec.offset_dtype)
+    if kind == "linear" and not spec.batch_in_lanes:
+        group = linear_group(spec.ell_shape)
+        data, offsets = F.interleave_rows(data, group), F.interleave_rows(offsets, group)
     return spec, [data, offsets, ell.lengths, ell.perm] + spans + ([bias[ell.perm]] if bias is not None else [])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 from typing import TYPE_CHECKING
 
 from .geometry import ConvGeometry, InputLayout
@@ -88,6 +89,20 @@ def _largest_divisor(n: int, limit: int) -> int:
 # Independent accumulator chains a linear layer's tile keeps in flight (``default_tile``): an
 # FMA's latency (4 cycles) times the FMAs a cycle (2) on the CPUs we measured.
 LINEAR_CHAINS = 8
+
+
+def linear_group(ell_shape) -> int:
+    """Rows of a CSR linear table stored interleaved, slot by slot (``formats.interleave_rows``,
+    read through ``lowering.interleaved_table``): as many as the default tile runs
+    (``default_tile``), so a tile reads its weights and its offsets as one stream each instead of
+    one per row. Only where a row's values span less than a page: the hardware prefetchers follow
+    a stream within a page, so short rows restart them row after row (cold weights 1.3-1.5x
+    faster interleaved), while long rows stream well as they are (0.93-0.97x interleaved). Images
+    in the lanes (a tile of one row) keep the rows as they are."""
+    n_kb, width, bo, bi = ell_shape
+    if (bo, bi) != (1, 1) or width * 4 >= mmap.PAGESIZE:
+        return 1
+    return _largest_divisor(n_kb, LINEAR_CHAINS)
 
 
 def default_tile(spec: KernelSpec) -> tuple[int, int, int]:

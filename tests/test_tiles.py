@@ -1,13 +1,15 @@
 """tiles: the sparse kernel's policies on a CPU description (vector width, flattening, the
 default register tile, band heights, chunk sizes), each checked on known shapes and caches, and
 the kernels they pick checked against PyTorch."""
+import mmap
+
 import numpy as np
 import pytest
 import tvm
 
 import fscnn_tvm
 from fscnn_tvm import ops, tiles
-from fscnn_tvm.formats import round_up, to_csr
+from fscnn_tvm.formats import interleave_rows, round_up, to_csr
 from fscnn_tvm.geometry import ConvGeometry, InputLayout
 from fscnn_tvm.target import Caches
 from test_ops import _uneven_rows, assert_matches, host_avx2, rng, sparse_weight, torch_conv  # noqa: F401 - rng: fixture
@@ -202,3 +204,36 @@ def test_a_linear_tile_of_rows_from_empty_to_dense_matches(rng, fmt, block):
     layer_ = fscnn_tvm.SparseLayer("linear", w, x.shape, b, fmt=fmt, block=block, activation="relu")
     assert tiles.default_tile(layer_.spec)[0] > 1
     assert_matches(layer_(x), torch_linear(x, w, b, "relu"))
+
+
+
+@pytest.mark.parametrize("ell_shape,group", [
+    ((4096, 420, 1, 1), 8), ((1000, 210, 1, 1), 8), ((998, 300, 1, 1), 2), ((997, 300, 1, 1), 1),
+    ((4096, 2520, 1, 1), 1),  # a row of values spanning more than a page (4 KiB) streams as it is
+    ((512, 100, 8, 1), 1)])   # BSR: a tile of blocks keeps its rows
+def test_linear_group_interleaves_short_csr_rows_by_the_tile(ell_shape, group):
+    assert tiles.linear_group(ell_shape) == (group if mmap.PAGESIZE >= 4096 else 1)
+
+
+def test_interleave_rows_stores_each_group_slot_by_slot():
+    table = np.arange(4 * 3).reshape(4, 3)  # rows [0 1 2] [3 4 5] [6 7 8] [9 10 11]
+    np.testing.assert_array_equal(interleave_rows(table, 2), [[0, 3, 1], [4, 2, 5], [6, 9, 7], [10, 8, 11]])
+    with pytest.raises(ValueError, match="does not divide"):
+        interleave_rows(table, 3)
+
+
+@pytest.mark.parametrize("out_features,in_features,batch,interleaved", [
+    (1000, 900, 1, True), (998, 300, 1, True), (997, 300, 1, False), (64, 300, 2, False),  # (images in lanes)
+    (64, 2048, 1, False)])  # (a dense row: 8 KiB)
+def test_a_linear_table_stored_interleaved_computes_the_linear(rng, out_features, in_features, batch, interleaved):
+    """The kernel gets each group of linear_group table rows slot by slot (images in the lanes: the
+    table as it is), and reading it so matches PyTorch."""
+    from test_ops import torch_linear
+    w = _uneven_rows(rng, (out_features, in_features))
+    x = rng.standard_normal((batch, in_features)).astype(np.float32)
+    layer_ = fscnn_tvm.SparseLayer("linear", w, x.shape)
+    group = 1 if layer_.spec.batch_in_lanes else tiles.linear_group(layer_.spec.ell_shape)
+    assert (group > 1) == (interleaved and mmap.PAGESIZE >= 4096)
+    ell = layer_.sparse.ell(ops.ELL_WIDTH_MULTIPLE)
+    np.testing.assert_array_equal(layer_.arrays[0], interleave_rows(ell.data, group))
+    assert_matches(layer_(x), torch_linear(x, w))
