@@ -11,7 +11,7 @@ import numpy as np
 import tvm
 
 from . import chunks
-from .emit import is_depthwise, pointwise, runs_dense_kernel
+from .emit import fusable_pool, is_depthwise, pointwise, runs_dense_kernel
 
 FUSED_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.clip": "relu6"}  # clip: only clip(x, 0, 6)
 
@@ -37,6 +37,9 @@ class Chain:
     fused: list = field(default_factory=list)
     # A tensor of the output's shape added before the activation (a residual): read in the epilogue.
     residual: object = None
+    # A max pool after the rest (its call; ``emit.fusable_pool`` says it is one our dense kernel
+    # can fuse): that kernel pools in its task buffers, any other emits the pool after it.
+    pool: object = None
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain
 
@@ -139,6 +142,12 @@ def _extend(chain: Chain, graph: _Graph, taken=frozenset()):
         elif name in FUSED_ACTIVATIONS and chain.activation is None and (name != "relax.clip" or _is_relu6(value)):
             chain.activation = FUSED_ACTIVATIONS[name]
             chain.fused.append(chain.activation)
+        elif name == "relax.nn.max_pool2d" and chain.kind == "conv2d" and fusable_pool(value) is not None:
+            chain.pool = value
+            chain.fused.append("max_pool2d")
+            chain.skip.add(chain.last_var)
+            chain.last_var = user
+            return
         else:
             return
         chain.skip.add(chain.last_var)

@@ -38,6 +38,22 @@ from .target import Caches, caches, vector_lanes, vector_registers
 
 
 @dataclass(frozen=True)
+class FusedPool:
+    """A max pool run on the conv's output inside the conv's kernel (``convpool``)."""
+    kernel: int
+    stride: int
+    padding: int
+    rows: int  # the conv's output rows and columns, which the pool reads
+    cols: int
+    band: int  # pool rows per task
+
+    @property
+    def out_hw(self):
+        k, s, p = self.kernel, self.stride, self.padding
+        return (self.rows + 2 * p - k) // s + 1, (self.cols + 2 * p - k) // s + 1
+
+
+@dataclass(frozen=True)
 class DenseConvSpec:
     """The shape facts a compiled dense conv kernel is specialised on, and its register tile."""
     geo: ConvGeometry
@@ -62,6 +78,9 @@ class DenseConvSpec:
     # Input channels summed in this many ranges (``splitk``): the output holds each part's sums
     # (``out_shape``), with no bias, activation or residual.
     parts: int = 1
+    # A max pool after the conv, fused (``convpool``): ``geo`` then also computes the conv rows
+    # the pool's padding reads (above and below), which the kernel masks.
+    pool: FusedPool | None = None
     kind: str = "dense_conv2d"
 
     @property
@@ -75,6 +94,8 @@ class DenseConvSpec:
         """The kernel's output shape (flat_rows: one row per task, its rows end to end; with
         parts, the parts' partial outputs: (N, parts, K, rows, columns))."""
         g = self.geo
+        if self.pool:
+            return (g.batch, g.out_channels) + self.pool.out_hw
         if self.parts > 1:
             return (g.batch, self.parts) + tuple(g.out_shape[1:])
         if self.flat_rows:
@@ -84,7 +105,7 @@ class DenseConvSpec:
     @property
     def layer_out_shape(self):
         """The layer's output shape: ``out_shape`` with a flattened image (or tasks' rows) unflattened."""
-        if self.parts > 1:
+        if self.parts > 1 or self.pool:
             return self.out_shape
         if self.flat_hw:
             return self.out_shape[:2] + tuple(self.flat_hw)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from . import dense, depthwise, kernels, ops, pick
+from . import convpool, dense, depthwise, kernels, ops, pick
 from . import formats as F
 from .chunks import reshape_source
 from .geometry import DYNAMIC, with_batch
@@ -292,11 +292,47 @@ def grouped_kernel(chain, target, measure: bool) -> tuple[str, str]:
         ("tvm", f"TVM's grouped conv (faster here: {times})")
 
 
+def fusable_pool(call) -> tuple | None:
+    """(kernel, stride, padding) of a max pool our dense conv kernel can run fused
+    (``convpool``): NCHW, square, the same padding on every side, no dilation, no ceil mode."""
+    a = call.attrs
+    size, strides, pad, dilation = ([int(v) for v in getattr(a, f)] for f in ("pool_size", "strides", "padding",
+                                                                              "dilation"))
+    plain = a.layout == "NCHW" and a.out_layout == "NCHW" and not bool(a.ceil_mode) and dilation == [1, 1]
+    return (size[0], strides[0], pad[0]) if plain and len(set(size)) == len(set(strides)) == len(set(pad)) == 1 \
+        else None
+
+
+def emit_pool(bb, chain, out):
+    """``out`` through the chain's max pool, where it has one (unfused: the pool as imported)."""
+    from tvm import relax
+    return out if chain.pool is None else bb.emit(relax.Call(chain.pool.op, [out], chain.pool.attrs))
+
+
+def _emit_pooled(bb, chain, target, funcs: dict, kernels_: dict, layer: str):
+    """The chain's conv and max pool as one dense kernel (``convpool``), or None where it does not
+    fuse. Not with a symbolic batch: the pool's 64-bit batch loop fused with the channels and
+    bands leaves casts in the block bindings, which the schedule refuses."""
+    from .target import caches
+    if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) \
+            or _from_depthwise(bb, chain.x) or not isinstance(chain.x.ty.shape[0], tvm.tirx.IntImm):
+        return None
+    spec, weights = dense.dense_inputs(chain.weight, static_shape(chain.x), bias_of(chain), chain.activation, target,
+                                       **kernel_conv_args(chain))
+    spec = convpool.pooled_spec(spec, *fusable_pool(chain.pool), caches(target))
+    return None if spec is None else emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
+
+
 def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped: str = "tvm", expansion=None):
     """The chain run dense, BatchNorm already folded into weight and bias: our dense conv kernel
-    (bias and activation fused) where it applies, a grouped conv on the kernel ``grouped``
-    names (see ``grouped_kernel``), else dense Relax ops. ``expansion``: the chain of a
-    pointwise conv computed inside this depthwise conv's kernel (``fused_expansions``)."""
+    (bias and activation fused, and the max pool after it where it has one that fuses) where it
+    applies, a grouped conv on the kernel ``grouped`` names (see ``grouped_kernel``), else dense
+    Relax ops. ``expansion``: the chain of a pointwise conv computed inside this depthwise conv's
+    kernel (``fused_expansions``)."""
+    if chain.pool is not None:
+        pooled = _emit_pooled(bb, chain, target, funcs, kernels_, layer) if grouped == "tvm" else None
+        return pooled if pooled is not None else emit_pool(bb, chain, emit_dense(
+            bb, dataclasses.replace(chain, pool=None), target, funcs, kernels_, layer, grouped, expansion))
     x_shape = static_shape(chain.x)
     if grouped == "csr":
         spec, weights = ops.kernel_inputs("conv2d", F.grouped_to_csr(chain.weight, int(chain.head.attrs.groups)),

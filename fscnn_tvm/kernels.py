@@ -7,7 +7,7 @@ import dataclasses
 
 import tvm
 
-from . import dense, depthwise, ops, schedule
+from . import convpool, dense, depthwise, ops, schedule
 from .decisions import SampledDecisions
 from .geometry import DYNAMIC
 from .lowering import kernel_func
@@ -21,18 +21,23 @@ _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
            depthwise.DepthwiseSpec: (depthwise, depthwise.schedule_depthwise)}
 
 
+def _single(spec):
+    """(module, schedule function) of a kernel of a single structure, or None (sparse)."""
+    return (convpool, convpool.schedule_pooled) if getattr(spec, "pool", None) else _SINGLE.get(type(spec))
+
+
 def prim_func(spec) -> tvm.tirx.PrimFunc:
-    return _SINGLE.get(type(spec), (ops,))[0].prim_func(spec)
+    return (_single(spec) or (ops,))[0].prim_func(spec)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec) -> tvm.s_tir.Schedule:
-    return _SINGLE.get(type(spec), (schedule,))[0].default_schedule(func, spec)
+    return (_single(spec) or (schedule,))[0].default_schedule(func, spec)
 
 
 def design_spaces(func: tvm.tirx.PrimFunc, spec) -> list:
     """One schedule with sampled decisions per structural variant of the kernel."""
-    if type(spec) in _SINGLE:
-        return [_SINGLE[type(spec)][1](func, spec, SampledDecisions())]
+    if _single(spec):
+        return [_single(spec)[1](func, spec, SampledDecisions())]
     return [schedule.schedule_sparse(func, spec, SampledDecisions(), v) for v in schedule.variants(spec)]
 
 
