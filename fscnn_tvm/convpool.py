@@ -18,6 +18,7 @@ import tvm
 from tvm import te
 
 from .decisions import FixedDecisions
+from .geometry import DYNAMIC
 from .dense import DenseConvSpec, FusedPool, _schedule_pack, dense_compute
 from .target import Caches
 
@@ -97,7 +98,9 @@ def schedule_pooled(func: tvm.tirx.PrimFunc, spec: DenseConvSpec, decide=FixedDe
     kb, kc = sch.split(c, [None, spec.oc_bn])
     band, ph_i = sch.split(ph, [None, spec.pool.band])
     sch.reorder(n, kb, band, ph_i, pw, rr, rs, kc)
-    par = sch.fuse(n, kb, band)
+    # (a symbolic batch's loop is 64-bit: fused with the others it would leave casts in the
+    # block bindings, which compute_at refuses; there each image is one parallel loop)
+    par = sch.fuse(kb, band) if spec.geo.batch == DYNAMIC else sch.fuse(n, kb, band)
     sch.compute_at(conv, par)
     *_, ow, ko = sch.get_loops(conv)
     ow_o, ow_i = sch.split(ow, [None, spec.reg_n])

@@ -311,11 +311,9 @@ def emit_pool(bb, chain, out):
 
 def _emit_pooled(bb, chain, target, funcs: dict, kernels_: dict, layer: str):
     """The chain's conv and max pool as one dense kernel (``convpool``), or None where it does not
-    fuse. Not with a symbolic batch: the pool's 64-bit batch loop fused with the channels and
-    bands leaves casts in the block bindings, which the schedule refuses."""
+    fuse."""
     from .target import caches
-    if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) \
-            or _from_depthwise(bb, chain.x) or not isinstance(chain.x.ty.shape[0], tvm.tirx.IntImm):
+    if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) or _from_depthwise(bb, chain.x):
         return None
     spec, weights = dense.dense_inputs(chain.weight, static_shape(chain.x), bias_of(chain), chain.activation, target,
                                        **kernel_conv_args(chain))

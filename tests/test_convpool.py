@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fscnn_tvm
 from fscnn_tvm import convpool, dense, kernels, prune
+from fscnn_tvm.geometry import DYNAMIC
 from fscnn_tvm.layer import _build
 from fscnn_tvm.target import Caches, resolve_target
 from test_ops import host_avx2, out_size, torch_conv
@@ -60,6 +61,18 @@ def test_pooled_conv_property(n, c, k, h, w, kh, stride, padding, pool_k, pool_s
     expected = torch_pooled(x, weight, bias, stride, padding, activation, (pool_k, pool_s, pool_p))
     assert pooled.out_shape == expected.shape
     np.testing.assert_allclose(run_pooled(pooled, arrays, x, target), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pooled_kernel_built_for_every_batch_size():
+    target = resolve_target(None)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 3, 7, 7)).astype(np.float32)
+    spec, arrays = dense.dense_inputs(weight, (1, 3, 40, 40), None, "relu", target, stride=2, padding=3)
+    spec = kernels.batched(convpool.pooled_spec(spec, 3, 2, 1, ZEN4), DYNAMIC)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 3, 40, 40)).astype(np.float32)
+        np.testing.assert_allclose(run_pooled(spec, arrays, x, target),
+                                   torch_pooled(x, weight, None, 2, 3, "relu", (3, 2, 1)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch,cache,band", [(1, ZEN4, 8), (8, ZEN4, 8), (1, XEON, 14), (8, XEON, 14)])
@@ -117,12 +130,12 @@ def test_the_importer_fuses_a_stems_max_pool_into_its_dense_kernel(ceil_mode, st
     np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_a_stem_pool_with_a_dynamic_batch_runs_after_the_kernel():
+def test_a_fused_stem_pool_with_a_dynamic_batch():
     torch.manual_seed(1)
     model = _Stem().eval()
     imported = fscnn_tvm.import_torch(model, (torch.randn(1, 3, 24, 24),), dynamic_batch=(1, 4), measure=False)
-    assert not any(getattr(k.spec, "pool", None) for k in imported.kernels.values())
-    assert "max_pool2d" in imported.mod["main"].script()
+    assert any(getattr(k.spec, "pool", None) for k in imported.kernels.values())
+    assert "max_pool2d" not in imported.mod["main"].script()
     compiled = fscnn_tvm.compile(imported)
     for batch in (1, 4):
         x = torch.randn(batch, 3, 24, 24)
