@@ -205,7 +205,7 @@ def fused_expansions(bindings, chains, lo: int, hi: int, outputs) -> dict:
         e = chains.get(chain.x)
         if lo <= position.get(var, -1) < hi and e is not None and lo <= position.get(e.last_var, -1) < hi \
                 and is_depthwise(chain) and chain.weight.shape[0] == chain.weight.shape[1] * int(chain.x.ty.shape[1]) \
-                and runs_dense_kernel(e) and pointwise(e) and e.residual is None \
+                and runs_dense_kernel(e) and pointwise(e) and e.residual is None and e.pool is None \
                 and graph.only_user(e.last_var) is not None and isinstance(e.x.ty.shape[0], tvm.tirx.IntImm):
             fused[var] = e
     return fused

@@ -141,3 +141,24 @@ def test_a_fused_stem_pool_with_a_dynamic_batch():
         x = torch.randn(batch, 3, 24, 24)
         ref = model(x).detach().numpy()
         np.testing.assert_allclose(compiled(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_pointwise_conv_pooled_before_a_depthwise_conv():
+    """A pool between the two convs the depthwise kernel could otherwise compute as one (its
+    expansion): the pointwise conv (flattened: no fused pool) and the pool run before it."""
+    class PoolBetween(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = torch.nn.Conv2d(8, 16, 1)
+            self.pool = torch.nn.MaxPool2d(2)
+            self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+        def forward(self, x):
+            return self.depthwise(self.pool(torch.relu(self.expand(x))))
+    torch.manual_seed(2)
+    model = PoolBetween().eval()
+    x = torch.randn(1, 8, 12, 12)
+    imported = fscnn_tvm.import_torch(model, (x,), sparse=False, measure=False)
+    assert imported.report[0].fused == ["bias", "relu", "max_pool2d"]
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
