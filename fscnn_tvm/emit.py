@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from . import convpool, dense, depthwise, kernels, ops, pick
+from . import convpool, dense, depthwise, kernels, ops, pick, tiles
 from . import formats as F
 from .chunks import reshape_source
 from .geometry import DYNAMIC, with_batch
@@ -65,6 +65,8 @@ def dense_reason(chain, threshold: float | None) -> str | None:
 # ----------------------------------------------------------------------------- emission
 
 def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, layer: str):
+    """The chain on our sparse kernel; its max pool in the kernel's tasks where ``tiles.with_pool``
+    allows, else after the kernel."""
     x_shape, conv_args = kernel_view(chain)
     sparse = F.to_format(chain.weight, fmt, block)
     after_depthwise = _from_depthwise(bb, chain.x)
@@ -73,10 +75,17 @@ def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, laye
         spec, weights = ops.kernel_inputs(chain.kind, F.split_columns(sparse, parts), x_shape, None, None, target,
                                           parts=parts, **conv_args)
         if follows_parts(spec):
-            return _emit_split(bb, chain, spec, weights, f"sparse_{chain.kind}", target, funcs, kernels_, layer)
+            return emit_pool(bb, chain, _emit_split(bb, chain, spec, weights, f"sparse_{chain.kind}", target, funcs,
+                                                    kernels_, layer))
     spec, weights = ops.kernel_inputs(chain.kind, sparse, x_shape, bias_of(chain), chain.activation, target,
                                       ragged_in_place=not after_depthwise, **conv_args)
-    return emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer, _subsamples(chain))
+    pooled = tiles.with_pool(spec, *fusable_pool(chain.pool)) \
+        if chain.pool is not None and chain.residual is None else None
+    if pooled is not None:
+        return emit_kernel(bb, chain, pooled, weights, f"sparse_{chain.kind}", funcs, kernels_, layer,
+                           _subsamples(chain))
+    return emit_pool(bb, chain, emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer,
+                                            _subsamples(chain)))
 
 
 def split_parts(chain, target) -> int:

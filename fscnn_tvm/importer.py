@@ -15,8 +15,8 @@ import tvm
 
 from . import chunks, pick
 from .chains import find_chains, fused_expansions
-from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_pool, emit_sparse,
-                   grouped_kernel, kernel_view, raced_convs, races_csr_when_dense, runs_dense_kernel, static_shape)
+from .emit import (bias_of, choose_format, conv_args_of, dense_reason, emit_dense, emit_sparse, grouped_kernel,
+                   kernel_view, raced_convs, races_csr_when_dense, runs_dense_kernel, static_shape)
 from .bench import table
 from .torch_export import check_float32, layer_names, export_torch
 
@@ -256,7 +256,7 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
                 reason, note = None, f"{reason}, but the CSR kernel is faster here: {sparse_ms:.3g} ms vs " \
                                      f"{dense_ms:.3g} ms dense"
     if reason is None:
-        out = emit_pool(bb, chain, emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name))
+        out = emit_sparse(bb, chain, layer_fmt, layer_block, target, funcs, kernels, name)
         label = layer_fmt + (f" {layer_block[0]}x{layer_block[1]}" if layer_block else "")
         shared = next(k.spec for k in kernels.values() if name in k.layers).ell_shape[2]
         label += f" ({shared} channels per row)" if layer_fmt == "csr" and shared > 1 else ""

@@ -23,7 +23,8 @@ _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
 
 def _single(spec):
     """(module, schedule function) of a kernel of a single structure, or None (sparse)."""
-    return (convpool, convpool.schedule_pooled) if getattr(spec, "pool", None) else _SINGLE.get(type(spec))
+    pooled = isinstance(spec, dense.DenseConvSpec) and spec.pool
+    return (convpool, convpool.schedule_pooled) if pooled else _SINGLE.get(type(spec))
 
 
 def prim_func(spec) -> tvm.tirx.PrimFunc:
@@ -52,9 +53,12 @@ def batched(spec, batch):
 def tuned_as(spec):
     """The spec a kernel is tuned and its records looked up as: a dynamic-batch kernel as its
     batch-1 twin (the schedules never split the batch loop), a kernel that adds a residual as
-    its twin without (the epilogue's loops are the same): the twin's trace replays on it."""
+    its twin without (the epilogue's loops are the same), a sparse kernel with a pool after its
+    epilogue as its twin without: the twin's trace replays on it."""
     batch = spec.batch if isinstance(spec, ops.KernelSpec) else spec.geo.batch
     spec = batched(spec, 1) if batch == DYNAMIC else spec
+    if isinstance(spec, ops.KernelSpec) and spec.pool:  # (``records.best_schedule`` then places the pool)
+        spec = dataclasses.replace(spec, pool=0)
     return dataclasses.replace(spec, residual=False) if getattr(spec, "residual", False) else spec
 
 

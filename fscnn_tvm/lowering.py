@@ -18,8 +18,8 @@ from .tirwalk import at_lane, block_with, for_with, rebuild, visit
 
 
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
-    """The scheduled kernel as it runs: the epilogue stores table channel k to output channel
-    ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
+    """The scheduled kernel as it runs: the epilogue (or the pool after it) stores table channel k
+    to output channel ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
     its register tile (``w_length``), so a tile of short rows skips the table's padding (a
     chunked kernel's: exactly its row's slots on the chunk, by mask where a row holds several
     channels). A vector that is part inside the row is stored with a masked store where
@@ -35,8 +35,12 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
     permuted, scratch, masked = [], [], []
     interleave = int(func.attrs[INTERLEAVE_ATTR]) if func.attrs is not None and INTERLEAVE_ATTR in func.attrs else None
 
+    # The block whose stores take the permutation: the epilogue's, or the pool's after it (the
+    # epilogue then writes the pool's task buffer in table order).
+    final = "pool" if any(isinstance(n, SBlock) and n.name_hint == "pool" for n in visit(func.body, [])) else "out"
+
     def post(node):
-        if isinstance(node, SBlock) and node.name_hint == "out":
+        if isinstance(node, SBlock) and node.name_hint == final:
             store = node.body
             if not isinstance(store, tirx.BufferStore):
                 raise NotImplementedError(f"lower_sparse: the epilogue block holds a {type(store).__name__}, "
@@ -72,7 +76,8 @@ def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.ti
                                       f"found {len(rows)}")
     body = rebuild(body, post)
     if len(permuted) != 1:
-        raise NotImplementedError(f"lower_sparse: expected one epilogue block 'out', found {len(permuted)}")
+        raise NotImplementedError(f"lower_sparse: expected one epilogue block {final!r} (whose stores it permutes), "
+                                  f"found {len(permuted)}")
     if scratch:  # the root block allocates the scratch vector
         from tvm.s_tir.stmt import SBlockRealize
         root = body.block

@@ -20,6 +20,7 @@ says *how*; ``lowering`` rewrites the scheduled TIR.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,6 +196,9 @@ class KernelSpec:
     # The input laid out in interleaved rows (``InputLayout.interleave``, ``tiles.interleaves``):
     # every window load aligned; the epilogue gathers each output row's columns back in order.
     interleaved: bool = False
+    # A max pool of this window and stride (no padding) after the epilogue, in the task that
+    # writes its rows (``tiles.with_pool``); 0: none.
+    pool: int = 0
 
     @property
     def layout(self) -> InputLayout:
@@ -229,7 +233,10 @@ class KernelSpec:
 
     @property
     def out_shape(self):
-        """The kernel's output shape (a flattened conv's is (N, K, 1, H*W))."""
+        """The kernel's output shape (a flattened conv's is (N, K, 1, H*W); pooled, the pool's)."""
+        if self.pool:
+            n, k, h, w = self.geo.out_shape
+            return n, k, h // self.pool, w // self.pool
         return self.geo.out_shape if self.kind == "conv2d" else (self.batch, self.out_features)
 
     @property
@@ -290,7 +297,12 @@ def sparse_compute(spec: KernelSpec) -> list[te.Tensor]:
             acc = sparse_accumulate_compute(x, w_data, w_offset, (1, 1), 0)
     residual = te.placeholder(with_batch(spec.out_shape, batch), "float32", name="residual") \
         if spec.residual else None
-    out = epilogue_compute(acc, with_batch(spec.out_shape, batch), bias, spec.activation, residual, w_perm)
+    out = epilogue_compute(acc, with_batch(spec.geo.out_shape if spec.pool else spec.out_shape, batch), bias,
+                           spec.activation, residual, w_perm)
+    if spec.pool:  # (in table order, as ``out``: ``lower_sparse`` permutes the pool's stores instead)
+        p = spec.pool
+        out = te.compute(with_batch(spec.out_shape, batch), lambda n, k, h, w: functools.reduce(
+            te.max, [out[n, k, h * p + i, w * p + j] for i in range(p) for j in range(p)]), name="pool")
     return [x, w_data, w_offset, w_length, w_perm] + [t for t in (w_span, bias, residual) if t is not None] + [out]
 
 

@@ -23,6 +23,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import kernels
 from .ops import KernelSpec
+from .schedule import schedule_pool
 from .target import caches, mcpu_lanes
 from .tuning_log import RECORDS, WORKLOADS, copy_records, load_lines, open_database
 
@@ -113,6 +114,11 @@ def best_schedule(spec, db=None):
         return kernels.default_schedule(func, spec), False
     sch = tvm.s_tir.Schedule(func)
     trace.apply_to_schedule(sch, remove_postproc=False)
+    if getattr(spec, "pool", 0) and isinstance(spec, KernelSpec):
+        try:  # the pool into the record's tasks, where they write whole windows' rows
+            schedule_pool(sch, spec)
+        except (ValueError, tvm.s_tir.ScheduleError):
+            return kernels.default_schedule(func, spec), False
     return sch, True
 
 

@@ -186,8 +186,26 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
         sch.unroll(loop)
     sch.vectorize(i_v)
     _vectorize_epilogue(sch, sch.get_loops(out)[-1], spec)
+    if spec.pool:
+        schedule_pool(sch, spec)
     _schedule_layout(sch, spec)
     return sch
+
+
+def schedule_pool(sch, spec: KernelSpec):
+    """The max pool after a chunked kernel's epilogue (``KernelSpec.pool``) in the parallel task
+    that writes its rows, so it reads them from the task's buffer; its rows in vectors. A
+    ValueError where the tasks' rows are not whole windows' (TVM would place the pool anyway,
+    each task pooling what the tasks before it wrote: a race between the threads)."""
+    loops = sch.get_loops(sch.get_sblock("out"))
+    at = next(i for i, loop in enumerate(loops) if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL)
+    par, rows = loops[at], sch.get(loops[at + 3]).extent  # (the epilogue's image, channel, row loops)
+    if not isinstance(rows, tvm.tirx.IntImm) or int(rows) % spec.pool:
+        raise ValueError(f"a task of this schedule writes {rows} rows: not whole {spec.pool}-row pool windows")
+    pool = sch.get_sblock("pool")
+    sch.reverse_compute_at(pool, par, preserve_unit_loops=True)
+    _, lanes = sch.split(sch.get_loops(pool)[-1], [None, spec.lanes])
+    sch.vectorize(lanes)
 
 
 def _vectorize_epilogue(sch, column, spec: KernelSpec):

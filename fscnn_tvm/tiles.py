@@ -248,6 +248,19 @@ def chunking(spec: KernelSpec, mean_row: float) -> int | None:
     return max(fits, default=None)
 
 
+def with_pool(spec: KernelSpec, window: int, stride: int, padding: int):
+    """``spec`` with a max pool after its epilogue (``KernelSpec.pool``), or None where the kernel
+    cannot run it in the tasks that write the pool's rows: a pool whose windows tile the map (window
+    = stride, no padding; VGG's), after a chunked kernel whose tasks' rows (a band, or a tile's
+    rows) divide by the stride, without a residual."""
+    rows = spec.band_rows or (chunk_tile(spec)[0] if spec.chunk_channels else 0)
+    if not (spec.kind == "conv2d" and spec.chunk_channels and not spec.residual and not spec.flat_hw
+            and window == stride >= 2 and padding == 0 and rows % stride == 0
+            and spec.geo.out_height % stride == 0 and spec.geo.out_width >= stride):
+        return None
+    return dataclasses.replace(spec, pool=stride)
+
+
 def shared_channels(spec: KernelSpec, sharing) -> int:
     """Channels per table row for a CSR conv (used where that table's kernel runs chunked): 1,
     or 2 for a pointwise conv, or 3 for a conv whose channels share input columns often enough

@@ -427,3 +427,19 @@ def test_a_ragged_pointwise_conv_reads_in_place_unless_our_depthwise_kernel_wrot
         [spec] = [k.spec for k in imported.kernels.values() if isinstance(k.spec, ops.KernelSpec)]
         assert spec.masked_row == in_place
         assert not in_place or spec.flat_hw == (14, 14)
+
+
+def test_a_sparse_convs_pool_runs_in_its_chunked_kernel():
+    """VGG's conv, ReLU, 2x2 max pool: the pool in the sparse kernel's tasks where it runs chunked
+    (``tiles.with_pool``), after it otherwise (the small second conv), both matching PyTorch."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(32, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)).eval()
+    torch.manual_seed(3)
+    prune.prune_magnitude(model, 0.9, keep_first_conv_dense=False)
+    x = torch.randn(1, 32, 64, 64)
+    imported = fscnn_tvm.import_torch(model, (x,), measure=False)
+    pools = [getattr(k.spec, "pool", 0) for k in imported.kernels.values()]
+    assert pools == [2, 0] and [r.fused for r in imported.report] == [["bias", "relu", "max_pool2d"]] * 2
+    assert imported.mod["main"].script().count("max_pool2d") == 1
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(fscnn_tvm.compile(imported)(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

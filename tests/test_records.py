@@ -203,3 +203,34 @@ def test_every_sparse_kernel_of_a_shipped_sets_model_has_a_record(shipped, monke
     args = build_parser().parse_args(["schedules", *shipped.tuned_on.split(), "--no-measure"])
     _, sparse, missing = shipped_coverage(args, tvm.target.Target(json.loads(shipped.target)))
     assert sparse and not missing, f"{len(missing)} of {len(sparse)} sparse kernels have no record: {missing}"
+
+
+def test_a_sparse_kernel_with_a_pool_replays_its_twins_record_and_places_the_pool():
+    """A record of the kernel without the pool replays on the pooled kernel, the pool then moved
+    into the record's tasks; where those tasks' rows do not hold whole windows (1 or 3 rows a
+    task), the default schedule (which pools in its tasks) runs instead."""
+    from fscnn_tvm import tiles
+    target = resolve_target(None)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    ref = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), padding=1)), 2).numpy()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: 4)
+        spec, arrays = ops.kernel_inputs("conv2d", formats.to_csr(w), x.shape, None, "relu", target, padding=1)
+    pooled = tiles.with_pool(spec, 2, 2, 0)
+    assert kernels.tuned_as(pooled) == spec
+    for rows in (4, 1, 3):  # the record's tile rows (a task's rows; 3: a partial last task)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(schedule, "chunk_tile", lambda s: (rows, tiles.chunk_tile(s)[1]))
+            trace = schedule.schedule_sparse(ops.prim_func(spec), spec).trace
+        db = ms.database.MemoryDatabase()
+        workload = db.commit_workload(tvm.IRModule({"main": kernels.prim_func(spec)}))
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1e-3], target))
+        sch, tuned = records.best_schedule(pooled, db)
+        assert tuned == (rows % 2 == 0)
+        out = tvm.runtime.empty(pooled.out_shape, "float32")
+        _build(sch, target)(*[tvm.runtime.tensor(a) for a in [x, *arrays]], out)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)

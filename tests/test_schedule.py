@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as TF
 import tvm
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -141,3 +143,33 @@ def test_default_variant_keeps_pixel_tiles_outermost_only_where_the_input_exceed
     spec = dataclasses.replace(spec, l2_bytes=512 << 10)
     assert schedule.default_variant(spec) == variant
 
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(1, 2**30), chunk=st.sampled_from([1, 2, 6]), band=st.booleans(), shared=st.integers(1, 3),
+       interleaved=st.booleans())
+def test_a_pool_in_the_chunked_kernels_tasks_matches_pytorch(seed, chunk, band, shared, interleaved):
+    """VGG's 2x2 max pool after a chunked kernel (``tiles.with_pool``), in the task that writes
+    its rows: channels permuted, rows of every length, interleaved rows or not, the pool's columns
+    in vectors with a partial last one."""
+    rng = np.random.default_rng(seed)
+    w, b = _uneven_rows(rng, (22, 6, 3, 3)), rng.standard_normal(22).astype(np.float32)
+    x = rng.standard_normal((2, 6, 24, 26)).astype(np.float32)
+    target = fscnn_tvm.resolve_target(None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "chunking", lambda spec, mean_row: chunk)
+        patch.setattr(ops, "shared_channels", lambda spec, sharing: shared)
+        patch.setattr(ops, "interleaves", lambda *a: interleaved)
+        patch.setattr(tiles, "chunk_tile", lambda spec: (4, tiles._largest_divisor(spec.padded_width // spec.lanes, 8)))
+        patch.setattr(schedule, "chunk_tile", tiles.chunk_tile)
+        if band:
+            patch.setattr(ops, "band_rows_for", lambda layout, cache, *_: 4)
+        spec, arrays = ops.kernel_inputs("conv2d", to_csr(w), x.shape, b, None, target, padding=1)
+        spec = tiles.with_pool(spec, 2, 2, 0)
+        assert spec is not None and spec.out_shape == (2, 22, 12, 13)
+        sch = schedule.schedule_sparse(ops.prim_func(spec), spec)
+        out = tvm.runtime.empty(spec.out_shape, "float32")
+        layer._build(sch, target)(*[tvm.runtime.tensor(a) for a in [x, *arrays]], out)
+    event(f"band: {spec.band_rows}, interleaved: {spec.interleaved}")
+    expected = TF.max_pool2d(torch.as_tensor(torch_conv(x, w, b, padding=1)), 2).numpy()
+    assert_matches(out.numpy(), expected)

@@ -1,6 +1,7 @@
 """tiles: the sparse kernel's policies on a CPU description (vector width, flattening, the
 default register tile, band heights, chunk sizes), each checked on known shapes and caches, and
 the kernels they pick checked against PyTorch."""
+import dataclasses
 import mmap
 
 import numpy as np
@@ -237,3 +238,22 @@ def test_a_linear_table_stored_interleaved_computes_the_linear(rng, out_features
     ell = layer_.sparse.ell(ops.ELL_WIDTH_MULTIPLE)
     np.testing.assert_array_equal(layer_.arrays[0], interleave_rows(ell.data, group))
     assert_matches(layer_(x), torch_linear(x, w))
+
+
+def test_with_pool_takes_vgg_pools_after_chunked_kernels_whose_tasks_write_whole_windows():
+    target = fscnn_tvm.resolve_target(None)
+    rng = np.random.default_rng(3)
+
+    def spec(c, size, **patches):
+        w = sparse_weight(rng, (c, c, 3, 3), 0.9)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in patches.items():
+                patch.setattr(ops, name, value)
+            return ops.kernel_inputs("conv2d", to_csr(w), (1, c, size, size), None, "relu", target, padding=1)[0]
+    chunked = spec(64, 56, chunking=lambda s, m: 8)
+    assert chunked.chunk_channels and tiles.with_pool(chunked, 2, 2, 0).out_shape == (1, 64, 28, 28)
+    assert tiles.with_pool(chunked, 3, 2, 1) is None and tiles.with_pool(chunked, 2, 1, 0) is None  # overlapping
+    assert tiles.with_pool(spec(64, 56, chunking=lambda s, m: None), 2, 2, 0) is None  # unchunked
+    assert tiles.with_pool(dataclasses.replace(chunked, residual=True), 2, 2, 0) is None
+    odd = spec(64, 21, chunking=lambda s, m: 8)  # 21 rows: no tile or band of even rows
+    assert odd.chunk_channels and tiles.with_pool(odd, 2, 2, 0) is None
