@@ -194,17 +194,21 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
 
 def schedule_pool(sch, spec: KernelSpec):
     """The max pool after a chunked kernel's epilogue (``KernelSpec.pool``) in the parallel task
-    that writes its rows, so it reads them from the task's buffer; its rows in vectors. A
-    ValueError where the tasks' rows are not whole windows' (TVM would place the pool anyway,
-    each task pooling what the tasks before it wrote: a race between the threads)."""
+    that writes its rows, so it reads them from the task's buffer; its rows in vectors. Where a
+    task's rows are not whole windows (a tuned record's tile rows), the pool runs after the kernel
+    in a parallel loop of its own over the channels (TVM would place it in the tasks anyway, each
+    pooling what the tasks before it wrote: a race between the threads)."""
     loops = sch.get_loops(sch.get_sblock("out"))
     at = next(i for i, loop in enumerate(loops) if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL)
-    par, rows = loops[at], sch.get(loops[at + 3]).extent  # (the epilogue's image, channel, row loops)
-    if not isinstance(rows, tvm.tirx.IntImm) or int(rows) % spec.pool:
-        raise ValueError(f"a task of this schedule writes {rows} rows: not whole {spec.pool}-row pool windows")
+    rows = sch.get(loops[at + 3]).extent  # (the epilogue's loops in a task: image, channels, rows, columns)
     pool = sch.get_sblock("pool")
-    sch.reverse_compute_at(pool, par, preserve_unit_loops=True)
-    _, lanes = sch.split(sch.get_loops(pool)[-1], [None, spec.lanes])
+    if isinstance(rows, tvm.tirx.IntImm) and int(rows) % spec.pool == 0:
+        sch.reverse_compute_at(pool, loops[at], preserve_unit_loops=True)
+        columns = sch.get_loops(pool)[-1]
+    else:
+        _, channels, _, columns = sch.get_loops(pool)
+        sch.parallel(channels)
+    _, lanes = sch.split(columns, [None, spec.lanes])
     sch.vectorize(lanes)
 
 

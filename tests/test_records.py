@@ -207,8 +207,8 @@ def test_every_sparse_kernel_of_a_shipped_sets_model_has_a_record(shipped, monke
 
 def test_a_sparse_kernel_with_a_pool_replays_its_twins_record_and_places_the_pool():
     """A record of the kernel without the pool replays on the pooled kernel, the pool then moved
-    into the record's tasks; where those tasks' rows do not hold whole windows (1 or 3 rows a
-    task), the default schedule (which pools in its tasks) runs instead."""
+    into the record's tasks, or where those tasks' rows do not hold whole windows (1 or 3 rows a
+    task) run after the kernel in a parallel loop of its own."""
     from fscnn_tvm import tiles
     target = resolve_target(None)
     rng = np.random.default_rng(4)
@@ -230,7 +230,13 @@ def test_a_sparse_kernel_with_a_pool_replays_its_twins_record_and_places_the_poo
         workload = db.commit_workload(tvm.IRModule({"main": kernels.prim_func(spec)}))
         db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1e-3], target))
         sch, tuned = records.best_schedule(pooled, db)
-        assert tuned == (rows % 2 == 0)
+        assert tuned
+
+        def parallel_loops(s):
+            return kernels.lower(s, target).script().count("T.parallel")
+        twin = tvm.s_tir.Schedule(kernels.prim_func(spec))
+        trace.apply_to_schedule(twin, remove_postproc=False)
+        assert parallel_loops(sch) == parallel_loops(twin) + (rows % 2)  # (odd rows: the pool's own loop)
         out = tvm.runtime.empty(pooled.out_shape, "float32")
         _build(sch, target)(*[tvm.runtime.tensor(a) for a in [x, *arrays]], out)
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
