@@ -37,8 +37,9 @@ class Chain:
     fused: list = field(default_factory=list)
     # A tensor of the output's shape added before the activation (a residual): read in the epilogue.
     residual: object = None
-    # A max pool after the rest (its call; ``emit.fusable_pool`` says it is one our dense kernel
-    # can fuse): that kernel pools in its task buffers, any other emits the pool after it.
+    # A max pool after the rest (its call; ``emit.fusable_pool`` says it is one our kernels may
+    # fuse): the dense kernel (``convpool``) or a chunked sparse one (``tiles.with_pool``) pools in
+    # its tasks, any other kernel gets the pool after it.
     pool: object = None
     last_var: object = None  # the var the whole chain's result is bound to
     skip: set = field(default_factory=set)  # bindings absorbed into the chain

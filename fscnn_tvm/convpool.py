@@ -20,6 +20,7 @@ from tvm import te
 from .decisions import FixedDecisions
 from .geometry import DYNAMIC
 from .dense import DenseConvSpec, FusedPool, _schedule_pack, dense_compute
+from .ops import activate
 from .target import Caches
 
 
@@ -62,7 +63,6 @@ def pool_band(spec: DenseConvSpec, cache: Caches) -> int:
 def pooled_compute(spec: DenseConvSpec) -> list[te.Tensor]:
     """TE tensors (x, w_pack[, bias], out): the conv's accumulators through bias and activation
     into ``conv`` (the accumulators' blocked layout, the padding rows -inf), pooled into ``out``."""
-    from .ops import activate
     pool = spec.pool
     x, w, *rest = dense_compute(dataclasses.replace(spec, pool=None))
     acc = next(t for t in rest[-1].op.input_tensors if t.op.name == "acc")

@@ -81,11 +81,9 @@ def emit_sparse(bb, chain, fmt, block, target, funcs: dict, kernels_: dict, laye
                                       ragged_in_place=not after_depthwise, **conv_args)
     pooled = tiles.with_pool(spec, *fusable_pool(chain.pool)) \
         if chain.pool is not None and chain.residual is None else None
-    if pooled is not None:
-        return emit_kernel(bb, chain, pooled, weights, f"sparse_{chain.kind}", funcs, kernels_, layer,
-                           _subsamples(chain))
-    return emit_pool(bb, chain, emit_kernel(bb, chain, spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer,
-                                            _subsamples(chain)))
+    out = emit_kernel(bb, chain, pooled or spec, weights, f"sparse_{chain.kind}", funcs, kernels_, layer,
+                      _subsamples(chain))
+    return out if pooled is not None else emit_pool(bb, chain, out)
 
 
 def split_parts(chain, target) -> int:
@@ -302,8 +300,9 @@ def grouped_kernel(chain, target, measure: bool) -> tuple[str, str]:
 
 
 def fusable_pool(call) -> tuple | None:
-    """(kernel, stride, padding) of a max pool our dense conv kernel can run fused
-    (``convpool``): NCHW, square, the same padding on every side, no dilation, no ceil mode."""
+    """(kernel, stride, padding) of a max pool a chain may take, for our kernels to run fused
+    (``convpool``, ``tiles.with_pool``): NCHW, square, the same padding on every side, no
+    dilation, no ceil mode."""
     a = call.attrs
     size, strides, pad, dilation = ([int(v) for v in getattr(a, f)] for f in ("pool_size", "strides", "padding",
                                                                               "dilation"))

@@ -19,10 +19,10 @@ from .tirwalk import at_lane, block_with, for_with, rebuild, visit
 
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
     """The scheduled kernel as it runs: the epilogue (or the pool after it) stores table channel k
-    to output channel ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the longest row of
-    its register tile (``w_length``), so a tile of short rows skips the table's padding (a
-    chunked kernel's: exactly its row's slots on the chunk, by mask where a row holds several
-    channels). A vector that is part inside the row is stored with a masked store where
+    to output channel ``w_perm[k]``, and each nonzero loop annotated with TILE_BOUND runs to the
+    longest row of its register tile (``w_length``), so a tile of short rows skips the table's
+    padding (a chunked kernel's: exactly its row's slots on the chunk, by mask where a row holds
+    several channels). A vector that is part inside the row is stored with a masked store where
     ``masked_stores`` (cheap on AVX-512), else lane by lane. A CSR linear table is read
     interleaved (``interleaved_table``). Other functions pass through unchanged."""
     from tvm.s_tir.stmt import SBlock, SBlockRealize
@@ -304,7 +304,9 @@ def interleaved_table(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     (``formats.interleave_rows``), so row kb's slot w is at position ((kb // group) * width + w)
     * group + kb % group of the table's rows x slots. The tile's rows are unrolled, so kb // group
     and kb % group fold to constants and the two indices back into that position. Other
-    functions pass through unchanged."""
+    functions pass through unchanged. The grouping is read from the table's shape and the
+    function's blocks, not from a function attribute: an attribute would change the kernel's
+    workload, and the shipped records of linear layers would no longer match it."""
     import tvm_ffi
     from tvm.s_tir.stmt import SBlock
     tirx = tvm.tirx
