@@ -28,10 +28,12 @@ def pooled_spec(spec: DenseConvSpec, kernel: int, stride: int, padding: int, cac
     """``spec`` with a max pool (square ``kernel``, ``stride``, ``padding``) fused, or None where
     the kernel does not fuse one: its reduction blocked or in parts, a flattened image, a residual,
     a pool whose windows skip rows (stride over the window: the bands' rows would not be one
-    affine run, which TVM's schedule requires) or one PyTorch would refuse."""
+    affine run, which TVM's schedule requires), a conv of one output column (every window then
+    reads that column, and the task's loop over the tile's columns is left one column long, which
+    TVM's parallel refuses) or a pool PyTorch would refuse."""
     g = spec.geo
     if spec.cb_chunk is not None or spec.flat_hw or spec.flat_rows or spec.parts > 1 or spec.residual \
-            or spec.reg_n < 2 or g.in_channels * g.kh * g.kw < 2 \
+            or spec.reg_n < 2 or g.in_channels * g.kh * g.kw < 2 or g.out_width < 2 \
             or not (kernel >= 2 and 1 <= stride <= kernel and 0 <= padding <= kernel // 2):
         return None
     pool = FusedPool(kernel, stride, padding, g.out_height, g.out_width, 1)

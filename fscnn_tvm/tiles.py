@@ -86,8 +86,9 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-# Independent accumulator chains a linear layer's tile keeps in flight (``default_tile``): an
-# FMA's latency (4 cycles) times the FMAs a cycle (2) on the CPUs we measured.
+# Independent accumulator chains a tile keeps in flight (a linear layer's ``default_tile``, the
+# least a chunked conv's ``chunk_tile`` is cut to): an FMA's latency (4 cycles) times the FMAs a
+# cycle (2) on the CPUs we measured.
 LINEAR_CHAINS = 8
 
 
@@ -164,12 +165,24 @@ def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
     the most vectors of a row that divide it, then the most rows that divide the map, within the
     registers but two (a broadcast and a spare). A row of one channel reads each window straight
     into its FMA; a row of several channels (``MASK_CHANNELS``) holds each window in a register
-    for its channels' FMAs, beside one accumulator per channel."""
+    for its channels' FMAs, beside one accumulator per channel. Where a row takes several
+    A tile spans at most a quarter of the map's rows where that still leaves ``LINEAR_CHAINS``
+    accumulators (the FMA chains that hide an FMA's latency): on 28-wide maps with AVX-512 (2
+    vectors of 16 lanes) 14-row tiles left half the map to a task, and 7-row ones ran 1.04-1.21x
+    (Zen 4, 128->128 and 256->512 3x3 at 70 and 90 %, batch 1 and 8; more tasks from splitting
+    the channels instead gained 1.05-1.07x). Below that the tile is too small: 14-wide maps with
+    AVX2 (2 vectors of 8) at 2 rows instead of 7 ran 0.65-0.70x, and with one vector a row
+    (AVX-512) at 7 rows instead of 14 0.94-1.09x."""
     room = spec.registers - 2
     bo = spec.ell_shape[2]
     per_vector = 1 if bo == 1 else bo + 1
     vectors = _largest_divisor(spec.padded_width // spec.lanes, max(1, room // per_vector))
-    return _largest_divisor(spec.band_rows or spec.geo.out_height, max(1, room // per_vector // vectors)), vectors
+    span = spec.band_rows or spec.geo.out_height
+    rows = _largest_divisor(span, max(1, room // per_vector // vectors))
+    quarter = _largest_divisor(span, max(1, min(rows, span // 4)))
+    if not spec.band_rows and quarter * vectors >= LINEAR_CHAINS:  # (a band is a task's rows already)
+        rows = quarter
+    return rows, vectors
 
 
 def chunk_task_vectors(spec: KernelSpec) -> int:

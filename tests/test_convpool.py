@@ -56,11 +56,25 @@ def test_pooled_conv_property(n, c, k, h, w, kh, stride, padding, pool_k, pool_s
     pooled = convpool.pooled_spec(spec, pool_k, pool_s, pool_p, ZEN4)
     event(f"fused: {pooled is not None}")
     if pooled is None:
-        assert spec.cb_chunk is not None or spec.flat_hw or spec.reg_n < 2 or c * kh * kh < 2 or pool_s > pool_k
+        assert spec.cb_chunk is not None or spec.flat_hw or spec.reg_n < 2 or c * kh * kh < 2 or pool_s > pool_k \
+            or ow < 2
         return
     expected = torch_pooled(x, weight, bias, stride, padding, activation, (pool_k, pool_s, pool_p))
     assert pooled.out_shape == expected.shape
     np.testing.assert_allclose(run_pooled(pooled, arrays, x, target), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h,w,kh,stride", [(2, 2, 1, 2), (3, 3, 3, 1), (4, 2, 1, 2)])
+def test_a_conv_of_one_output_column_keeps_its_pool_apart_and_the_model_matches(h, w, kh, stride):
+    """A pool of 2 with padding 1 after a one-column conv: every window reads that column."""
+    weight = np.random.default_rng(0).standard_normal((64, 3, kh, kh)).astype(np.float32)
+    spec, _ = dense.dense_inputs(weight, (1, 3, h, w), None, None, resolve_target(None), stride=stride)
+    assert convpool.pooled_spec(spec, 2, 1, 1, ZEN4) is None
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, kh, stride), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 1, 1)).eval()
+    x = torch.randn(1, 3, h, w)
+    compiled = fscnn_tvm.compile(fscnn_tvm.import_torch(model, (x,)))
+    with torch.no_grad():
+        np.testing.assert_allclose(compiled(x), model(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_pooled_kernel_built_for_every_batch_size():

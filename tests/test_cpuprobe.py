@@ -38,3 +38,9 @@ def test_half_width_cost_is_measured_on_this_cpu_only():
 def test_choose_lanes_weighs_padding_against_what_half_width_ops_cost(width, lanes_full, lanes_half):
     assert tiles.choose_lanes(width, 16, cpuprobe.FULL_RATE) == lanes_full
     assert tiles.choose_lanes(width, 16, cpuprobe.HALF_RATE) == lanes_half
+
+
+def test_one_disturbed_probe_does_not_decide_the_rate():
+    assert cpuprobe.rate([1.02, 1.41, 0.99]) == cpuprobe.FULL_RATE
+    assert cpuprobe.rate([1.44, 1.02, 1.39]) == cpuprobe.HALF_RATE
+    assert cpuprobe.rate([1.30]) == cpuprobe.HALF_RATE

@@ -257,3 +257,22 @@ def test_with_pool_takes_vgg_pools_after_chunked_kernels_whose_tasks_write_whole
     assert tiles.with_pool(dataclasses.replace(chunked, residual=True), 2, 2, 0) is None
     odd = spec(64, 21, chunking=lambda s, m: 8)  # 21 rows: no tile or band of even rows
     assert odd.chunk_channels and tiles.with_pool(odd, 2, 2, 0) is None
+
+
+@pytest.mark.parametrize("mcpu,c,hw,band,tile", [
+    ("znver4", 128, 28, None, (7, 2)),  # a quarter of the map's rows, not the registers' 14
+    ("znver4", 512, 14, None, (14, 1)),  # 7 rows of one vector: too few accumulators
+    ("znver4", 64, 56, None, (4, 7)),  # 8-lane rows of 7 vectors: the registers bind first
+    ("znver4", 512, 28, 2, (2, 2)),  # a banded layout: the band is a task's rows already
+    ("znver3", 256, 14, None, (7, 2)),  # 16 registers: 2 rows of 2 vectors would be too few
+])
+def test_a_chunked_tile_spans_a_quarter_of_the_rows_where_enough_accumulators_remain(mcpu, c, hw, band, tile):
+    target = fscnn_tvm.resolve_target(f"llvm -mcpu={mcpu} -num-cores=2")
+    w = sparse_weight(np.random.default_rng(5), (c, c, 3, 3), 0.9)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "caches", lambda t: ZEN4)
+        patch.setattr(ops, "band_rows_for", lambda *a, **k: band)
+        patch.setattr(ops, "chunking", lambda s, m: 8)
+        patch.setattr(ops, "half_width_cost", lambda t: 1.0)  # a Zen 4's, whichever CPU runs the test
+        spec = ops.kernel_inputs("conv2d", to_csr(w), (1, c, hw, hw), None, "relu", target, padding=1)[0]
+    assert spec.band_rows == band and tiles.chunk_tile(spec) == tile
