@@ -9,7 +9,7 @@ import tvm
 
 from .decisions import TILE_BOUND, FixedDecisions
 from .ops import KernelSpec
-from .tiles import LINEAR_CHAINS, batch_lanes, chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
+from .tiles import FMA_CHAINS, batch_lanes, chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
 
 # Structural choices, one design space each (meta_schedule replays traces, so a choice that
@@ -79,8 +79,8 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
     channels, rows, vectors = default_tile(spec)
     w_o, w_i = sch.split(red_w, decide.tile(sch, red_w, 2, 4, [None, 1]))
     decide.tile_bound(sch, w_o)
-    # (a linear layer's tile spans up to LINEAR_CHAINS rows, its default among them)
-    most = max(channels, max(1, 4 // bo) if spec.kind == "conv2d" else LINEAR_CHAINS)
+    # (a linear layer's tile spans up to FMA_CHAINS rows, its default among them)
+    most = max(channels, max(1, 4 // bo) if spec.kind == "conv2d" else FMA_CHAINS)
     kb_o, kb_i = sch.split(kb, decide.tile(sch, kb, 2, most, [None, channels]))
     if folds_batch(spec):
         n, n_i = sch.split(n, decide.tile(sch, n, 2, 8, [None, 1]))

@@ -89,7 +89,7 @@ def _largest_divisor(n: int, limit: int) -> int:
 # Independent accumulator chains a tile keeps in flight (a linear layer's ``default_tile``, the
 # least a chunked conv's ``chunk_tile`` is cut to): an FMA's latency (4 cycles) times the FMAs a
 # cycle (2) on the CPUs we measured.
-LINEAR_CHAINS = 8
+FMA_CHAINS = 8
 
 
 def linear_group(ell_shape) -> int:
@@ -103,7 +103,7 @@ def linear_group(ell_shape) -> int:
     n_kb, width, bo, bi = ell_shape
     if (bo, bi) != (1, 1) or width * 4 >= mmap.PAGESIZE:
         return 1
-    return _largest_divisor(n_kb, LINEAR_CHAINS)
+    return _largest_divisor(n_kb, FMA_CHAINS)
 
 
 def default_tile(spec: KernelSpec) -> tuple[int, int, int]:
@@ -114,12 +114,12 @@ def default_tile(spec: KernelSpec) -> tuple[int, int, int]:
             return 1, 1, 1
         # Rows of the table a tile, each its own chain of FMAs: a row's nonzeros add into one
         # accumulator, each add waiting on the last, so one row a tile runs at the FMA's latency,
-        # not the loads' rate. As many rows as ``LINEAR_CHAINS``, within the registers. Measured
+        # not the loads' rate. As many rows as ``FMA_CHAINS``, within the registers. Measured
         # alone at 90 % on a Zen 4, 1 / 4 / 8 rows: CSR 25088->4096 6.26 / 3.88 / 3.08 ms,
         # 4096->4096 0.90 / 0.41 / 0.43, 2048->1000 0.088 / 0.041 / 0.043; BSR 8x1 25088->4096
         # 1.61 / 1.05 / 1.02, 4096->4096 0.127 / 0.077 / 0.075. (Images in the lanes keep one row:
         # there 2 and 4 rows ran 8x slower, 8 rows 1.18x faster, not understood.)
-        return _largest_divisor(n_kb, min(LINEAR_CHAINS, max(1, (spec.registers - 4) // -(-bo // spec.lanes)))), 1, 1
+        return _largest_divisor(n_kb, min(FMA_CHAINS, max(1, (spec.registers - 4) // -(-bo // spec.lanes)))), 1, 1
     n_vectors = spec.padded_width // spec.lanes
     if bo > 1:
         # BSR: one block row (bo channels) by up to 8 // bo vectors. Measured on VGG16 layers
@@ -165,10 +165,10 @@ def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
     the most vectors of a row that divide it, then the most rows that divide the map, within the
     registers but two (a broadcast and a spare). A row of one channel reads each window straight
     into its FMA; a row of several channels (``MASK_CHANNELS``) holds each window in a register
-    for its channels' FMAs, beside one accumulator per channel. Where a row takes several
-    A tile spans at most a quarter of the map's rows where that still leaves ``LINEAR_CHAINS``
-    accumulators (the FMA chains that hide an FMA's latency): on 28-wide maps with AVX-512 (2
-    vectors of 16 lanes) 14-row tiles left half the map to a task, and 7-row ones ran 1.04-1.21x
+    for its channels' FMAs, beside one accumulator per channel. A tile spans at most a quarter
+    of the map's rows where that still leaves ``FMA_CHAINS`` accumulators (the FMA chains that
+    hide an FMA's latency): on 28-wide maps with AVX-512 (2 vectors of 16 lanes) 14-row tiles
+    left half the map to a task, and 7-row ones ran 1.04-1.21x
     (Zen 4, 128->128 and 256->512 3x3 at 70 and 90 %, batch 1 and 8; more tasks from splitting
     the channels instead gained 1.05-1.07x). Below that the tile is too small: 14-wide maps with
     AVX2 (2 vectors of 8) at 2 rows instead of 7 ran 0.65-0.70x, and with one vector a row
@@ -180,7 +180,7 @@ def chunk_tile(spec: KernelSpec) -> tuple[int, int]:
     span = spec.band_rows or spec.geo.out_height
     rows = _largest_divisor(span, max(1, room // per_vector // vectors))
     quarter = _largest_divisor(span, max(1, min(rows, span // 4)))
-    if not spec.band_rows and quarter * vectors >= LINEAR_CHAINS:  # (a band is a task's rows already)
+    if not spec.band_rows and quarter * vectors >= FMA_CHAINS:  # (a band is a task's rows already)
         rows = quarter
     return rows, vectors
 

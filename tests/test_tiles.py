@@ -178,7 +178,7 @@ def test_a_widening_conv_read_interleaved_computes_the_conv(rng):
     (4096, "csr", None, 1), (10, "csr", None, 1), (7, "csr", None, 2), (256, "bsr", (8, 1), 1),
     (256, "bsr", (16, 1), 1), (64, "csr", None, 8)])
 def test_a_linear_tile_runs_several_rows_chains_of_fmas(rng, mcpu, registers, out_features, fmt, block, batch):
-    """A linear layer's tile holds up to LINEAR_CHAINS table rows (each a chain of dependent
+    """A linear layer's tile holds up to FMA_CHAINS table rows (each a chain of dependent
     adds), dividing the rows and within the registers; images in the lanes keep one row."""
     from fscnn_tvm.formats import to_format
     w = sparse_weight(rng, (out_features, 32), 0.5)
@@ -190,8 +190,8 @@ def test_a_linear_tile_runs_several_rows_chains_of_fmas(rng, mcpu, registers, ou
         assert (channels, rows, vectors) == (1, 1, 1)
         return
     per_row = -(-bo // spec.lanes)  # vectors a table row's accumulator takes
-    assert n_kb % channels == 0 and channels <= tiles.LINEAR_CHAINS and channels * per_row <= registers - 4
-    assert channels == max(c for c in range(1, tiles.LINEAR_CHAINS + 1)
+    assert n_kb % channels == 0 and channels <= tiles.FMA_CHAINS and channels * per_row <= registers - 4
+    assert channels == max(c for c in range(1, tiles.FMA_CHAINS + 1)
                            if n_kb % c == 0 and c * per_row <= registers - 4)
 
 
