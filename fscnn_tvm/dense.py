@@ -266,11 +266,16 @@ def dense_inputs(weight, x_shape, bias, activation, target, parts=1, **conv_args
     """The kernel's spec and its constant arrays (packed weight, padded bias) for one layer."""
     spec = make_dense_spec(tuple(x_shape), weight.shape, bias is not None, activation, target, parts=parts,
                            **conv_args)
+    return spec, dense_arrays(spec, weight, bias)
+
+
+def dense_arrays(spec: DenseConvSpec, weight, bias) -> list[np.ndarray]:
+    """The constant arrays of a layer's kernel of ``spec``: its packed weight and padded bias."""
     arrays = [pack_weight(spec, np.asarray(weight, np.float32))]
     if bias is not None:
         arrays.append(np.pad(np.asarray(bias, np.float32).reshape(-1), (0, spec.out_blocks * spec.oc_bn
                                                                          - spec.geo.out_channels)))
-    return spec, arrays
+    return arrays
 
 
 # ----------------------------------------------------------------------------- compute

@@ -323,10 +323,13 @@ def _emit_pooled(bb, chain, target, funcs: dict, kernels_: dict, layer: str):
     from .target import caches
     if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) or _from_depthwise(bb, chain.x):
         return None
-    spec, weights = dense.dense_inputs(chain.weight, static_shape(chain.x), bias_of(chain), chain.activation, target,
-                                       **kernel_conv_args(chain))
-    spec = convpool.pooled_spec(spec, *fusable_pool(chain.pool), caches(target))
-    return None if spec is None else emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer)
+    spec = dense.make_dense_spec(static_shape(chain.x), chain.weight.shape, chain.bias is not None, chain.activation,
+                                 target, **kernel_conv_args(chain))
+    pooled = convpool.pooled_spec(spec, *fusable_pool(chain.pool), caches(target))
+    if pooled is None:  # (before the weights are packed: emit_dense packs them for the unfused kernel)
+        return None
+    return emit_kernel(bb, chain, pooled, dense.dense_arrays(spec, chain.weight, bias_of(chain)), "dense_conv2d",
+                       funcs, kernels_, layer)
 
 
 def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, grouped: str = "tvm", expansion=None):
