@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from . import convpool, dense, depthwise, kernels, ops, pick, tiles
+from . import convpool, dense, depthwise, kernels, ops, pick, tiles, winograd
 from . import formats as F
 from .chunks import reshape_source
 from .geometry import DYNAMIC, with_batch
@@ -321,7 +321,8 @@ def _emit_pooled(bb, chain, target, funcs: dict, kernels_: dict, layer: str):
     """The chain's conv and max pool as one dense kernel (``convpool``), or None where it does not
     fuse."""
     from .target import caches
-    if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) or _from_depthwise(bb, chain.x):
+    if not runs_dense_kernel(chain) or chain.residual is not None or _subsamples(chain) or _from_depthwise(bb, chain.x) \
+            or _winograd(chain, target):  # (a pool after it runs apart: Winograd gains more than the fusion)
         return None
     spec = dense.make_dense_spec(static_shape(chain.x), chain.weight.shape, chain.bias is not None, chain.activation,
                                  target, **kernel_conv_args(chain))
@@ -360,6 +361,10 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         if parts > 1:
             spec, weights = dense.dense_inputs(chain.weight, view_shape, None, None, target, parts=parts, **conv_args)
             return _emit_split(bb, chain, spec, weights, "dense_conv2d", target, funcs, kernels_, layer)
+        if _winograd(chain, target):
+            spec, weights = winograd.winograd_inputs(chain.weight, view_shape, bias_of(chain), chain.activation,
+                                                     target, **conv_args)
+            return emit_kernel(bb, chain, spec, weights, "winograd_conv2d", funcs, kernels_, layer)
         spec, weights = dense.dense_inputs(chain.weight, view_shape, bias_of(chain), chain.activation, target,
                                            **conv_args)
         return emit_kernel(bb, chain, spec, weights, "dense_conv2d", funcs, kernels_, layer, _subsamples(chain))
@@ -374,6 +379,14 @@ def emit_dense(bb, chain, target, funcs: dict, kernels_: dict, layer: str, group
         out = emit_kernel(bb, chain, spec, weights, "dense_linear", funcs, kernels_, layer)
         return bb.emit(relax.op.reshape(out, (chain.x.ty.shape[0], m)))
     return relax_layer(bb, chain.x, chain.kind, chain.weight, chain.bias, chain.activation, conv_args_of(chain))
+
+
+def _winograd(chain, target) -> bool:
+    """Whether a chain our dense kernel runs runs the Winograd kernel instead (``winograd.applies``;
+    a static batch: the kernel's tiles count the images)."""
+    if not isinstance(chain.x.ty.shape[0], tvm.tirx.IntImm) or _subsamples(chain):
+        return False
+    return winograd.applies_to(static_shape(chain.x), chain.weight.shape, target, **kernel_conv_args(chain))
 
 
 def runs_dense_linear(chain) -> bool:

@@ -1,13 +1,14 @@
 """The kernels a module holds, whatever their kind: one entry point each for the unscheduled
 function, the default schedule, the tuner's design spaces and the lowering, chosen by the
-spec's type (``ops.KernelSpec`` sparse, ``dense.DenseConvSpec`` dense, ``depthwise.DepthwiseSpec``)."""
+spec's type (``ops.KernelSpec`` sparse, ``dense.DenseConvSpec`` dense, ``winograd.WinogradSpec``,
+``depthwise.DepthwiseSpec``)."""
 from __future__ import annotations
 
 import dataclasses
 
 import tvm
 
-from . import convpool, dense, depthwise, ops, schedule
+from . import convpool, dense, depthwise, ops, schedule, winograd
 from .decisions import SampledDecisions
 from .geometry import DYNAMIC
 from .lowering import kernel_func
@@ -18,6 +19,7 @@ OPAQUE = 8
 
 # Kernels of a single structure: (module with prim_func/default_schedule, its schedule function).
 _SINGLE = {dense.DenseConvSpec: (dense, dense.schedule_dense),
+           winograd.WinogradSpec: (winograd, winograd.schedule_winograd),
            depthwise.DepthwiseSpec: (depthwise, depthwise.schedule_depthwise)}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 
 from . import formats as F
-from . import dense, depthwise, kernels
+from . import dense, depthwise, kernels, winograd
 from .ops import kernel_inputs
 from .pipeline import PIPELINE
 from .records import best_schedule
@@ -89,7 +89,8 @@ class SparseLayer(KernelLayer):
 
 class DenseConvLayer(KernelLayer):
     """A conv2d layer with dense weights, for one input shape: the direct-conv kernel
-    (``dense.py``) for groups=1, the depthwise kernel (``depthwise.py``) for groups = input channels."""
+    (``dense.py``) for groups=1, or the Winograd kernel where it applies (``winograd.applies``), the
+    depthwise kernel (``depthwise.py``) for groups = input channels."""
 
     def __init__(self, weight, x_shape, bias=None, activation=None, target=None, stride=1, padding=0, dilation=1,
                  groups=1):
@@ -105,7 +106,10 @@ class DenseConvLayer(KernelLayer):
             raise ValueError(f"groups: expected a positive int, got {groups!r}")
         channels = int(x_shape[1]) if len(x_shape) == 4 else None
         conv_args = {"stride": stride, "padding": padding, "dilation": dilation}
-        if groups == 1:
+        if groups == 1 and winograd.applies_to(x_shape, weight.shape, self.target, **conv_args):
+            self.spec, self.arrays = winograd.winograd_inputs(weight, x_shape, bias, activation, self.target,
+                                                              **conv_args)
+        elif groups == 1:
             self.spec, self.arrays = dense.dense_inputs(weight, x_shape, bias, activation, self.target, **conv_args)
         elif groups == channels and weight.shape[1] == 1:
             self.spec, self.arrays = depthwise.depthwise_inputs(weight, x_shape, bias, activation, self.target,
