@@ -12,17 +12,22 @@ Three stages in one kernel, NCHW in and out:
   transformed ahead of time (``U = G g G^T``, output channels padded to whole register tiles),
   a register tile of ``pixel_tile`` tiles x ``k_vectors`` channel vectors, as the dense kernel's;
 - output transform ``A^T M A``, then bias, residual and activation on the way to NCHW.
+Each stage a parallel loop over all tiles, or, where the transformed weights are small next to
+the transformed tensors (``blocked``: VGG16's 64- and 128-channel layers on 112- and 224-pixel
+maps), one parallel loop over blocks of tile rows that runs all three stages on its block while
+its tensors are in cache.
 
 Where it applies (``applies``): measured on a Zen 4 (2 threads, b1; ``docs/performance.md``,
 "Winograd"), against our direct dense kernel: 64@56 2.0x, 256@56 2.15x, 512@28 1.73x, 128@28 1.41x,
-256@14 1.31x, 128@112 1.48x; at batch 8 128@28 1.59x, 256@14 1.51x, 512@7 1.17x, 64@56 1.10x. It
-loses where tiles are few (512@7 at batch 1: 4 tiles, 0.26x), channels few (16->32: 0.57x, a
-3-channel stem 0.13x) or the transformed tensors far outgrow the caches (64@224: 29 MB, 0.87x).
+256@14 1.31x, 128@112 1.48x; blocked 64@224 1.34-1.50x, 64->128@112 1.63x (unblocked 1.12x); at
+batch 8 128@28 1.59x, 256@14 1.51x, 512@7 1.17x, 64@56 1.10x. It loses where tiles are few (512@7
+at batch 1: 4 tiles, 0.26x) or channels few (16->32: 0.57x, a 3-channel stem 0.13x).
 fp32 error grows with the transform: ~5e-6 of the output's scale on these layers (direct: ~1e-7).
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +49,14 @@ MIN_CHANNELS = 64
 # Fewest tiles (over the batch): 14x14 at batch 1 (16 tiles) ran 1.31x the direct kernel, 7x7
 # (4 tiles) 0.26x, 7x7 at batch 8 (32) 1.17x.
 MIN_TILES = 16
-# The transformed input or product (36 x tiles x channels floats, each written once and read
-# once from memory) may be this many times the cores' L2 together: 128@112 (14 MB against 2 MB of
-# L2) ran 1.48x the direct kernel, 64@224 (29 MB) 0.87x.
+# The unblocked form's transformed input or product (36 x tiles x channels floats, each written
+# once and read once from memory) may be this many times the cores' L2 together: 128@112 (14 MB
+# against 2 MB of L2) ran 1.48x the direct kernel, 64@224 (29 MB) 0.87x.
 MAX_L2_MULTIPLE = 8
+# Tile rows a task of the blocked form carries through all three stages (at least: rounded up so
+# a block is whole rows and whole register tiles). 64@224: 1 row 1.37x the direct kernel, 2 rows
+# 1.50x, 4 rows 1.47x.
+BLOCK_ROWS = 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +75,10 @@ class WinogradSpec:
     lanes: int
     pixel_tile: int  # tiles per register tile of the product
     k_vectors: int  # output-channel vectors per register tile
+    # Tiles per task of the blocked form (``blocked``): each task transforms its block's input,
+    # multiplies it by every transformed weight and transforms its products, so the block's
+    # tensors stay in cache; None: each stage over all tiles, one after the other.
+    block_tiles: int | None = None
     residual: bool = False  # a tensor of the output's shape added before the activation
     kind: str = "winograd_conv2d"
 
@@ -81,8 +94,9 @@ class WinogradSpec:
 
     @property
     def padded_tiles(self) -> int:
-        """Tiles the product computes: whole register tiles."""
-        return -(-self.tiles // self.pixel_tile) * self.pixel_tile
+        """Tiles the product computes: whole register tiles (whole blocks in the blocked form)."""
+        step = self.block_tiles or self.pixel_tile
+        return -(-self.tiles // step) * step
 
     @property
     def transformed_tiles(self) -> int:
@@ -115,17 +129,35 @@ class WinogradSpec:
         return self.geo.out_channels
 
 
+def _shape_applies(geo: ConvGeometry) -> bool:
+    return isinstance(geo.batch, int) and (geo.kh, geo.kw, geo.stride, geo.dilation, geo.pad) == \
+        (3, 3, (1, 1), (1, 1), (1, 1, 1, 1))
+
+
+def _tiles(geo: ConvGeometry) -> int:
+    return geo.batch * -(-geo.out_height // TILE) * -(-geo.out_width // TILE)
+
+
+def blocked(geo: ConvGeometry) -> bool:
+    """Whether the kernel runs in blocks of tile rows (``WinogradSpec.block_tiles``): where the
+    transformed weights read once per block cost less traffic than the transformed input and
+    products written and read once between the stages. Measured, blocked against one stage after
+    the other: 64@224 13.0 against 19.5 ms (the direct kernel's: the unblocked form does not apply),
+    128@112 9.9 / 10.6, 128@28 0.60 / 0.69; 256@56 7.9 / 6.8, 512@28 17.3 / 8.4, 256@14 1.17 /
+    1.03 (their weights, 9-38 MB transformed, read again by every block)."""
+    blocks = -(-geo.batch * -(-geo.out_height // TILE) // BLOCK_ROWS)
+    weights = ALPHA * ALPHA * geo.in_channels * geo.out_channels
+    return weights * blocks < ALPHA * ALPHA * _tiles(geo) * (geo.in_channels + geo.out_channels)
+
+
 def applies(geo: ConvGeometry, cache: Caches) -> bool:
     """Whether a dense conv runs this kernel: 3x3, stride 1, no dilation, padding 1, a static
-    batch, at least MIN_CHANNELS channels in and out and MIN_TILES tiles, and transformed tensors
-    within MAX_L2_MULTIPLE x the cores' L2."""
-    if not isinstance(geo.batch, int) or (geo.kh, geo.kw, geo.stride, geo.dilation, geo.pad) != \
-            (3, 3, (1, 1), (1, 1), (1, 1, 1, 1)):
+    batch, at least MIN_CHANNELS channels in and out and MIN_TILES tiles, and, unless it runs
+    blocked, transformed tensors within MAX_L2_MULTIPLE x the cores' L2."""
+    if not _shape_applies(geo) or min(geo.in_channels, geo.out_channels) < MIN_CHANNELS or _tiles(geo) < MIN_TILES:
         return False
-    tiles = geo.batch * -(-geo.out_height // TILE) * -(-geo.out_width // TILE)
-    biggest = ALPHA * ALPHA * tiles * max(geo.in_channels, geo.out_channels) * 4
-    return min(geo.in_channels, geo.out_channels) >= MIN_CHANNELS and tiles >= MIN_TILES \
-        and biggest <= MAX_L2_MULTIPLE * cache.l2 * cache.cores
+    biggest = ALPHA * ALPHA * _tiles(geo) * max(geo.in_channels, geo.out_channels) * 4
+    return blocked(geo) or biggest <= MAX_L2_MULTIPLE * cache.l2 * cache.cores
 
 
 def make_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, padding=0, dilation=1) -> WinogradSpec:
@@ -137,7 +169,12 @@ def make_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, pad
     lanes, k_vectors = vector_lanes(target), 2
     # The accumulators take the registers left after the weight vectors and one broadcast.
     pixel_tile = max(1, (vector_registers(target) - k_vectors - 2) // k_vectors)
-    return WinogradSpec(geo, has_bias, activation, lanes, pixel_tile, k_vectors)
+    block_tiles = None
+    if blocked(geo):  # whole rows of tiles and whole register tiles, at least BLOCK_ROWS rows
+        tw = -(-geo.out_width // TILE)
+        unit = tw * pixel_tile // math.gcd(tw, pixel_tile)
+        block_tiles = -(-BLOCK_ROWS * tw // unit) * unit
+    return WinogradSpec(geo, has_bias, activation, lanes, pixel_tile, k_vectors, block_tiles)
 
 
 def winograd_inputs(weight, x_shape, bias, activation, target, **conv_args):
@@ -216,47 +253,75 @@ def prim_func(spec: WinogradSpec) -> tvm.tirx.PrimFunc:
 
 def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedDecisions(),
                       seed: int | None = None) -> tvm.s_tir.Schedule:
-    """Each stage a parallel loop of its own (see the module's docstring); ``decide`` is unused
-    (no knob is tuned yet: the tuner's one candidate is this schedule)."""
+    """The input padded in a parallel pass of its own; then either each stage a parallel loop
+    of its own, or (``block_tiles``) one parallel loop over blocks of tiles, each running the
+    three stages on its block; the epilogue to NCHW last. ``decide`` is unused (no knob is tuned
+    yet: the tuner's one candidate is this schedule)."""
     sch = tvm.s_tir.Schedule(func, seed=seed)
     for name in ("A", "B"):
         sch.compute_inline(sch.get_sblock(name))
-    _schedule_input(sch, spec)
-    _schedule_product(sch, spec)
-    _schedule_output(sch, spec)
+    n, c, r, _ = sch.get_loops(sch.get_sblock("x_pad"))
+    sch.parallel(sch.fuse(n, c, r))
+    y = sch.get_sblock("Y")
+    p, i, j, k, r1, r2 = sch.get_loops(y)
+    k_o, k_l = sch.split(k, [None, spec.lanes])
+    task = None
+    if spec.block_tiles:
+        task, p = sch.split(p, [None, spec.block_tiles])
+    sch.reorder(*([task] if task else []), p, k_o, r1, r2, i, j, k_l)
+    sch.parallel(task or p)
+    if task:
+        for name in ("M", "V", "rows"):  # (consumers first: each is placed where its consumer reads it)
+            sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
+    _schedule_transform(sch, spec, task)
+    _schedule_product(sch, spec, task)
+    for loop in (r1, r2, i, j):
+        sch.unroll(loop)
+    sch.vectorize(k_l)
+    init = sch.decompose_reduction(y, r1)
+    *_, i_i, i_j, i_l = sch.get_loops(init)
+    sch.unroll(i_i)
+    sch.unroll(i_j)
+    sch.vectorize(i_l)
+    n, k, _, _ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(n, k))
     return sch
 
 
-def _schedule_input(sch, spec):
-    n, c, r, q = sch.get_loops(sch.get_sblock("x_pad"))
-    sch.parallel(sch.fuse(n, c, r))
+def _schedule_transform(sch, spec, task):
+    """Per (input channel, row of tiles): rows then columns, the row's tiles in the lanes; a
+    parallel loop over them, or serial inside the block's ``task``."""
     v = sch.get_sblock("V")
-    e1, e2, c, p, rb = sch.get_loops(v)
+    *_, e1, e2, c, p, rb = sch.get_loops(v)
     row_of_tiles, tile = sch.split(p, [None, spec.tile_grid[1]])
     sch.reorder(c, row_of_tiles, e1, e2, rb, tile)
-    task = sch.fuse(c, row_of_tiles)
-    sch.parallel(task)
+    at = row_of_tiles
+    if task is None:
+        at = sch.fuse(c, row_of_tiles)
+        sch.parallel(at)
     stored = sch.cache_write(v, 0, "local")
-    sch.reverse_compute_at(stored, task, preserve_unit_loops=True)
+    sch.reverse_compute_at(stored, at, preserve_unit_loops=True)
     rows = sch.get_sblock("rows")
-    sch.compute_at(rows, task, preserve_unit_loops=True)
+    sch.compute_at(rows, at, preserve_unit_loops=True)
     sch.set_scope(rows, 0, "local")
-    _, r_e1, r_j, r_c, r_p, r_a = sch.get_loops(rows)  # (r_c: the task's one channel)
+    r_e1, r_j, r_c, r_p, r_a = sch.get_loops(rows)[-5:]  # (r_c: the one channel)
     sch.reorder(r_e1, r_j, r_c, r_a, r_p)
+    depth = len(sch.get_loops(stored)) - 4  # the loops down to ``at``
     for block in (rows, v, stored):
-        *unrolled, lanes = sch.get_loops(block)[1:]
+        *unrolled, lanes = sch.get_loops(block)[depth:]
         for loop in unrolled:
             sch.unroll(loop)
         sch.vectorize(lanes)
 
 
-def _schedule_product(sch, spec):
+def _schedule_product(sch, spec, task):
     m = sch.get_sblock("M")
-    e1, e2, p, k, rc = sch.get_loops(m)
+    *_, e1, e2, p, k, rc = sch.get_loops(m)
     p_o, p_i = sch.split(p, [None, spec.pixel_tile])
     k_o, k_v, k_l = sch.split(k, [None, spec.k_vectors, spec.lanes])
     sch.reorder(e1, e2, k_o, p_o, rc, p_i, k_v, k_l)
-    sch.parallel(sch.fuse(e1, e2, k_o))
+    if task is None:
+        sch.parallel(sch.fuse(e1, e2, k_o))
     stored = sch.cache_write(m, 0, "local")
     sch.reverse_compute_at(stored, p_o, preserve_unit_loops=True)
     sch.unroll(p_i)
@@ -272,24 +337,6 @@ def _schedule_product(sch, spec):
     sch.unroll(s_p)
     sch.unroll(s_v)
     sch.vectorize(s_l)
-
-
-def _schedule_output(sch, spec):
-    y = sch.get_sblock("Y")
-    p, i, j, k, r1, r2 = sch.get_loops(y)
-    k_o, k_l = sch.split(k, [None, spec.lanes])
-    sch.reorder(p, k_o, r1, r2, i, j, k_l)
-    sch.parallel(p)
-    for loop in (r1, r2, i, j):
-        sch.unroll(loop)
-    sch.vectorize(k_l)
-    init = sch.decompose_reduction(y, r1)
-    *_, i_i, i_j, i_l = sch.get_loops(init)
-    sch.unroll(i_i)
-    sch.unroll(i_j)
-    sch.vectorize(i_l)
-    n, k, _, _ = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(n, k))
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec: WinogradSpec) -> tvm.s_tir.Schedule:

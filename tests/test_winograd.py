@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fscnn_tvm
@@ -40,7 +40,8 @@ def run_kernel(x, weight, bias, activation, residual, target):
        activation=st.sampled_from([None, "relu", "relu6"]), seed=st.integers(0, 2**32 - 1),
        target=st.sampled_from(TARGETS))
 def test_winograd_property(n, c, k, h, w, has_bias, has_residual, activation, seed, target):
-    """Any shape: tiles past the map's edge, channels past a register tile, the batch in the tiles."""
+    """Any shape, blocked or not: tiles past the map's edge, channels past a register tile, the
+    batch in the tiles."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
@@ -49,6 +50,7 @@ def test_winograd_property(n, c, k, h, w, has_bias, has_residual, activation, se
     ref = torch_conv(x, weight, bias, 1, 1, 1, None)
     ref = ref + residual if residual is not None else ref
     ref = np.clip(ref, 0, 6 if activation == "relu6" else None) if activation else ref
+    event(f"blocked: {winograd.blocked(ConvGeometry.create(x.shape, weight.shape, 1, 1, 1))}")
     assert_matches(run_kernel(x, weight, bias, activation, residual, target), ref)
 
 
@@ -57,7 +59,7 @@ def test_winograd_property(n, c, k, h, w, has_bias, has_residual, activation, se
     ((1, 256, 14, 14), (256, 256, 3, 3), {"padding": 1}, True),  # 16 tiles
     ((1, 512, 7, 7), (512, 512, 3, 3), {"padding": 1}, False),  # 4 tiles
     ((8, 512, 7, 7), (512, 512, 3, 3), {"padding": 1}, True),  # the batch's 32
-    ((1, 64, 224, 224), (64, 64, 3, 3), {"padding": 1}, False),  # 29 MB of transformed input
+    ((1, 64, 224, 224), (64, 64, 3, 3), {"padding": 1}, True),  # blocked: 29 MB of transformed input
     ((1, 32, 56, 56), (64, 32, 3, 3), {"padding": 1}, False),  # few input channels
     ((1, 3, 224, 224), (64, 3, 3, 3), {"padding": 1}, False),  # a stem
     ((1, 64, 56, 56), (64, 64, 3, 3), {"padding": 1, "stride": 2}, False),
@@ -69,6 +71,22 @@ def test_where_it_applies(shape, weight, kwargs, expected):
     geo = ConvGeometry.create(shape, weight, kwargs.get("stride", 1), kwargs.get("padding", 0),
                               kwargs.get("dilation", 1))
     assert winograd.applies(geo, ZEN4) is expected
+
+
+@pytest.mark.parametrize("shape,weight,expected", [
+    ((1, 64, 224, 224), (64, 64, 3, 3), True),  # 0.6 MB of weights a block, 58 MB of tensors once
+    ((1, 64, 112, 112), (128, 64, 3, 3), True),
+    ((1, 64, 56, 56), (64, 64, 3, 3), False),
+    ((1, 512, 28, 28), (512, 512, 3, 3), False),  # 38 MB of weights a block
+    ((8, 128, 28, 28), (128, 128, 3, 3), False),
+])
+def test_blocks_where_weights_read_per_block_cost_less_than_the_tensors_between_stages(shape, weight, expected):
+    geo = ConvGeometry.create(shape, weight, 1, 1, 1)
+    assert winograd.blocked(geo) is expected
+    spec = winograd.make_spec(shape, weight, False, None, resolve_target(None), padding=1)
+    assert (spec.block_tiles is not None) is expected
+    if expected:  # whole rows of tiles and whole register tiles
+        assert spec.block_tiles % spec.tile_grid[1] == 0 and spec.block_tiles % spec.pixel_tile == 0
 
 
 def test_a_dense_layer_it_applies_to_runs_it_and_matches(rng):
