@@ -32,7 +32,7 @@ import tvm
 from tvm import te
 
 from .decisions import FixedDecisions
-from .geometry import ConvGeometry, batch_extent, with_batch
+from .geometry import ConvGeometry, NCHWShapes, batch_extent, with_batch
 from .ops import ACTIVATIONS, activate
 from .target import Caches, caches, vector_lanes, vector_registers
 
@@ -54,7 +54,7 @@ class FusedPool:
 
 
 @dataclass(frozen=True)
-class DenseConvSpec:
+class DenseConvSpec(NCHWShapes):
     """The shape facts a compiled dense conv kernel is specialised on, and its register tile."""
     geo: ConvGeometry
     has_bias: bool
@@ -82,12 +82,6 @@ class DenseConvSpec:
     # the pool's padding reads (above and below), which the kernel masks.
     pool: FusedPool | None = None
     kind: str = "dense_conv2d"
-
-    @property
-    def x_shape(self):
-        """The kernel's input shape (a flattened conv's is (N, C, 1, H*W))."""
-        g = self.geo
-        return (g.batch, g.in_channels, g.height, g.width)
 
     @property
     def out_shape(self):
@@ -125,10 +119,6 @@ class DenseConvSpec:
         g = self.geo
         rows, cols = self.pack_hw
         return self.ic_bn > 1 or max(g.pad) > 0 or rows > g.height or cols > g.width
-
-    @property
-    def out_features(self):
-        return self.geo.out_channels
 
     @property
     def out_blocks(self):

@@ -26,13 +26,13 @@ from tvm import te
 from . import expansion as E
 from .decisions import FixedDecisions
 from .dense import conv_epilogue
-from .geometry import ConvGeometry, batch_extent, with_batch
+from .geometry import ConvGeometry, NCHWShapes, batch_extent, with_batch
 from .ops import ACTIVATIONS
 from .target import vector_lanes, vector_registers
 
 
 @dataclass(frozen=True)
-class DepthwiseSpec:
+class DepthwiseSpec(NCHWShapes):
     """The shape facts a compiled depthwise kernel is specialised on, and its register tile."""
     geo: ConvGeometry  # out_channels = in_channels x the depth multiplier
     has_bias: bool
@@ -53,17 +53,7 @@ class DepthwiseSpec:
         g = self.geo
         if self.expansion is not None:
             return (g.batch, self.expansion.in_channels, 1, g.height * g.width)
-        return (g.batch, g.in_channels, g.height, g.width)
-
-    @property
-    def out_shape(self):
-        return self.geo.out_shape
-
-    layer_out_shape = out_shape
-
-    @property
-    def out_features(self):
-        return self.geo.out_channels
+        return super().x_shape
 
     @property
     def padded_width(self):

@@ -146,6 +146,28 @@ class ConvGeometry:
 PAGE_BYTES = 4096
 
 
+class NCHWShapes:
+    """The shapes of a kernel spec whose ``geo`` is the layer's own: NCHW input and output as the
+    geometry says (kernels that view them otherwise override these)."""
+
+    @property
+    def x_shape(self):
+        g = self.geo
+        return (g.batch, g.in_channels, g.height, g.width)
+
+    @property
+    def out_shape(self):
+        return self.geo.out_shape
+
+    @property
+    def layer_out_shape(self):
+        return self.out_shape
+
+    @property
+    def out_features(self):
+        return self.geo.out_channels
+
+
 @dataclass(frozen=True)
 class InputLayout:
     """The padded, phase-split input a sparse conv reads its windows from: per input channel

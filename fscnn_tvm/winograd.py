@@ -37,7 +37,7 @@ from tvm.topi import utils as topi_utils
 from tvm.topi.nn import winograd_util
 
 from .decisions import FixedDecisions
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, NCHWShapes
 from .ops import ACTIVATIONS, activate
 from .target import Caches, caches, vector_lanes, vector_registers
 
@@ -67,7 +67,7 @@ def matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class WinogradSpec:
+class WinogradSpec(NCHWShapes):
     """The shape facts a compiled Winograd kernel is specialised on, and its register tile."""
     geo: ConvGeometry
     has_bias: bool
@@ -112,21 +112,6 @@ class WinogradSpec:
     @property
     def u_shape(self):
         return (ALPHA, ALPHA, self.geo.in_channels, self.padded_channels)
-
-    @property
-    def x_shape(self):
-        g = self.geo
-        return (g.batch, g.in_channels, g.height, g.width)
-
-    @property
-    def out_shape(self):
-        return self.geo.out_shape
-
-    layer_out_shape = out_shape
-
-    @property
-    def out_features(self):
-        return self.geo.out_channels
 
 
 def _shape_applies(geo: ConvGeometry) -> bool:
