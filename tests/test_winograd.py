@@ -89,6 +89,12 @@ def test_blocks_where_weights_read_per_block_cost_less_than_the_tensors_between_
         assert spec.block_tiles % spec.tile_grid[1] == 0 and spec.block_tiles % spec.pixel_tile == 0
 
 
+@pytest.mark.parametrize("tiles,most,expected", [(16, 14, 8), (49, 14, 7), (196, 14, 14), (3136, 14, 14),
+                                                 (32, 14, 8), (18, 14, 9), (16, 6, 4), (49, 6, 5)])
+def test_the_register_tile_pads_the_tiles_least_then_is_widest(tiles, most, expected):
+    assert winograd._pixel_tile(tiles, most) == expected
+
+
 def test_a_dense_layer_it_applies_to_runs_it_and_matches(rng):
     x = rng.standard_normal((1, 64, 20, 20)).astype(np.float32)
     weight = rng.standard_normal((80, 64, 3, 3)).astype(np.float32)
