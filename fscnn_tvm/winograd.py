@@ -84,13 +84,11 @@ class WinogradSpec(NCHWShapes):
 
     @property
     def tile_grid(self) -> tuple[int, int]:
-        g = self.geo
-        return -(-g.out_height // TILE), -(-g.out_width // TILE)
+        return tile_grid(self.geo)
 
     @property
     def tiles(self) -> int:
-        th, tw = self.tile_grid
-        return self.geo.batch * th * tw
+        return _tiles(self.geo)
 
     @property
     def padded_tiles(self) -> int:
@@ -114,13 +112,19 @@ class WinogradSpec(NCHWShapes):
         return (ALPHA, ALPHA, self.geo.in_channels, self.padded_channels)
 
 
-def _shape_applies(geo: ConvGeometry) -> bool:
-    return isinstance(geo.batch, int) and (geo.kh, geo.kw, geo.stride, geo.dilation, geo.pad) == \
-        (3, 3, (1, 1), (1, 1), (1, 1, 1, 1))
+def _computes(geo: ConvGeometry) -> bool:
+    """Whether the kernel computes this conv at all: 3x3, stride 1, dilation 1, padding 1."""
+    return (geo.kh, geo.kw, geo.stride, geo.dilation, geo.pad) == (3, 3, (1, 1), (1, 1), (1, 1, 1, 1))
+
+
+def tile_grid(geo: ConvGeometry) -> tuple[int, int]:
+    """Rows and columns of tiles over one image's output."""
+    return -(-geo.out_height // TILE), -(-geo.out_width // TILE)
 
 
 def _tiles(geo: ConvGeometry) -> int:
-    return geo.batch * -(-geo.out_height // TILE) * -(-geo.out_width // TILE)
+    th, tw = tile_grid(geo)
+    return geo.batch * th * tw
 
 
 def blocked(geo: ConvGeometry) -> bool:
@@ -130,7 +134,7 @@ def blocked(geo: ConvGeometry) -> bool:
     the other: 64@224 13.0 against 19.5 ms (the direct kernel's: the unblocked form does not apply),
     128@112 9.9 / 10.6, 128@28 0.60 / 0.69; 256@56 7.9 / 6.8, 512@28 17.3 / 8.4, 256@14 1.17 /
     1.03 (their weights, 9-38 MB transformed, read again by every block)."""
-    blocks = -(-geo.batch * -(-geo.out_height // TILE) // BLOCK_ROWS)
+    blocks = -(-geo.batch * tile_grid(geo)[0] // BLOCK_ROWS)
     weights = ALPHA * ALPHA * geo.in_channels * geo.out_channels
     return weights * blocks < ALPHA * ALPHA * _tiles(geo) * (geo.in_channels + geo.out_channels)
 
@@ -139,7 +143,8 @@ def applies(geo: ConvGeometry, cache: Caches) -> bool:
     """Whether a dense conv runs this kernel: 3x3, stride 1, no dilation, padding 1, a static
     batch, at least MIN_CHANNELS channels in and out and MIN_TILES tiles, and, unless it runs
     blocked, transformed tensors within MAX_L2_MULTIPLE x the cores' L2."""
-    if not _shape_applies(geo) or min(geo.in_channels, geo.out_channels) < MIN_CHANNELS or _tiles(geo) < MIN_TILES:
+    if not isinstance(geo.batch, int) or not _computes(geo) or min(geo.in_channels, geo.out_channels) < MIN_CHANNELS \
+            or _tiles(geo) < MIN_TILES:
         return False
     biggest = ALPHA * ALPHA * _tiles(geo) * max(geo.in_channels, geo.out_channels) * 4
     return blocked(geo) or biggest <= MAX_L2_MULTIPLE * cache.l2 * cache.cores
@@ -149,13 +154,13 @@ def make_spec(x_shape, weight_shape, has_bias, activation, target, stride=1, pad
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} is not supported; use one of {ACTIVATIONS}")
     geo = ConvGeometry.create(x_shape, weight_shape, stride, padding, dilation)
-    if (geo.kh, geo.kw, geo.stride, geo.dilation, geo.pad) != (3, 3, (1, 1), (1, 1), (1, 1, 1, 1)):
+    if not _computes(geo):
         raise ValueError("the Winograd kernel computes 3x3 convs of stride 1, dilation 1 and padding 1 only")
     lanes, k_vectors = vector_lanes(target), 2
     pixel_tile = _pixel_tile(_tiles(geo), max(1, (vector_registers(target) - k_vectors - 2) // k_vectors))
     block_tiles = None
     if blocked(geo):  # whole rows of tiles and whole register tiles, at least BLOCK_ROWS rows
-        tw = -(-geo.out_width // TILE)
+        tw = tile_grid(geo)[1]
         unit = tw * pixel_tile // math.gcd(tw, pixel_tile)
         block_tiles = -(-BLOCK_ROWS * tw // unit) * unit
     return WinogradSpec(geo, has_bias, activation, lanes, pixel_tile, k_vectors, block_tiles)
@@ -196,7 +201,7 @@ def applies_to(x_shape, weight_shape, target, **conv_args) -> bool:
 def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
     """TE tensors (x, U[, bias][, residual], out) of the whole layer."""
     g = spec.geo
-    n_b, c_in, k_out = g.batch, g.in_channels, g.out_channels
+    n_b, c_in = g.batch, g.in_channels
     th, tw = spec.tile_grid
     padded, transformed, kp = spec.padded_tiles, spec.transformed_tiles, spec.padded_channels
     a_np, b_np, _ = matrices()
