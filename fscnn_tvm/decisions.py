@@ -15,6 +15,10 @@ MASKED_ROW_ATTR = "fscnn_masked_row"
 # accumulators hold output column j + i * interleave at position j * lanes + i of the row, and
 # ``lowering.lower_sparse`` makes the epilogue read them so.
 INTERLEAVE_ATTR = "fscnn_interleave"
+# Loop annotation (the name of a buffer holding output channels in its vector lanes): the loop
+# over a vector's channels in an epilogue that stores NCHW rows, which ``transposed`` rewrites to
+# read that buffer transposed in registers.
+TRANSPOSE_ATTR = "fscnn_transpose"
 
 
 class FixedDecisions:

@@ -15,6 +15,7 @@ from .decisions import INTERLEAVE_ATTR, MASKED_ROW_ATTR, ROW_BOUND, TILE_BOUND
 from .rowends import masked_windows, split_partial_vector
 from .tiles import linear_group
 from .tirwalk import at_lane, block_with, for_with, rebuild, visit
+from .transposed import transposed_stores
 
 
 def lower_sparse(func: tvm.tirx.PrimFunc, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
@@ -343,4 +344,4 @@ def interleaved_table(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 
 def kernel_func(sch: tvm.s_tir.Schedule, masked_stores: bool = False) -> tvm.tirx.PrimFunc:
     """A scheduled kernel, lowered to what runs."""
-    return lower_sparse(bound_rows(sch.mod["main"]), masked_stores)
+    return lower_sparse(bound_rows(transposed_stores(sch.mod["main"])), masked_stores)
