@@ -7,24 +7,30 @@ epilogue as scheduled, vectorised along the row, reading the transposed buffer. 
 instead of once per pixel from a line of its own."""
 from __future__ import annotations
 
+import random
+
 import tvm
 
 from .decisions import TRANSPOSE_ATTR
 from .tirwalk import at_lane, block_with, for_with, rebuild
 
 
+# Samples of the outer loops' values at which ``transposed_loop`` checks its lanes (``_in_order``).
+SAMPLES = 16
+
+
 def transposed_stores(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """``func`` with every loop annotated TRANSPOSE_ATTR rewritten (``transposed_loop``)."""
     import tvm_ffi
-    found = []
-    tvm_ffi.structural_map(func.body, (tvm.tirx.For, lambda n: (found.append(n) if TRANSPOSE_ATTR in n.annotations
-                                                                 else None) or n))
-    if not found:  # (other kernels pass through untouched: ``rebuild`` knows only what scheduled kernels hold)
-        return func
+    loops = []
+    tvm_ffi.structural_map(func.body, (tvm.tirx.For, lambda n: loops.append(n) or n))
+    if not any(TRANSPOSE_ATTR in n.annotations for n in loops):  # (other kernels pass through untouched:
+        return func                                               # ``rebuild`` knows only scheduled kernels)
+    extents = {n.loop_var: (int(n.min), int(n.extent)) for n in loops}
 
     def post(node):
         if isinstance(node, tvm.tirx.For) and TRANSPOSE_ATTR in node.annotations:
-            return transposed_loop(node, str(node.annotations[TRANSPOSE_ATTR]))
+            return transposed_loop(node, str(node.annotations[TRANSPOSE_ATTR]), extents)
         return None
     return func.with_body(rebuild(func.body, post))
 
@@ -47,9 +53,12 @@ def shuffle_rounds(width: int, lanes: int) -> list[list[tuple[int, int, list[int
     return [one] * (width.bit_length() - 1)
 
 
-def transposed_loop(loop, buffer_name: str):
-    """``loop`` (a vector's channels, its body a vectorised loop over ``width`` columns of one
-    ``out`` block) reading buffer ``buffer_name``, whose last index is the channel, transposed."""
+def transposed_loop(loop, buffer_name: str, extents: dict):
+    """``loop`` (a vector's channels, its body a vectorised loop over ``width`` pixels of one
+    ``out`` block) reading buffer ``buffer_name``, whose last index is the channel, transposed.
+    ``extents``: (min, extent) of every loop around it, by loop variable: the lanes' channels and
+    pixels are checked at samples of them (TVM's simplifier does not prove that a vector's pixels
+    are consecutive where it spans rows: ``(x + 15) // 12 * 12 + (x + 3) % 12``)."""
     import tvm_ffi
     from tvm.s_tir.stmt import SBlockRealize
     tirx = tvm.tirx
@@ -75,15 +84,15 @@ def transposed_loop(loop, buffer_name: str):
         values = {k: tirx.const(k_value, k.ty), t: tirx.const(t_value, t.ty)}
         return analyzer.simplify(tvm_ffi.structural_map(at(expr), (tirx.Var, lambda v: values.get(v, v))))
     *head, channel = tile.indices
-    columns = [bound for bound in realize.iter_values if any(u.same_as(t) for u in tirx.analysis.undefined_vars(bound))]
+    store = block.body
+    pixel = store.indices[0]  # (the store's offset in its buffer: a vector's pixels may span rows)
+    for extent, index in zip(store.buffer.shape[1:], store.indices[1:]):
+        pixel = pixel * extent + index
     base = index_at(channel, 0, 0)
-    # (the transposed buffer is read at the block's channel and column modulo the loops' spans)
-    if int(loop.min) or int(lanes_loop.min) or not isinstance(channel, tirx.Var) or len(columns) != 1 \
-            or not analyzer.can_prove_equal(tirx.floormod(base, lanes), 0) \
-            or not analyzer.can_prove_equal(tirx.floormod(index_at(columns[0], 0, 0), width), 0) \
-            or any(not analyzer.can_prove_equal(index_at(channel, r, c), base + r) for r in (0, lanes - 1) for c in range(width)):
-        raise NotImplementedError("transposed_stores: the buffer's last index is not a block variable that "
-                                  "the loop runs from a whole vector, the same for every column")
+    if int(loop.min) or int(lanes_loop.min) or not isinstance(channel, tirx.Var) \
+            or not _in_order(index_at, channel, pixel, lanes, width, extents):
+        raise NotImplementedError("transposed_stores: the loops do not run a whole vector of channels (the buffer's "
+                                  "last index, the same for every pixel) by a whole vector of consecutive pixels")
     stages = [tirx.decl_buffer((width * lanes,), tile.source.dtype, f"transposed{s}", scope="local")
               for s in range(width.bit_length())]
     stmts = [tirx.BufferStore(stages[0], tirx.BufferLoad(tile.source, [index_at(e, 0, c) for e in head]
@@ -95,8 +104,7 @@ def transposed_loop(loop, buffer_name: str):
             stmts.append(tirx.BufferStore(stages[s + 1], tirx.Shuffle(pair, [tirx.IntImm("int32", w) for w in where]),
                                           [tirx.Ramp(out * lanes, 1, lanes)]))
     done = stages[-1]
-    column_var, = [v.var for v, bound in zip(block.iter_vars, realize.iter_values) if bound.same_as(columns[0])]
-    where = tirx.floormod(channel, lanes) * width + tirx.floormod(column_var, width)
+    where = tirx.floormod(channel, lanes) * width + tirx.floormod(pixel, width)
     value = tvm_ffi.structural_map(block.body.value, (tvm.ir.expr.TensorLoad, lambda n: tirx.BufferLoad(done, [where])
                                                        if n.same_as(tile) else n))
     reads = [tirx.BufferRegion(done, [tvm.ir.Range.from_min_extent(where, 1)]) if r.source.same_as(tile.source) else r
@@ -105,3 +113,27 @@ def transposed_loop(loop, buffer_name: str):
     body = for_with(loop, body=for_with(lanes_loop, body=SBlockRealize(realize.iter_values, realize.predicate, block)),
                     annotations={})
     return tirx.SeqStmt([*(tirx.AllocBuffer(b) for b in stages), *stmts, body])
+
+
+def _in_order(index_at, channel, pixel, lanes: int, width: int, extents: dict) -> bool:
+    """Whether lane (r, c) of the loops (``index_at(expr, r, c)``) reads channel ``base + r`` and
+    stores pixel ``first + c``, with ``base`` and ``first`` whole vectors, at SAMPLES values of the
+    outer loops (the first two: every loop at its first value, then at its last)."""
+    import tvm_ffi
+    tirx = tvm.tirx
+    analyzer, rng = tvm.sym.Analyzer(), random.Random(0)
+    base, first = index_at(channel, 0, 0), index_at(pixel, 0, 0)
+
+    def sample(i, var):
+        low, extent = extents[var]
+        return low if i == 0 else low + extent - 1 if i == 1 else rng.randrange(low, low + extent)
+    outer = [v for v in tirx.analysis.undefined_vars(tirx.Add(first, base)) if v in extents]
+    samples = [{v: sample(i, v) for v in outer} for i in range(SAMPLES)]
+
+    def holds(lhs, rhs):
+        return all(analyzer.can_prove_equal(tvm_ffi.structural_map(tirx.Sub(lhs, rhs), (tirx.Var, lambda v: tirx.const(
+            values[v], v.ty) if v in values else v)), 0) for values in samples)
+    return holds(tirx.floormod(base, lanes), 0) and all(
+        holds(tirx.floormod(index_at(pixel, r, 0), width), 0)
+        and all(holds(index_at(pixel, r, c), index_at(pixel, r, 0) + c) and holds(index_at(channel, r, c), base + r)
+                for c in range(width)) for r in (0, lanes - 1))

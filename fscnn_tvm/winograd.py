@@ -284,35 +284,39 @@ def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedD
     return sch
 
 
-# Fewest output columns a vector of the epilogue's stores holds; below, scalar stores. Measured
-# on a Zen 4 (b1, one process, transposed against scalar stores): 16 columns 1.38-1.39x (64@224,
-# 128@112, 64->128@112), 8 columns 1.02-1.13x (64@56, 256@56), 4 columns 0.75-1.12x (128@28,
-# 512@28), 2 columns 1.02x (256@14).
+# Fewest output pixels a vector of the epilogue's stores holds; below, scalar stores. Measured
+# on a Zen 4 (b1, one process), transposed against scalar stores, vectors along a row: 16
+# pixels 1.38-1.39x (64@224, 128@112, 64->128@112), 8 pixels 1.02-1.13x (64@56, 256@56), 4
+# pixels 0.75-1.12x (128@28, 512@28), 2 pixels 1.02x (256@14). Vectors over the flattened plane
+# instead (16 pixels on 28x28 and 56x56 maps) against those along rows: 128@28 1.03-1.05x (against
+# scalar), 64@56 0.99-1.01x, 256@56 1.01x.
 MIN_STORE_WIDTH = 8
 
 
-def store_width(out_width: int, lanes: int) -> int:
-    """Output columns per vector of the epilogue's stores: the most (a power of two, at most the
-    lanes) that divide the row, or 1 (scalar stores) where that is under MIN_STORE_WIDTH."""
-    width = max(w for w in (1, 2, 4, 8, 16, 32, 64) if w <= lanes and out_width % w == 0)
+def store_width(pixels: int, lanes: int) -> int:
+    """Output pixels per vector of the epilogue's stores: the most (a power of two, at most the
+    lanes) that divide an image's ``pixels``, or 1 (scalar stores) where that is under
+    MIN_STORE_WIDTH."""
+    width = max(w for w in (1, 2, 4, 8, 16, 32, 64) if w <= lanes and pixels % w == 0)
     return width if width >= MIN_STORE_WIDTH else 1
 
 
 def _schedule_epilogue(sch, spec):
-    """Per (image, vector of channels, row): the row's columns a vector at a time, the products'
-    channel vectors transposed in registers (``transposed``); per (image, channel), scalar, where
-    the row does not divide into vectors of ``MIN_STORE_WIDTH`` columns or more."""
+    """Per (image, vector of channels, vector of pixels): an NCHW plane's rows are one run of
+    pixels, so a vector may span rows (28x28: 49 vectors of 16); the products' channel vectors
+    transposed in registers (``transposed``). Per (image, channel), scalar, where the plane does
+    not divide into vectors of ``MIN_STORE_WIDTH`` pixels or more."""
     out = sch.get_sblock("out")
     n, k, h, w = sch.get_loops(out)
-    width = store_width(spec.geo.out_width, spec.lanes)
+    width = store_width(spec.geo.out_height * spec.geo.out_width, spec.lanes)
     if width == 1:
         sch.parallel(sch.fuse(n, k))
         return
     k_o, k_l = sch.split(k, [None, spec.lanes])
-    w_o, w_l = sch.split(w, [None, width])
-    sch.reorder(n, k_o, h, w_o, k_l, w_l)
-    sch.parallel(sch.fuse(n, k_o, h))
-    sch.vectorize(w_l)
+    q_o, q_l = sch.split(sch.fuse(h, w), [None, width])
+    sch.reorder(n, k_o, q_o, k_l, q_l)
+    sch.parallel(sch.fuse(n, k_o, q_o))
+    sch.vectorize(q_l)
     sch.annotate(k_l, TRANSPOSE_ATTR, "Y")
 
 

@@ -34,6 +34,8 @@ TARGETS = [None] + ([{"kind": "llvm", "mcpu": "haswell"}] if host_avx2() else []
     (2, 5, 40, 9, 8, False, True, "relu6"),  # channels past the last whole vector, the batch's rows
     (1, 16, 33, 4, 32, True, True, None),  # two vectors a row
     (1, 3, 20, 6, 24, True, False, None),  # 24 columns: vectors of 8
+    (2, 4, 17, 12, 12, True, True, "relu"),  # vectors of 16 pixels that span rows
+    (1, 6, 16, 6, 12, False, False, None),  # vectors of 8 that span rows
 ])
 def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w, has_bias, has_residual,
                                                                   activation, target):
@@ -43,7 +45,7 @@ def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w,
     bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
     residual = rng.standard_normal((n, k, h, w)).astype(np.float32) if has_residual else None
     spec = winograd.make_spec(x.shape, weight.shape, has_bias, activation, resolve_target(target), padding=1)
-    assert winograd.store_width(w, spec.lanes) >= winograd.MIN_STORE_WIDTH
+    assert winograd.store_width(h * w, spec.lanes) >= winograd.MIN_STORE_WIDTH
     lowered = kernels.lower(winograd.default_schedule(winograd.prim_func(spec), spec))
     assert "transposed0" in lowered.script()  # (the rewrite ran)
     ref = torch_conv(x, weight, bias, 1, 1, 1, None)
@@ -52,10 +54,10 @@ def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w,
     assert_matches(run_kernel(x, weight, bias, activation, residual, target), ref)
 
 
-@pytest.mark.parametrize("out_width,lanes,expected", [(224, 16, 16), (56, 16, 8), (28, 16, 1), (14, 16, 1),
-                                                      (56, 8, 8), (28, 8, 1), (7, 16, 1)])
-def test_rows_that_split_into_narrow_vectors_keep_scalar_stores(out_width, lanes, expected):
-    assert winograd.store_width(out_width, lanes) == expected
+@pytest.mark.parametrize("pixels,lanes,expected", [(224 * 224, 16, 16), (56 * 56, 16, 16), (28 * 28, 16, 16),
+                                                   (14 * 14, 16, 1), (7 * 7, 16, 1), (28 * 28, 8, 8), (14 * 14, 8, 1)])
+def test_planes_that_split_into_narrow_vectors_keep_scalar_stores(pixels, lanes, expected):
+    assert winograd.store_width(pixels, lanes) == expected
 
 
 def test_a_loop_that_is_not_one_blocks_vectorised_stores_is_refused():
@@ -65,4 +67,4 @@ def test_a_loop_that_is_not_one_blocks_vectorised_stores_is_refused():
     loop = tvm.tirx.For(i, 0, 4, tvm.tirx.ForKind.SERIAL, tvm.tirx.BufferStore(buf, tvm.tirx.const(0.0, "float32"), [i]),
                         annotations={TRANSPOSE_ATTR: "y"})
     with pytest.raises(NotImplementedError, match="not a loop over one block"):
-        transposed.transposed_loop(loop, "y")
+        transposed.transposed_loop(loop, "y", {})
