@@ -85,9 +85,8 @@ def transposed_loop(loop, buffer_name: str, extents: dict):
         return analyzer.simplify(tvm_ffi.structural_map(at(expr), (tirx.Var, lambda v: values.get(v, v))))
     *head, channel = tile.indices
     store = block.body
-    pixel = store.indices[0]  # (the store's offset in its buffer: a vector's pixels may span rows)
-    for extent, index in zip(store.buffer.shape[1:], store.indices[1:]):
-        pixel = pixel * extent + index
+    # (the stored pixel's place in its NCHW plane: a vector's pixels may span rows)
+    pixel = store.indices[-2] * store.buffer.shape[-1] + store.indices[-1]
     base = index_at(channel, 0, 0)
     if int(loop.min) or int(lanes_loop.min) or not isinstance(channel, tirx.Var) \
             or not _in_order(index_at, channel, pixel, lanes, width, extents):

@@ -230,11 +230,13 @@ def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
     m = te.compute((ALPHA, ALPHA, padded, kp), lambda e1, e2, p, k: te.sum(
         v[e1, e2, rc, p] * u[e1, e2, rc, k], axis=rc), name="M")
     r1, r2 = te.reduce_axis((0, ALPHA), "r1"), te.reduce_axis((0, ALPHA), "r2")
-    y = te.compute((padded, TILE, TILE, kp), lambda p, i, j, k: te.sum(
-        m[r1, r2, p, k] * a_m[r1, i] * a_m[r2, j], axis=[r1, r2]), name="Y")
+    # (by image, row and column of tiles, so the epilogue's reads of a row of tiles index one
+    # variable per dimension and the epilogue can run where its row of tiles is computed)
+    y = te.compute((n_b, th, tw, TILE, TILE, kp), lambda n, r, q, i, j, k: te.sum(
+        m[r1, r2, (n * th + r) * tw + q, k] * a_m[r1, i] * a_m[r2, j], axis=[r1, r2]), name="Y")
 
     def value(n, k, h, w):
-        out = y[(n * th + h // TILE) * tw + w // TILE, h % TILE, w % TILE, k]
+        out = y[n, h // TILE, w // TILE, h % TILE, w % TILE, k]
         out = out + bias[k] if bias is not None else out
         return activate(out + residual[n, k, h, w] if residual is not None else out, spec.activation)
 
@@ -252,7 +254,7 @@ def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedD
                       seed: int | None = None) -> tvm.s_tir.Schedule:
     """The input padded in a parallel pass of its own; then either each stage a parallel loop
     of its own, or (``block_tiles``) one parallel loop over blocks of tiles, each running the
-    three stages on its block; the epilogue to NCHW last. ``decide`` is unused (no knob is tuned
+    three stages on its block; the epilogue to NCHW in the output transform's tasks. ``decide`` is unused (no knob is tuned
     yet: the tuner's one candidate is this schedule)."""
     sch = tvm.s_tir.Schedule(func, seed=seed)
     for name in ("A", "B"):
@@ -260,13 +262,17 @@ def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedD
     n, c, r, _ = sch.get_loops(sch.get_sblock("x_pad"))
     sch.parallel(sch.fuse(n, c, r))
     y = sch.get_sblock("Y")
-    p, i, j, k, r1, r2 = sch.get_loops(y)
+    n, r, p, i, j, k, r1, r2 = sch.get_loops(y)
     k_o, k_l = sch.split(k, [None, spec.lanes])
-    task = None
-    if spec.block_tiles:
-        task, p = sch.split(p, [None, spec.block_tiles])
-    sch.reorder(*([task] if task else []), p, k_o, r1, r2, i, j, k_l)
-    sch.parallel(task or p)
+    if spec.block_tiles:  # (blocks of rows within an image: ``make_spec`` takes a divisor of its rows)
+        r, rows = sch.split(r, [None, spec.block_tiles // spec.tile_grid[1]])
+        p = sch.fuse(rows, p)
+    task = sch.fuse(n, r)  # (a row of tiles, or a block of rows)
+    sch.reorder(task, p, k_o, r1, r2, i, j, k_l)
+    sch.parallel(task)
+    sch.reverse_compute_at(sch.get_sblock("out"), task, preserve_unit_loops=True)
+    if not spec.block_tiles:
+        task = None
     if task:
         for name in ("M", "V", "rows"):  # (consumers first: each is placed where its consumer reads it)
             sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
@@ -285,37 +291,36 @@ def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedD
 
 
 # Fewest output pixels a vector of the epilogue's stores holds; below, scalar stores. Measured
-# on a Zen 4 (b1, one process), transposed against scalar stores, vectors along a row: 16
-# pixels 1.38-1.39x (64@224, 128@112, 64->128@112), 8 pixels 1.02-1.13x (64@56, 256@56), 4
-# pixels 0.75-1.12x (128@28, 512@28), 2 pixels 1.02x (256@14). Vectors over the flattened plane
-# instead (16 pixels on 28x28 and 56x56 maps) against those along rows: 128@28 1.03-1.05x (against
-# scalar), 64@56 0.99-1.01x, 256@56 1.01x.
+# on a Zen 4 (b1, one process), transposed against scalar stores, the epilogue a pass of its own
+# with vectors along a row: 16 pixels 1.38-1.39x (64@224, 128@112, 64->128@112), 8 pixels
+# 1.02-1.13x (64@56, 256@56), 4 pixels 0.75-1.12x (128@28, 512@28), 2 pixels 1.02x (256@14).
+# Run in the output transform's tasks (a row of tiles: 4 rows, one run of pixels) against a pass
+# of its own: 64@56 1.05x, 256@56 1.08x, 128@28 1.01x / 0.99x (b1 / b8), 256@14 1.09x / 1.09x,
+# blocked 64@224 1.20x.
 MIN_STORE_WIDTH = 8
 
 
 def store_width(pixels: int, lanes: int) -> int:
     """Output pixels per vector of the epilogue's stores: the most (a power of two, at most the
-    lanes) that divide an image's ``pixels``, or 1 (scalar stores) where that is under
-    MIN_STORE_WIDTH."""
+    lanes) that divide the ``pixels`` of a task's rows in one plane, or 1 (scalar stores) where
+    that is under MIN_STORE_WIDTH."""
     width = max(w for w in (1, 2, 4, 8, 16, 32, 64) if w <= lanes and pixels % w == 0)
     return width if width >= MIN_STORE_WIDTH else 1
 
 
 def _schedule_epilogue(sch, spec):
-    """Per (image, vector of channels, vector of pixels): an NCHW plane's rows are one run of
-    pixels, so a vector may span rows (28x28: 49 vectors of 16); the products' channel vectors
-    transposed in registers (``transposed``). Per (image, channel), scalar, where the plane does
-    not divide into vectors of ``MIN_STORE_WIDTH`` pixels or more."""
-    out = sch.get_sblock("out")
-    n, k, h, w = sch.get_loops(out)
-    width = store_width(spec.geo.out_height * spec.geo.out_width, spec.lanes)
+    """In each task of the output transform, on the rows of tiles it has just transformed (their
+    products still in cache, on the core that made them): per vector of channels and vector of
+    pixels (a task's output rows are one run of pixels in each NCHW plane, so a vector may span
+    rows), the products' channel vectors transposed in registers (``transposed``); scalar where
+    the rows do not divide into vectors of ``MIN_STORE_WIDTH`` pixels or more."""
+    *_, k, h, w = sch.get_loops(sch.get_sblock("out"))
+    width = store_width(int(sch.get(h).extent) * spec.geo.out_width, spec.lanes)
     if width == 1:
-        sch.parallel(sch.fuse(n, k))
         return
     k_o, k_l = sch.split(k, [None, spec.lanes])
     q_o, q_l = sch.split(sch.fuse(h, w), [None, width])
-    sch.reorder(n, k_o, q_o, k_l, q_l)
-    sch.parallel(sch.fuse(n, k_o, q_o))
+    sch.reorder(k_o, q_o, k_l, q_l)
     sch.vectorize(q_l)
     sch.annotate(k_l, TRANSPOSE_ATTR, "Y")
 

@@ -35,7 +35,7 @@ TARGETS = [None] + ([{"kind": "llvm", "mcpu": "haswell"}] if host_avx2() else []
     (1, 16, 33, 4, 32, True, True, None),  # two vectors a row
     (1, 3, 20, 6, 24, True, False, None),  # 24 columns: vectors of 8
     (2, 4, 17, 12, 12, True, True, "relu"),  # vectors of 16 pixels that span rows
-    (1, 6, 16, 6, 12, False, False, None),  # vectors of 8 that span rows
+    (1, 6, 16, 7, 6, False, False, None),  # vectors of 8 that span rows, a last row of tiles cut
 ])
 def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w, has_bias, has_residual,
                                                                   activation, target):
@@ -45,7 +45,7 @@ def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w,
     bias = rng.standard_normal(k).astype(np.float32) if has_bias else None
     residual = rng.standard_normal((n, k, h, w)).astype(np.float32) if has_residual else None
     spec = winograd.make_spec(x.shape, weight.shape, has_bias, activation, resolve_target(target), padding=1)
-    assert winograd.store_width(h * w, spec.lanes) >= winograd.MIN_STORE_WIDTH
+    assert winograd.store_width(winograd.TILE * w, spec.lanes) >= winograd.MIN_STORE_WIDTH
     lowered = kernels.lower(winograd.default_schedule(winograd.prim_func(spec), spec))
     assert "transposed0" in lowered.script()  # (the rewrite ran)
     ref = torch_conv(x, weight, bias, 1, 1, 1, None)
@@ -54,9 +54,9 @@ def test_the_winograd_epilogue_stores_transposed_rows_and_matches(n, c, k, h, w,
     assert_matches(run_kernel(x, weight, bias, activation, residual, target), ref)
 
 
-@pytest.mark.parametrize("pixels,lanes,expected", [(224 * 224, 16, 16), (56 * 56, 16, 16), (28 * 28, 16, 16),
-                                                   (14 * 14, 16, 1), (7 * 7, 16, 1), (28 * 28, 8, 8), (14 * 14, 8, 1)])
-def test_planes_that_split_into_narrow_vectors_keep_scalar_stores(pixels, lanes, expected):
+@pytest.mark.parametrize("pixels,lanes,expected", [(4 * 224, 16, 16), (4 * 56, 16, 16), (4 * 28, 16, 16),
+                                                   (4 * 14, 16, 8), (4 * 7, 16, 1), (4 * 14, 8, 8), (4 * 7, 8, 1)])
+def test_rows_of_tiles_that_split_into_narrow_vectors_keep_scalar_stores(pixels, lanes, expected):
     assert winograd.store_width(pixels, lanes) == expected
 
 
