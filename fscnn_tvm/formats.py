@@ -130,21 +130,28 @@ def chunk_major(ell: Ell, starts: np.ndarray, group: int) -> tuple[np.ndarray, n
     (slots of no nonzero weight are left out)."""
     n_kb, width, bo = ell.data.shape[:3]
     chunks = starts.shape[1] - 1
+    # Each slot's chunk (``chunks``: past the row's end) and mask; a sort by (group of rows, chunk,
+    # row, mask, slot) of the slots of some nonzero weight gives each its position.
+    chunk = (np.arange(width)[None, :, None] >= starts[:, None, 1:]).sum(axis=2)
+    masks = (ell.data[:, :, :, 0] != 0) @ (1 << np.arange(bo))
+    kb, w = np.nonzero((chunk < chunks) & (masks != 0))
+    order = np.lexsort((w, masks[kb, w], kb, chunk[kb, w], kb // group))
     data, cols = np.zeros_like(ell.data), np.zeros_like(ell.cols)
-    flat_data, flat_cols = data.reshape(n_kb * width, -1), cols.reshape(n_kb * width, -1)
+    for table, source in ((data, ell.data), (cols, ell.cols)):  # (the table read row-major, slot by slot)
+        per_slot = int(np.prod(source.shape[2:]))
+        table.reshape(n_kb * width, per_slot)[:len(order)] = source[kb[order], w[order]].reshape(len(order), per_slot)
+    # Slots per (chunk, row, mask), and where each (chunk, row) begins: the slots of every
+    # (chunk, row) before it in the same (group, chunk, row) order.
+    counts = np.zeros((chunks, n_kb, 1 << bo), np.int64)
+    np.add.at(counts, (chunk[kb, w], kb, masks[kb, w]), 1)
+    c_all, kb_all = np.meshgrid(np.arange(chunks), np.arange(n_kb), indexing="ij")
+    sequence = np.lexsort((kb_all.ravel(), c_all.ravel(), kb_all.ravel() // group))
+    totals = counts.sum(axis=2).ravel()[sequence]
+    begin = np.zeros(chunks * n_kb, np.int64)
+    begin[sequence] = np.cumsum(totals) - totals
     span = np.zeros((chunks, n_kb, 1 << bo), INDEX_DTYPE)
-    bits = 1 << np.arange(bo)
-    position = 0
-    for first in range(0, n_kb, group):
-        for c in range(chunks):
-            for kb in range(first, min(first + group, n_kb)):
-                lo, hi = int(starts[kb, c]), int(starts[kb, c + 1])
-                masks = (ell.data[kb, lo:hi, :, 0] != 0) @ bits
-                order = lo + np.argsort(masks, kind="stable")[np.count_nonzero(masks == 0):]
-                flat_data[position:position + len(order)] = ell.data[kb, order].reshape(len(order), flat_data.shape[1])
-                flat_cols[position:position + len(order)] = ell.cols[kb, order].reshape(len(order), flat_cols.shape[1])
-                span[c, kb] = position + np.concatenate([[0], np.cumsum(np.bincount(masks, minlength=1 << bo)[1:])])
-                position += len(order)
+    span[:, :, 0] = begin.reshape(chunks, n_kb)
+    span[:, :, 1:] = span[:, :, :1] + np.cumsum(counts[:, :, 1:], axis=2)
     return data, cols, span
 
 
