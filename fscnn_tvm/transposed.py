@@ -1,10 +1,10 @@
 """NCHW stores of a tile that holds output channels in its vector lanes, by a transpose in
 registers: the epilogue's loop over a vector's channels, annotated TRANSPOSE_ATTR with the name of
 the buffer it reads that way, is rewritten to load ``width`` vectors of channels (one per output
-column of the row it stores), transpose them by rounds of two-vector shuffles, and then run the
-epilogue as scheduled, vectorised along the row, reading the transposed buffer. A store per
-``width`` columns of a channel instead of one per pixel, and each product read once per vector
-instead of once per pixel from a line of its own."""
+pixel of the run of pixels it stores), transpose them by rounds of two-vector shuffles, and then
+run the epilogue as scheduled, vectorised over the pixels, reading the transposed buffer. A
+store per ``width`` pixels of a channel instead of one per pixel, and each product read once per
+vector instead of once per pixel from a line of its own."""
 from __future__ import annotations
 
 import random

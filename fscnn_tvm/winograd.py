@@ -252,10 +252,11 @@ def prim_func(spec: WinogradSpec) -> tvm.tirx.PrimFunc:
 
 def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedDecisions(),
                       seed: int | None = None) -> tvm.s_tir.Schedule:
-    """The input padded in a parallel pass of its own; then either each stage a parallel loop
-    of its own, or (``block_tiles``) one parallel loop over blocks of tiles, each running the
-    three stages on its block; the epilogue to NCHW in the output transform's tasks. ``decide`` is unused (no knob is tuned
-    yet: the tuner's one candidate is this schedule)."""
+    """The input padded in a parallel pass of its own; then either the input transform and the
+    product each a parallel loop of their own and the output transform one over rows of tiles,
+    or (``block_tiles``) one parallel loop over blocks of tile rows, each running the three
+    stages on its block; the epilogue to NCHW in the output transform's tasks. ``decide`` is
+    unused (no knob is tuned yet: the tuner's one candidate is this schedule)."""
     sch = tvm.s_tir.Schedule(func, seed=seed)
     for name in ("A", "B"):
         sch.compute_inline(sch.get_sblock(name))
@@ -264,20 +265,18 @@ def schedule_winograd(func: tvm.tirx.PrimFunc, spec: WinogradSpec, decide=FixedD
     y = sch.get_sblock("Y")
     n, r, p, i, j, k, r1, r2 = sch.get_loops(y)
     k_o, k_l = sch.split(k, [None, spec.lanes])
-    if spec.block_tiles:  # (blocks of rows within an image: ``make_spec`` takes a divisor of its rows)
+    if spec.block_tiles:  # (blocks of rows within an image, each image's last one cut short)
         r, rows = sch.split(r, [None, spec.block_tiles // spec.tile_grid[1]])
         p = sch.fuse(rows, p)
     task = sch.fuse(n, r)  # (a row of tiles, or a block of rows)
     sch.reorder(task, p, k_o, r1, r2, i, j, k_l)
     sch.parallel(task)
     sch.reverse_compute_at(sch.get_sblock("out"), task, preserve_unit_loops=True)
-    if not spec.block_tiles:
-        task = None
-    if task:
+    if spec.block_tiles:
         for name in ("M", "V", "rows"):  # (consumers first: each is placed where its consumer reads it)
             sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
-    _schedule_transform(sch, spec, task)
-    _schedule_product(sch, spec, task)
+    _schedule_transform(sch, spec, task if spec.block_tiles else None)
+    _schedule_product(sch, spec, task if spec.block_tiles else None)
     for loop in (r1, r2, i, j):
         sch.unroll(loop)
     sch.vectorize(k_l)
