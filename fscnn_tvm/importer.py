@@ -108,7 +108,7 @@ def import_torch(model, example_inputs=None, sparsity_threshold=0.5, fmt="auto",
         cache = caches(target)
         # (an expansion computed inside the depthwise kernel after it is never a tensor: no cut there)
         inside = {e.last_var for e in fused_expansions(bindings, chains, 0, len(bindings), main.body.body).values()}
-        segments, traced = chunks.checked_plan(main, absorbed | inside, cache.l2 * cache.cores, trace)
+        segments, traced = chunks.checked_plan(main, absorbed | inside, cache.l2 * cache.cores, trace, cache.cores)
     if segments:
         notes.append("images run depth-first in chunks: " + ", ".join(
             f"ops {seg.start + 1}-{seg.end + 1} of {len(bindings)} {seg.chunk} at a time" for seg in segments)

@@ -93,6 +93,21 @@ def test_each_segment_takes_as_many_images_as_its_activations_fit():
     assert chunks.plan(*_main(model, torch.randn(1, 8, 16, 16))[::2], cache_bytes=1) == []  # batch 1
 
 
+def test_a_chunk_holds_at_least_one_image_per_core():
+    """With ``least`` (the cores) the chunks that would hold fewer images take the smallest
+    divisor of the batch from there on; where that is the whole batch, nothing is chunked."""
+    model = _pruned(torch.nn.Sequential(Block(8), torch.nn.MaxPool2d(2), Block(8), torch.nn.MaxPool2d(2), Block(8)))
+    main, bindings, absorbed = _main(model, torch.randn(8, 8, 16, 16))
+    image = 8 * 16 * 16 * 4
+    pools = [i for i, b in enumerate(bindings) if chunks._op(b.value) == "relax.nn.max_pool2d"]
+    segments = chunks.plan(main, absorbed, cache_bytes=image // 2, least=2)  # (1 and 2 images: both 2)
+    assert [(s.start, s.end, s.chunk) for s in segments] == [(0, pools[1], 2)]
+    _check_cuts(main, bindings, absorbed, segments)
+    assert [s.chunk for s in chunks.plan(main, absorbed, cache_bytes=image // 2, least=3)] == [4]
+    main3, _, absorbed3 = _main(model, torch.randn(3, 8, 16, 16))
+    assert chunks.plan(main3, absorbed3, cache_bytes=1, least=2) == []  # (3 images: the smallest divisor from 2 is 3)
+
+
 def test_a_flatten_that_keeps_the_batch_may_be_chunked_and_one_that_does_not_ends_the_segments():
     class Flat(torch.nn.Module):
         def __init__(self, keep):
