@@ -89,7 +89,7 @@ def transposed_loop(loop, buffer_name: str, extents: dict):
     pixel = store.indices[-2] * store.buffer.shape[-1] + store.indices[-1]
     base = index_at(channel, 0, 0)
     if int(loop.min) or int(lanes_loop.min) or not isinstance(channel, tirx.Var) \
-            or not _in_order(index_at, channel, pixel, lanes, width, extents):
+            or not _in_order(index_at, channel, base, pixel, lanes, width, extents):
         raise NotImplementedError("transposed_stores: the loops do not run a whole vector of channels (the buffer's "
                                   "last index, the same for every pixel) by a whole vector of consecutive pixels")
     stages = [tirx.decl_buffer((width * lanes,), tile.source.dtype, f"transposed{s}", scope="local")
@@ -114,25 +114,26 @@ def transposed_loop(loop, buffer_name: str, extents: dict):
     return tirx.SeqStmt([*(tirx.AllocBuffer(b) for b in stages), *stmts, body])
 
 
-def _in_order(index_at, channel, pixel, lanes: int, width: int, extents: dict) -> bool:
+def _in_order(index_at, channel, base, pixel, lanes: int, width: int, extents: dict) -> bool:
     """Whether lane (r, c) of the loops (``index_at(expr, r, c)``) reads channel ``base + r`` and
-    stores pixel ``first + c``, with ``base`` and ``first`` whole vectors, at SAMPLES values of the
-    outer loops (the first two: every loop at its first value, then at its last)."""
+    stores pixel ``first + c`` of its channel's plane, with ``base`` and each ``first`` whole
+    vectors, at SAMPLES values of the outer loops (the first two: every loop at its first value,
+    then at its last)."""
     import tvm_ffi
     tirx = tvm.tirx
     analyzer, rng = tvm.sym.Analyzer(), random.Random(0)
-    base, first = index_at(channel, 0, 0), index_at(pixel, 0, 0)
+    firsts = {r: index_at(pixel, r, 0) for r in (0, lanes - 1)}
 
     def sample(i, var):
         low, extent = extents[var]
         return low if i == 0 else low + extent - 1 if i == 1 else rng.randrange(low, low + extent)
-    outer = [v for v in tirx.analysis.undefined_vars(tirx.Add(first, base)) if v in extents]
+    outer = [v for v in tirx.analysis.undefined_vars(tirx.Add(firsts[0], base)) if v in extents]
     samples = [{v: sample(i, v) for v in outer} for i in range(SAMPLES)]
 
     def holds(lhs, rhs):
         return all(analyzer.can_prove_equal(tvm_ffi.structural_map(tirx.Sub(lhs, rhs), (tirx.Var, lambda v: tirx.const(
             values[v], v.ty) if v in values else v)), 0) for values in samples)
     return holds(tirx.floormod(base, lanes), 0) and all(
-        holds(tirx.floormod(index_at(pixel, r, 0), width), 0)
-        and all(holds(index_at(pixel, r, c), index_at(pixel, r, 0) + c) and holds(index_at(channel, r, c), base + r)
-                for c in range(width)) for r in (0, lanes - 1))
+        holds(tirx.floormod(first, width), 0)
+        and all(holds(index_at(pixel, r, c), first + c) and holds(index_at(channel, r, c), base + r)
+                for c in range(width)) for r, first in firsts.items())

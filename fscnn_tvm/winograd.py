@@ -11,11 +11,13 @@ Three stages in one kernel, NCHW in and out:
 - product: ``M[e1, e2, p, k] = sum_c V[e1, e2, c, p] U[e1, e2, c, k]`` with the weights
   transformed ahead of time (``U = G g G^T``, output channels padded to whole register tiles),
   a register tile of ``pixel_tile`` tiles x ``k_vectors`` channel vectors, as the dense kernel's;
-- output transform ``A^T M A``, then bias, residual and activation on the way to NCHW.
-Each stage a parallel loop over all tiles, or, where the transformed weights are small next to
-the transformed tensors (``blocked``: VGG16's 64- and 128-channel layers on 112- and 224-pixel
-maps), one parallel loop over blocks of tile rows that runs all three stages on its block while
-its tensors are in cache.
+- output transform ``A^T M A`` per row of tiles, then, in the same task while its products are
+  in cache, bias, residual and activation on the way to NCHW, a vector of pixels a store (the
+  products' channel vectors transposed in registers: ``transposed``).
+The input transform and the product each a parallel loop over all tiles, or, where the
+transformed weights are small next to the transformed tensors (``blocked``: VGG16's 64- and
+128-channel layers on 112- and 224-pixel maps), one parallel loop over blocks of tile rows that
+runs all three stages on its block while its tensors are in cache.
 
 Where it applies (``applies``): measured on a Zen 4 (2 threads, b1; ``docs/performance.md``,
 "Winograd"), against our direct dense kernel: 64@56 2.0x, 256@56 2.15x, 512@28 1.73x, 128@28 1.41x,
