@@ -28,6 +28,7 @@ from .decisions import FixedDecisions
 from .dense import conv_epilogue
 from .geometry import ConvGeometry, NCHWShapes, batch_extent, with_batch
 from .ops import ACTIVATIONS
+from .schedule import split_at
 from .target import vector_lanes, vector_registers
 
 
@@ -223,9 +224,9 @@ def schedule_depthwise(func: tvm.tirx.PrimFunc, spec: DepthwiseSpec, decide=Fixe
         sch.compute_at(x_rows, par, preserve_unit_loops=True)
         if spec.expansion is not None:  # (before its consumer is partitioned)
             E.schedule(sch, spec, par)
-        E.split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
+        split_at(sch, sch.get_loops(x_rows)[-1], [spec.geo.pad[1], spec.geo.pad[1] + spec.geo.width])
         columns = sch.get_loops(x_phase)[-1]
-        whole = E.split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
+        whole = split_at(sch, columns, [sch.get(columns).extent // spec.lanes * spec.lanes])[0]
         if sch.get(whole).extent >= spec.lanes:  # whole vectors, then a scalar tail
             sch.vectorize(sch.split(whole, [None, spec.lanes])[1])
     elif spec.expansion is not None:

@@ -21,6 +21,7 @@ from tvm import te
 from .decisions import ROW_BOUND
 from .geometry import with_batch
 from .ops import activate
+from .schedule import split_at
 
 # Vectors of expanded pixels a task accumulates in registers across its nonzero loop: each
 # nonzero's weight is broadcast once for this many loads and FMAs.
@@ -163,12 +164,3 @@ def schedule(sch: tvm.s_tir.Schedule, spec, par) -> None:
         sch.vectorize(i_v)
     if tail:
         split_at(sch, sch.get_loops(expanded)[-1], [tiled])
-
-
-def split_at(sch: tvm.s_tir.Schedule, loop, points: list[int]) -> list:
-    """``loop`` as consecutive loops split at ``points`` (those inside its range)."""
-    extent = int(sch.get(loop).extent)
-    bounds = sorted({p for p in points if 0 < p < extent})
-    if not bounds:
-        return [loop]
-    return sch.loop_partition(loop, [b - a for a, b in zip([0] + bounds, bounds)] + [None])

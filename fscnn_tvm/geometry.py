@@ -192,6 +192,12 @@ class InputLayout:
             return (self.interleave + self.geo.reach) * self.lanes
         return self.row_width or self.geo.phase_width
 
+    @property
+    def rows_first(self):
+        """Whether the layout pass copies each channel's padded rows first and picks the column
+        phases from them (a column stride, one layout for the image, rows not interleaved)."""
+        return self.band_rows is None and self.geo.stride[1] > 1 and not self.interleave
+
     def phase_column(self, p):
         """The phase column at position ``p`` of a layout row."""
         return p // self.lanes + p % self.lanes * self.interleave if self.interleave else p

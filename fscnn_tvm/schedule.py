@@ -192,6 +192,35 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     return sch
 
 
+def _layout_from_rows(sch: tvm.s_tir.Schedule, spec: KernelSpec, outer, f):
+    """A task per channel (its zero tail in whole channels): the channel's padded rows into a
+    buffer of the task's own (in L1), rows inside the image and columns inside them copied
+    without conditions (LLVM vectorises the copy), then its column phases picked from them in
+    whole vectors."""
+    layout, geo = spec.layout, spec.geo
+    channels = int(sch.get(f).extent) // (geo.phases * layout.rows * layout.width)
+    channel, _, _, col = sch.split(f, [channels, geo.phases, layout.rows, layout.width])
+    task = sch.fuse(*outer, channel)
+    sch.parallel(task)
+    sch.vectorize(col)
+    x_rows = sch.get_sblock("x_rows")
+    sch.compute_at(x_rows, task, preserve_unit_loops=True)
+    (sh, _), pt, pl = geo.stride, geo.pad[0], geo.pad[1]
+    inside = [-(-pt // sh), (geo.height + pt - sh) // sh + 1]  # phase rows inside for every row phase
+    for rows in split_at(sch, sch.get_loops(x_rows)[-2], inside):
+        for block in sch.get_child_blocks(rows):
+            split_at(sch, sch.get_loops(block)[-1], [pl, pl + geo.width])
+
+
+def split_at(sch: tvm.s_tir.Schedule, loop, points: list[int]) -> list:
+    """``loop`` as consecutive loops split at ``points`` (those inside its range)."""
+    extent = int(sch.get(loop).extent)
+    bounds = sorted({p for p in points if 0 < p < extent})
+    if not bounds:
+        return [loop]
+    return sch.loop_partition(loop, [b - a for a, b in zip([0] + bounds, bounds)] + [None])
+
+
 def schedule_pool(sch, spec: KernelSpec):
     """The max pool after a chunked kernel's epilogue (``KernelSpec.pool``) in the parallel task
     that writes its rows, so it reads them from the task's buffer; its rows in vectors. Where a
@@ -236,6 +265,9 @@ def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
     *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
     rows, width = layout.rows, layout.width
     planes = layout.size // (rows * width) + -(-spec.tail // (rows * width))  # extra planes cover the zero tail
+    if layout.rows_first:
+        _layout_from_rows(sch, spec, outer, f)
+        return
     plane, row, col = sch.split(f, [planes, rows, width])
     if not spec.band_rows:
         sch.parallel(sch.fuse(*outer, plane))
