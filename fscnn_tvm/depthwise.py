@@ -28,7 +28,7 @@ from .decisions import FixedDecisions
 from .dense import conv_epilogue
 from .geometry import ConvGeometry, NCHWShapes, batch_extent, with_batch
 from .ops import ACTIVATIONS
-from .schedule import split_at
+from .layout_pass import split_at
 from .target import vector_lanes, vector_registers
 
 

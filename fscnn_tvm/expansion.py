@@ -21,7 +21,7 @@ from tvm import te
 from .decisions import ROW_BOUND
 from .geometry import with_batch
 from .ops import activate
-from .schedule import split_at
+from .layout_pass import split_at
 
 # Vectors of expanded pixels a task accumulates in registers across its nonzero loop: each
 # nonzero's weight is broadcast once for this many loads and FMAs.

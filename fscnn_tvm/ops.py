@@ -29,6 +29,7 @@ from tvm import te
 
 from . import formats as F
 from .geometry import ConvGeometry, InputLayout, batch_extent, with_batch
+from .layout_pass import conv2d_layout_compute
 from .decisions import MASKED_ROW_ATTR, INTERLEAVE_ATTR
 from .cpuprobe import half_width_cost
 from .target import caches, masked_stores, vector_lanes, vector_registers
@@ -42,64 +43,6 @@ ELL_WIDTH_MULTIPLE = 4
 
 
 # ----------------------------------------------------------------------------- compute
-
-def conv2d_layout_compute(x_nchw: te.Tensor, layout: InputLayout, tail: int) -> te.Tensor:
-    """Pad and phase-split the input into ``x_flat`` (N, layout.size + tail); the zero tail lets
-    the kernel compute whole vectors past the last output column without reading out of bounds.
-    With ``layout.band_rows``: (N, bands, layout.size + tail), each band of output rows with its
-    own layout of the phase rows it reads (halo rows repeated), so the kernel can lay out one
-    band at a time, just before the band's tiles read it from cache. (The unbanded form keeps its
-    own expressions, here and in ``sparse_accumulate_compute``, so its workloads stay
-    structurally identical and the tuning records shipped for them still match.)"""
-    geo, band_rows = layout.geo, layout.band_rows
-    sh, sw = geo.stride
-    pt, pl = geo.pad[0], geo.pad[1]
-    hq, wq, q_n = layout.rows, layout.width, geo.phases
-    size = layout.size
-
-    def value(n, band, f):
-        c = f // (q_n * hq * wq)
-        q = f // (hq * wq) % q_n
-        phase_row = f // wq % hq if band is None else band * band_rows + f // wq % hq
-        row = phase_row * sh + q // sw - pt
-        col = layout.phase_column(f % wq) * sw + q % sw - pl
-        inside = tvm.tirx.all(f < size, row >= 0, row < geo.height, col >= 0, col < geo.width)
-        return te.if_then_else(inside, x_nchw[n, c, row, col], tvm.tirx.const(0.0, "float32"))
-
-    batch = x_nchw.shape[0]
-    if layout.rows_first:  # (its zero tail in whole channels: every vector of the pass whole)
-        channel = geo.phases * hq * wq
-        return te.compute((batch, size + -(-tail // channel) * channel), _phases_from_rows(x_nchw, layout),
-                          name="x_flat")
-    if band_rows is None:
-        return te.compute((batch, size + tail), lambda n, f: value(n, None, f), name="x_flat")
-    return te.compute((batch, geo.out_height // band_rows, size + tail), value, name="x_flat")
-
-
-def _phases_from_rows(x_nchw: te.Tensor, layout: InputLayout):
-    """``x_flat``'s value at a column stride: each channel's padded rows first (``x_rows``, split
-    by row phase only: a unit-stride copy whose column loop splits at the padding, which LLVM
-    vectorises), then every column phase picked from them in whole vectors, without conditions
-    (strided loads ``pipeline`` turns into contiguous loads and shuffles). Picked straight from
-    the input, each vector load at the stride carried the padding condition per lane and TVM
-    scalarised it: one load and insert per float, 17 % of a 128->128 3x3 stride-2 conv at 56x56
-    at 90 %. Past the layout (the zero tail) the channel index is clamped, so ``x_rows`` is
-    only ever read inside its extent."""
-    geo = layout.geo
-    (sh, sw), (pt, pl) = geo.stride, geo.pad[:2]
-    hq, wq, q_n = layout.rows, layout.width, geo.phases
-    x_rows = te.compute((x_nchw.shape[0], geo.in_channels, sh, hq, wq * sw),
-                        lambda n, c, qr, i, col: te.if_then_else(
-                            geo.inside(i * sh + qr - pt, col - pl), x_nchw[n, c, i * sh + qr - pt, col - pl],
-                            tvm.tirx.const(0.0, "float32")), name="x_rows")
-
-    def value(n, f):
-        plane = f // (hq * wq)
-        c, q = tvm.tirx.min(plane // q_n, geo.in_channels - 1), plane % q_n
-        return te.if_then_else(plane < geo.in_channels * q_n,
-                               x_rows[n, c, q // sw, f // wq % hq, f % wq * sw + q % sw], tvm.tirx.const(0.0, "float32"))
-    return value
-
 
 def sparse_accumulate_compute(x_flat, w_data, w_offset, out_hw, row_stride, band_rows=None):
     """acc[n, kb, io, oh, ow] = sum_{w, ii} w_data[kb, w, io, ii] * x_flat[n, w_offset[kb, w, ii] + oh*row_stride + ow]

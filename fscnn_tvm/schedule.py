@@ -8,6 +8,7 @@ from __future__ import annotations
 import tvm
 
 from .decisions import TILE_BOUND, FixedDecisions
+from .layout_pass import schedule_layout
 from .ops import KernelSpec
 from .tiles import FMA_CHAINS, batch_lanes, chunk_task_channels, chunk_task_vectors, chunk_tile, default_tile, folds_batch
 
@@ -141,7 +142,7 @@ def schedule_sparse(func: tvm.tirx.PrimFunc, spec: KernelSpec, decide=FixedDecis
         for loop in loops[-4 if n_i is not None else -3:-1]:  # [images,] channels, rows of the tile
             sch.unroll(loop)
         _vectorize_epilogue(sch, loops[-1], spec)
-        _schedule_layout(sch, spec)
+        schedule_layout(sch, spec)
     return sch
 
 
@@ -188,37 +189,8 @@ def _schedule_chunks(sch, spec: KernelSpec, decide):
     _vectorize_epilogue(sch, sch.get_loops(out)[-1], spec)
     if spec.pool:
         schedule_pool(sch, spec)
-    _schedule_layout(sch, spec)
+    schedule_layout(sch, spec)
     return sch
-
-
-def _layout_from_rows(sch: tvm.s_tir.Schedule, spec: KernelSpec, outer, f):
-    """A task per channel (its zero tail in whole channels): the channel's padded rows into a
-    buffer of the task's own (in L1), rows inside the image and columns inside them copied
-    without conditions (LLVM vectorises the copy), then its column phases picked from them in
-    whole vectors."""
-    layout, geo = spec.layout, spec.geo
-    channels = int(sch.get(f).extent) // (geo.phases * layout.rows * layout.width)
-    channel, _, _, col = sch.split(f, [channels, geo.phases, layout.rows, layout.width])
-    task = sch.fuse(*outer, channel)
-    sch.parallel(task)
-    sch.vectorize(col)
-    x_rows = sch.get_sblock("x_rows")
-    sch.compute_at(x_rows, task, preserve_unit_loops=True)
-    (sh, _), pt, pl = geo.stride, geo.pad[0], geo.pad[1]
-    inside = [-(-pt // sh), (geo.height + pt - sh) // sh + 1]  # phase rows inside for every row phase
-    for rows in split_at(sch, sch.get_loops(x_rows)[-2], inside):
-        for block in sch.get_child_blocks(rows):
-            split_at(sch, sch.get_loops(block)[-1], [pl, pl + geo.width])
-
-
-def split_at(sch: tvm.s_tir.Schedule, loop, points: list[int]) -> list:
-    """``loop`` as consecutive loops split at ``points`` (those inside its range)."""
-    extent = int(sch.get(loop).extent)
-    bounds = sorted({p for p in points if 0 < p < extent})
-    if not bounds:
-        return [loop]
-    return sch.loop_partition(loop, [b - a for a, b in zip([0] + bounds, bounds)] + [None])
 
 
 def schedule_pool(sch, spec: KernelSpec):
@@ -253,32 +225,3 @@ def _vectorize_epilogue(sch, column, spec: KernelSpec):
 
 def default_schedule(func: tvm.tirx.PrimFunc, spec: KernelSpec) -> tvm.s_tir.Schedule:
     return schedule_sparse(func, spec)
-
-
-def _schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
-    """Split the flat axis along (channel-phase plane, row, column) so the index decode
-    simplifies away, columns vectorised; one plane per parallel task (banded: each band is
-    laid out inside the parallel loop, by the task that reads it)."""
-    if spec.in_place:
-        return
-    layout = spec.layout
-    *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
-    rows, width = layout.rows, layout.width
-    planes = layout.size // (rows * width) + -(-spec.tail // (rows * width))  # extra planes cover the zero tail
-    if layout.rows_first:
-        _layout_from_rows(sch, spec, outer, f)
-        return
-    plane, row, col = sch.split(f, [planes, rows, width])
-    if not spec.band_rows:
-        sch.parallel(sch.fuse(*outer, plane))
-    if layout.interleave:
-        # An interleaved row is the input row transposed (lane i of vector j: column j + i *
-        # interleave): every element at a constant place, which LLVM turns into vector loads and
-        # permutes. Vectorised along the lanes instead (strided loads) it took 15 % of a 64->128
-        # 3x3@112 kernel's time, unrolled 9 %.
-        vector, lane = sch.split(col, [None, spec.lanes])
-        sch.reorder(lane, vector)
-        sch.unroll(lane)
-        sch.unroll(vector)
-        return
-    sch.vectorize(col)

@@ -305,21 +305,6 @@ def test_stride_2(rng, fmt, block, padding):
     assert_matches(out, ref)
 
 
-@pytest.mark.parametrize("stride,padding,kernel", [
-    (2, 1, 3), ((1, 2), (0, 2), 3), (3, 3, 5), ((2, 3), (3, 1, 0, 2), 3), (2, 0, 1)])
-def test_column_strides_lay_out_padded_rows_first(rng, stride, padding, kernel):
-    """A column stride lays each channel's padded rows out first and picks the column phases
-    from them in whole vectors (``InputLayout.rows_first``), whatever the row stride, padding
-    (wider than the stride too) and kernel; maps big enough that the spatial kernels chunk their
-    reduction."""
-    x = rng.standard_normal((2, 48, 59, 61)).astype(np.float32)
-    w = sparse_weight(rng, (16, 48, kernel, kernel), 0.9)
-    b = rng.standard_normal(16).astype(np.float32)
-    lay = layer.SparseLayer("conv2d", w, x.shape, b, stride=stride, padding=padding, activation="relu")
-    assert lay.spec.layout.rows_first and (lay.spec.chunk_channels or kernel == 1)
-    assert_matches(lay(x), torch_conv(x, w, b, stride=stride, padding=padding, activation="relu"))
-
-
 @pytest.mark.parametrize("fmt,block", FORMATS, ids=fmt_ids)
 @pytest.mark.parametrize("x_hw,kernel,stride", [
     ((1, 1), (1, 1), 1), ((1, 2), (1, 1), 1), ((1, 3), (1, 1), 1), ((2, 1), (1, 1), 1),
