@@ -249,7 +249,8 @@ def _emit_chain(bb, chain, index, names, threshold, fmt, block, target, funcs, k
         if measure and runs_dense_kernel(chain):
             x_shape, conv_args = kernel_view(chain)
             sparse_ms, dense_ms = pick.time_conv(chain.weight, x_shape, bias_of(chain), chain.activation, layer_fmt,
-                                                 layer_block, target, **conv_args)
+                                                 layer_block, target, "sparse" if reason is None else "dense",
+                                                 **conv_args)
             if reason is None and dense_ms < sparse_ms:
                 reason = f"dense kernel faster here: {dense_ms:.3g} ms vs {sparse_ms:.3g} ms sparse"
             elif reason is not None and sparse_ms < dense_ms:

@@ -43,6 +43,26 @@ def _race(first, second) -> tuple[float, float]:
     return best[0] * 1e3, best[1] * 1e3
 
 
+# A race the layer's default kernel loses runs again after this pause, each kernel then timed
+# by its fastest run of both races: a burst on the host (another guest holding a vCPU for a few
+# hundred ms) once timed a 90 % sparse 256@14 conv at 8.1 ms against 1.64 for the dense kernel
+# (0.47 against 1.05 when quiet), and the import ran that layer dense, 2.8x slower in the model.
+# (Repeated races of that layer alone: 1 in 4 read both kernels 2-10x slow.)
+RERACE_PAUSE_S = 0.25
+
+
+def _confirmed_race(default, other) -> tuple[float, float]:
+    """(default ms, other ms): ``_race``, and where ``other`` wins, a second race after a pause;
+    each kernel's time its fastest run of both, so only a kernel that wins with the host quiet
+    replaces the default."""
+    first = _race(default, other)
+    if first[1] >= first[0]:
+        return first
+    time.sleep(RERACE_PAUSE_S)
+    second = _race(default, other)
+    return min(first[0], second[0]), min(first[1], second[1])
+
+
 def _input(x_shape):
     return np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
 
@@ -53,11 +73,19 @@ def _layers(weight, x_shape, bias, activation, fmt, block, target, **conv_args):
             DenseConvLayer(weight, x_shape, bias, activation, target, **conv_args))
 
 
-def time_conv(weight, x_shape, bias, activation, fmt, block, target, **conv_args) -> tuple[float, float]:
-    """(sparse ms, dense ms): the fastest run of each kernel on this layer, default schedules."""
+def time_conv(weight, x_shape, bias, activation, fmt, block, target, default="sparse",
+              **conv_args) -> tuple[float, float]:
+    """(sparse ms, dense ms): the fastest run of each kernel on this layer, default schedules;
+    the ``default`` kernel ("sparse" or "dense") keeps the layer unless the other wins twice
+    (``_confirmed_race``)."""
+    if default not in ("sparse", "dense"):
+        raise ValueError(f"default: 'sparse' or 'dense', got {default!r}")
     x = _input(x_shape)
     sparse, dense = _layers(weight, x_shape, bias, activation, fmt, block, target, **conv_args)
-    return _race(sparse.runner(x), dense.runner(x))
+    if default == "sparse":
+        return _confirmed_race(sparse.runner(x), dense.runner(x))
+    dense_ms, sparse_ms = _confirmed_race(dense.runner(x), sparse.runner(x))
+    return sparse_ms, dense_ms
 
 
 def prebuild(convs: list[tuple], target) -> None:
