@@ -82,11 +82,11 @@ def schedule_layout(sch: tvm.s_tir.Schedule, spec: KernelSpec):
         return
     layout = spec.layout
     *outer, f = sch.get_loops(sch.get_sblock("x_flat"))
-    rows, width = layout.rows, layout.width
-    planes = layout.size // (rows * width) + -(-spec.tail // (rows * width))  # extra planes cover the zero tail
     if layout.rows_first:
         _layout_from_rows(sch, spec, outer, f)
         return
+    rows, width = layout.rows, layout.width
+    planes = layout.size // (rows * width) + -(-spec.tail // (rows * width))  # extra planes cover the zero tail
     plane, row, col = sch.split(f, [planes, rows, width])
     if not spec.band_rows:
         sch.parallel(sch.fuse(*outer, plane))
